@@ -1,0 +1,23 @@
+"""daskem: Gaussian mixtures fitted by EM on chunked data, on a Dask cluster.
+
+>>> import daskem
+>>> X = daskem.open_array("data.zarr")                       # doctest: +SKIP
+>>> gm = daskem.GaussianMixture(n_components=8, n_init=4).fit(X)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .io import InputError, open_array
+from .mixture import ConvergenceWarning, GaussianMixture, NotFittedError, load
+
+__all__ = [
+    "ConvergenceWarning",
+    "GaussianMixture",
+    "InputError",
+    "NotFittedError",
+    "__version__",
+    "load",
+    "open_array",
+]

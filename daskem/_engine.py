@@ -1,0 +1,433 @@
+"""The EM engine: the only module that builds Dask graphs.
+
+One pass over the data is one ``map_blocks`` (every chunk computes the packed
+statistics of every live run) followed by a tree ``sum`` with a configurable
+fan-in; only the small summed vector reaches the client. The engine knows
+nothing of Gaussians: the *model* object (:class:`daskem._gaussian.MixtureModel`)
+supplies the per-chunk statistics, their packing, the M-step, the re-seeding
+of empty components and the (de)serialisation of parameters.
+
+The EM loop advances every run (restarts, candidate K values) together, so
+one read of each chunk per iteration serves all of them; a run that has
+converged drops out of the next pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from .io import InputError, atomic_savez, atomic_write_text
+
+DEFAULT_SPLIT_EVERY = 8
+
+Model = Any  # daskem._gaussian.MixtureModel or anything with the same hooks
+Params = Any
+
+
+# --------------------------------------------------------------------------
+# rows: validation split
+# --------------------------------------------------------------------------
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """A deterministic hold-out of rows: a hash of (seed, global row index).
+
+    The same rows are held out whatever the chunking, on any machine, and the
+    split is computed inside each chunk task: nothing is materialised.
+    """
+
+    fraction: float
+    seed: int = 0
+
+    def train_mask(self, start: int, stop: int) -> np.ndarray:
+        idx = np.arange(start, stop, dtype=np.uint64)
+        h = _splitmix64(idx ^ _splitmix64(np.array([self.seed], dtype=np.uint64))[0])
+        u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+        return u >= self.fraction
+
+
+# --------------------------------------------------------------------------
+# one pass
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PassTask:
+    model: Model
+    params_list: tuple
+    split: RowSplit | None
+    size: int
+
+    def __call__(self, x: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        mask = None
+        if self.split is not None:
+            start, stop = block_info[0]["array-location"][0]
+            mask = self.split.train_mask(start, stop)
+        stats = self.model.statistics(x, self.params_list, mask)
+        out = np.concatenate([s.pack() for s in stats]) if stats else np.zeros(0)
+        return out[None, :]
+
+
+def _apply_pass(x: np.ndarray, task: _PassTask, block_info: dict | None = None) -> np.ndarray:
+    return task(x, block_info)
+
+
+def pass_graph(
+    X: da.Array,
+    model: Model,
+    params_list: Sequence[Params],
+    *,
+    split: RowSplit | None = None,
+    split_every: int = DEFAULT_SPLIT_EVERY,
+) -> da.Array:
+    """The lazy summed statistics vector of one pass (all runs packed)."""
+    size = sum(model.packed_size(p) for p in params_list)
+    task = _PassTask(model, tuple(params_list), split, size)
+    key = "daskem-pass-params-" + dask.base.tokenize(
+        model, split, [model.params_state(p) for p in params_list]
+    )
+    task_d = dask.delayed(task, name=key, pure=True, traverse=False)
+    parts = X.map_blocks(
+        _apply_pass,
+        task_d,
+        chunks=((1,) * X.numblocks[0], (size,)),
+        dtype=np.float64,
+        meta=np.empty((0, 0), dtype=np.float64),
+        name="daskem-stats-" + key[-32:],
+    )
+    return parts.sum(axis=0, split_every=split_every)
+
+
+def reduce_statistics(
+    X: da.Array,
+    model: Model,
+    params_list: Sequence[Params],
+    *,
+    split: RowSplit | None = None,
+    split_every: int = DEFAULT_SPLIT_EVERY,
+) -> list:
+    """One pass over ``X``: the summed statistics of every parameter set.
+
+    Raises
+    ------
+    InputError
+        If the data hold NaN or infinite values and ``model.missing`` is
+        ``"error"``.
+    """
+    if not params_list:
+        return []
+    (vec,) = dask.compute(pass_graph(X, model, params_list, split=split, split_every=split_every))
+    out, pos = [], 0
+    for p in params_list:
+        size = model.packed_size(p)
+        out.append(model.unpack(vec[pos : pos + size], p))
+        pos += size
+    if out and out[0].n_bad and model.missing == "error":
+        raise InputError(
+            f"the data hold NaN or infinite values in {int(out[0].n_bad)} rows; "
+            "clean them, or fit with missing='marginalize' to use the observed entries"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------
+# sampling rows out-of-core
+# --------------------------------------------------------------------------
+
+
+def sample_rows(X: da.Array, n: int, seed: int) -> np.ndarray:
+    """``n`` rows drawn without replacement, the same rows whatever the chunking."""
+    N = X.shape[0]
+    n = min(n, N)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(N, size=n, replace=False)) if n < N else np.arange(N)
+    (rows,) = dask.compute(X[idx])
+    return np.asarray(rows, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------
+# persist or stream
+# --------------------------------------------------------------------------
+
+
+def _cluster_memory() -> float:
+    """Memory the active scheduler can hold: workers' limits, or this machine's free RAM."""
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        client = None
+    if client is not None:
+        info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+        limits = [w.get("memory_limit") or 0 for w in info.get("workers", {}).values()]
+        total = float(sum(limits))
+        if total > 0:
+            return total
+    import psutil
+
+    return float(psutil.virtual_memory().available)
+
+
+def _accepts_n_workers(client: Any) -> bool:
+    import inspect
+
+    try:
+        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def prepare_data(X: da.Array, cache: bool | str = "auto", in_memory: bool = False) -> tuple[da.Array, bool]:
+    """Persist ``X`` once when it fits (``cache='auto'``) or when asked; else stream.
+
+    Returns the array to iterate over and whether it was persisted. Data that
+    already sit in memory (numpy input) are never copied again.
+    """
+    if in_memory or cache is False:
+        return X, False
+    if cache == "auto":
+        cache = X.nbytes < 0.5 * _cluster_memory()
+    if cache:
+        return X.persist(), True
+    return X, False
+
+
+# --------------------------------------------------------------------------
+# the EM loop
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One EM run (a restart, for one K). Mutable bookkeeping on the client."""
+
+    params: Params
+    tag: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+    done: bool = False
+    lower_bound: float = -math.inf
+    heldout: float = math.nan
+    n_reseeds: int = 0
+
+
+@dataclass
+class IterationInfo:
+    """What a progress callback receives after each pass."""
+
+    iteration: int
+    runs: list
+    seconds: float
+    n_live: int
+
+
+class Checkpoint:
+    """Atomic per-iteration state of every run, refused for other data or options."""
+
+    def __init__(self, path: str | Path, fingerprint: dict, model: Model):
+        self.path = Path(path)
+        self.model = model
+        self.fingerprint = fingerprint
+        self.digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+    def save(self, runs: Sequence[Run], stage: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {}
+        meta_runs = []
+        for i, r in enumerate(runs):
+            p_arrays, p_meta = self.model.params_state(r.params)
+            for name, a in p_arrays.items():
+                arrays[f"run{i}_{name}"] = a
+            meta_runs.append(
+                {
+                    "params": p_meta,
+                    "arrays": sorted(p_arrays),
+                    "tag": r.tag,
+                    "history": r.history,
+                    "n_iter": r.n_iter,
+                    "converged": r.converged,
+                    "done": r.done,
+                    "lower_bound": r.lower_bound if math.isfinite(r.lower_bound) else None,
+                    "heldout": r.heldout if math.isfinite(r.heldout) else None,
+                    "n_reseeds": r.n_reseeds,
+                }
+            )
+        # arrays first, then the JSON that names them: a reader sees the old
+        # pair or the new pair, never a JSON pointing at missing arrays
+        token = hashlib.sha256(repr(time.time_ns()).encode()).hexdigest()[:12]
+        atomic_savez(self.path / f"state-{token}.npz", **arrays)
+        doc = {
+            "digest": self.digest,
+            "fingerprint": self.fingerprint,
+            "stage": stage,
+            "arrays": f"state-{token}.npz",
+            "runs": meta_runs,
+        }
+        old = self._current_arrays()
+        atomic_write_text(self.path / "checkpoint.json", json.dumps(doc, default=str))
+        if old and old != doc["arrays"]:
+            (self.path / old).unlink(missing_ok=True)
+
+    def _current_arrays(self) -> str | None:
+        f = self.path / "checkpoint.json"
+        if not f.exists():
+            return None
+        try:
+            return json.loads(f.read_text()).get("arrays")
+        except (json.JSONDecodeError, OSError):
+            return None
+
+    def load(self) -> tuple[str, list[Run]] | None:
+        """The saved stage and runs, or None when there is no checkpoint yet."""
+        f = self.path / "checkpoint.json"
+        if not f.exists():
+            return None
+        doc = json.loads(f.read_text())
+        if doc.get("digest") != self.digest:
+            theirs = doc.get("fingerprint", {})
+            diff = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
+            raise InputError(
+                f"the checkpoint at {self.path} was written for other data or options "
+                f"(differs in: {', '.join(diff) or 'format'}); use another checkpoint path "
+                "or delete it"
+            )
+        runs = []
+        with np.load(self.path / doc["arrays"], allow_pickle=False) as npz:
+            for i, m in enumerate(doc["runs"]):
+                arrays = {k: npz[f"run{i}_{k}"] for k in m["arrays"]}
+                runs.append(
+                    Run(
+                        params=self.model.params_from_state(arrays, m["params"]),
+                        tag=m["tag"],
+                        history=list(m["history"]),
+                        n_iter=m["n_iter"],
+                        converged=m["converged"],
+                        done=m["done"],
+                        lower_bound=-math.inf if m["lower_bound"] is None else m["lower_bound"],
+                        heldout=math.nan if m["heldout"] is None else m["heldout"],
+                        n_reseeds=m.get("n_reseeds", 0),
+                    )
+                )
+        return doc["stage"], runs
+
+
+def run_em(
+    X: da.Array,
+    model: Model,
+    runs: Sequence[Run],
+    *,
+    tol: float,
+    max_iter: int,
+    split: RowSplit | None = None,
+    split_every: int = DEFAULT_SPLIT_EVERY,
+    reseed_pool: np.ndarray | Callable[[], np.ndarray] | None = None,
+    callback: Callable[[IterationInfo], None] | None = None,
+    checkpoint: Checkpoint | None = None,
+    stage: str = "em",
+) -> list[Run]:
+    """Advance every run until it converges or reaches ``max_iter``.
+
+    Convergence follows scikit-learn: after the E-step of iteration ``t`` the
+    mean log-likelihood per row ``L_t`` (of the parameters before that M-step)
+    is recorded; the run stops when ``|L_t - L_{t-1}| < tol``. The parameters
+    kept are those after the last M-step, and ``lower_bound`` is ``L_t``.
+    """
+    runs = list(runs)
+    while True:
+        live = [r for r in runs if not r.done and r.n_iter < max_iter]
+        for r in runs:
+            if not r.done and r.n_iter >= max_iter:
+                r.done = True
+        if not live:
+            break
+        t0 = time.perf_counter()
+        stats = reduce_statistics(X, model, [r.params for r in live], split=split, split_every=split_every)
+        for r, s in zip(live, stats):
+            if s.n == 0:
+                raise InputError("no training rows to fit on")
+            ll = s.mean_loglik
+            prev = r.lower_bound
+            r.n_iter += 1
+            r.history.append(ll)
+            r.lower_bound = ll
+            r.heldout = s.mean_loglik_heldout
+            if not math.isfinite(ll):
+                raise FloatingPointError(
+                    f"the log-likelihood became {ll} at iteration {r.n_iter}; "
+                    "increase reg_covar or scale the data"
+                )
+            new, empty = model.m_step(s, r.params)
+            if empty.any():
+                if reseed_pool is None:
+                    raise ValueError("a component lost all its rows and no rows are at hand to re-seed it")
+                warnings.warn(
+                    f"{int(empty.sum())} component(s) of run {r.tag} received no rows at "
+                    f"iteration {r.n_iter} and were re-seeded on poorly explained rows",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                pool = reseed_pool() if callable(reseed_pool) else reseed_pool
+                new = model.reseed(new, empty, pool)
+                r.n_reseeds += 1
+            r.params = new
+            if abs(ll - prev) < tol:
+                r.converged = True
+                r.done = True
+            elif r.n_iter >= max_iter:
+                r.done = True
+        if checkpoint is not None:
+            checkpoint.save(runs, stage)
+        if callback is not None:
+            callback(IterationInfo(max(r.n_iter for r in live), runs, time.perf_counter() - t0, len(live)))
+    return runs
+
+
+def score_graph(
+    X: da.Array,
+    model: Model,
+    params: Params,
+    split_every: int = DEFAULT_SPLIT_EVERY,
+) -> da.Array:
+    """Lazy summed statistics of one parameter set (for score, bic, aic)."""
+    return pass_graph(X, model, [params], split_every=split_every)
+
+
+def map_rows(X: da.Array, func: Callable, n_out: int | None, dtype: Any) -> da.Array:
+    """Apply a row-wise function chunk by chunk, lazily (predictions, densities)."""
+    if n_out is None:
+        return X.map_blocks(func, drop_axis=1, dtype=dtype, meta=np.empty((0,), dtype=dtype))
+    return X.map_blocks(func, chunks=(X.chunks[0], (n_out,)), dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
+
+
+def data_fingerprint(X: da.Array, sample: np.ndarray) -> dict:
+    """What identifies the data for a checkpoint: shape, dtype and a sample's hash."""
+    return {
+        "shape": list(X.shape),
+        "dtype": str(X.dtype),
+        "sample_sha256": hashlib.sha256(np.ascontiguousarray(sample).tobytes()).hexdigest(),
+    }

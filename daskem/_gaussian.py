@@ -1,0 +1,700 @@
+"""Gaussian mixture mathematics on in-memory blocks: no Dask in this module.
+
+Everything the EM engine needs from the model lives here:
+
+* :class:`GaussianParams` -- the parameters of one mixture (one restart, one K);
+* :func:`estimate_weighted_log_prob` -- ``log pi_k + log N(x | mu_k, Sigma_k)``
+  through the Cholesky factor of the precision;
+* :class:`Stats` -- the sufficient statistics of a set of rows, an immutable
+  value with ``+`` so that chunk results can be tree-reduced;
+* :func:`chunk_statistics` -- one fused pass over a chunk that computes the
+  statistics of every parameter set at once (soft or hard EM);
+* :func:`m_step` -- parameters from summed statistics.
+
+Second moments are accumulated in float64 about a reference point that comes
+from the current parameters (the component means for ``full``, the mixture
+mean for the other types), so that the M-step matches a centred computation
+to round-off even when the data sit far from the origin.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import linalg
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+#: ``kmeans`` is internal: a shared spherical covariance and equal weights,
+#: for which hard EM is exactly Lloyd's algorithm.
+_ALL_TYPES = COVARIANCE_TYPES + ("kmeans",)
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+#: rows per block inside a chunk: keeps the (rows x K) and (rows x D)
+#: temporaries in cache whatever the chunk size.
+DEFAULT_BLOCK_ROWS = 4096
+
+_ILL_DEFINED = (
+    "Fitting the mixture model failed because some components have ill-defined "
+    "empirical covariance (for instance caused by singleton or collapsed "
+    "samples). Try to decrease the number of components, increase reg_covar, "
+    "or scale the input data."
+)
+
+
+# --------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------
+
+
+def _covariance_shape(covariance_type: str, k: int, d: int) -> tuple[int, ...]:
+    return {
+        "full": (k, d, d),
+        "tied": (d, d),
+        "diag": (k, d),
+        "spherical": (k,),
+        "kmeans": (k,),
+    }[covariance_type]
+
+
+def _cholesky_lower(matrix: np.ndarray) -> np.ndarray:
+    try:
+        return linalg.cholesky(matrix, lower=True)
+    except linalg.LinAlgError as exc:
+        raise ValueError(_ILL_DEFINED) from exc
+
+
+def precision_cholesky_from_covariances(
+    covariances: np.ndarray, covariance_type: str
+) -> np.ndarray:
+    """Cholesky factor of the precision matrices (scikit-learn's convention).
+
+    Parameters
+    ----------
+    covariances : ndarray
+        Shape ``(K, D, D)`` for ``full``, ``(D, D)`` for ``tied``, ``(K, D)``
+        for ``diag`` and ``(K,)`` for ``spherical``.
+    covariance_type : str
+
+    Returns
+    -------
+    ndarray
+        Upper-triangular ``U`` with ``precision = U @ U.T`` (full, tied), or
+        ``1 / sqrt(variance)`` (diag, spherical).
+    """
+    covariances = np.asarray(covariances, dtype=np.float64)
+    if covariance_type == "full":
+        d = covariances.shape[-1]
+        eye = np.eye(d)
+        out = np.empty_like(covariances)
+        for k, cov in enumerate(covariances):
+            out[k] = linalg.solve_triangular(_cholesky_lower(cov), eye, lower=True).T
+        return out
+    if covariance_type == "tied":
+        d = covariances.shape[-1]
+        return linalg.solve_triangular(
+            _cholesky_lower(covariances), np.eye(d), lower=True
+        ).T
+    if np.any(~(covariances > 0.0)):
+        raise ValueError(_ILL_DEFINED)
+    return 1.0 / np.sqrt(covariances)
+
+
+def _flip(a: np.ndarray) -> np.ndarray:
+    return a[..., ::-1, ::-1]
+
+
+def precision_cholesky_from_precisions(
+    precisions: np.ndarray, covariance_type: str
+) -> np.ndarray:
+    """Upper Cholesky factor ``U`` with ``precision = U @ U.T``.
+
+    Uses the exchange-matrix identity (scikit-learn #26415): the lower Cholesky
+    factor of the flipped precision, flipped back, is upper triangular.
+    """
+    precisions = np.asarray(precisions, dtype=np.float64)
+    if covariance_type == "full":
+        return np.stack([_flip(_cholesky_lower(_flip(p))) for p in precisions])
+    if covariance_type == "tied":
+        return _flip(_cholesky_lower(_flip(precisions)))
+    if np.any(~(precisions > 0.0)):
+        raise ValueError("precisions must be positive")
+    return np.sqrt(precisions)
+
+
+def covariances_from_precision_cholesky(
+    prec_chol: np.ndarray, covariance_type: str
+) -> np.ndarray:
+    """Covariances from the precision Cholesky factors, without a general inverse."""
+    if covariance_type in ("full", "tied"):
+        mats = prec_chol if covariance_type == "full" else prec_chol[None]
+        d = mats.shape[-1]
+        eye = np.eye(d)
+        out = np.empty_like(mats)
+        for k, u in enumerate(mats):
+            # precision = U U^T, so covariance = U^-T U^-1 = W^T W with W = U^-1
+            w = linalg.solve_triangular(u, eye, lower=False)
+            out[k] = w @ w.T
+        return out if covariance_type == "full" else out[0]
+    return 1.0 / prec_chol**2
+
+
+def precisions_from_cholesky(prec_chol: np.ndarray, covariance_type: str) -> np.ndarray:
+    """``U @ U.T`` (full, tied) or ``U**2`` (diag, spherical)."""
+    if covariance_type == "full":
+        return np.einsum("kij,klj->kil", prec_chol, prec_chol)
+    if covariance_type == "tied":
+        return prec_chol @ prec_chol.T
+    return prec_chol**2
+
+
+def _log_det_cholesky(prec_chol: np.ndarray, covariance_type: str, d: int) -> np.ndarray:
+    if covariance_type == "full":
+        return np.log(np.diagonal(prec_chol, axis1=1, axis2=2)).sum(axis=1)
+    if covariance_type == "tied":
+        return np.log(np.diag(prec_chol)).sum()
+    if covariance_type == "diag":
+        return np.log(prec_chol).sum(axis=1)
+    return d * np.log(prec_chol)
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianParams:
+    """Parameters of one Gaussian mixture.
+
+    Attributes
+    ----------
+    weights : ndarray of shape (K,)
+    means : ndarray of shape (K, D)
+    covariances : ndarray
+        Shape depends on ``covariance_type`` as in scikit-learn.
+    precisions_cholesky : ndarray
+        Same shape as ``covariances``.
+    covariance_type : str
+    """
+
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+    precisions_cholesky: np.ndarray
+    covariance_type: str
+
+    @classmethod
+    def from_covariances(
+        cls,
+        weights: np.ndarray,
+        means: np.ndarray,
+        covariances: np.ndarray,
+        covariance_type: str,
+    ) -> GaussianParams:
+        covariances = np.asarray(covariances, dtype=np.float64)
+        return cls(
+            np.asarray(weights, dtype=np.float64),
+            np.asarray(means, dtype=np.float64),
+            covariances,
+            precision_cholesky_from_covariances(covariances, covariance_type),
+            covariance_type,
+        )
+
+    @classmethod
+    def from_precisions(
+        cls,
+        weights: np.ndarray,
+        means: np.ndarray,
+        precisions: np.ndarray,
+        covariance_type: str,
+    ) -> GaussianParams:
+        prec_chol = precision_cholesky_from_precisions(precisions, covariance_type)
+        return cls(
+            np.asarray(weights, dtype=np.float64),
+            np.asarray(means, dtype=np.float64),
+            covariances_from_precision_cholesky(prec_chol, covariance_type),
+            prec_chol,
+            covariance_type,
+        )
+
+    @property
+    def n_components(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def precisions(self) -> np.ndarray:
+        return precisions_from_cholesky(self.precisions_cholesky, self.covariance_type)
+
+    def reference(self) -> np.ndarray:
+        """Per-component points, shape (K, D), about which statistics are taken."""
+        if self.covariance_type == "full":
+            return self.means
+        centre = self.weights @ self.means
+        return np.broadcast_to(centre, self.means.shape)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "weights": self.weights,
+            "means": self.means,
+            "covariances": self.covariances,
+            "precisions_cholesky": self.precisions_cholesky,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], covariance_type: str) -> GaussianParams:
+        return cls(
+            np.asarray(arrays["weights"], dtype=np.float64),
+            np.asarray(arrays["means"], dtype=np.float64),
+            np.asarray(arrays["covariances"], dtype=np.float64),
+            np.asarray(arrays["precisions_cholesky"], dtype=np.float64),
+            covariance_type,
+        )
+
+    def n_parameters(self) -> int:
+        """Free parameters, as scikit-learn counts them (for BIC and AIC)."""
+        k, d = self.means.shape
+        cov = {
+            "full": k * d * (d + 1) / 2.0,
+            "tied": d * (d + 1) / 2.0,
+            "diag": k * d,
+            "spherical": k,
+            "kmeans": 1,
+        }[self.covariance_type]
+        return int(cov + k * d + k - 1)
+
+
+# --------------------------------------------------------------------------
+# log-densities
+# --------------------------------------------------------------------------
+
+
+def estimate_log_gaussian_prob(
+    X: np.ndarray, params: GaussianParams, dtype: np.dtype | None = None
+) -> np.ndarray:
+    """``log N(x_n | mu_k, Sigma_k)`` for every row and component, shape (n, K).
+
+    Computed through the precision Cholesky factor. For the diagonal types the
+    data are centred on the mixture mean first, which keeps the expanded
+    quadratic form accurate far from the origin.
+    """
+    dtype = np.dtype(dtype or X.dtype)
+    if dtype.kind != "f":
+        dtype = np.dtype(np.float64)
+    X = np.asarray(X, dtype=dtype)
+    d = X.shape[1]
+    ctype = params.covariance_type
+    means = params.means
+    pc = params.precisions_cholesky
+    log_det = _log_det_cholesky(pc, ctype, d)
+    if ctype == "full":
+        maha = np.empty((X.shape[0], means.shape[0]), dtype=dtype)
+        for k in range(means.shape[0]):
+            y = (X - means[k].astype(dtype)) @ pc[k].astype(dtype)
+            maha[:, k] = np.einsum("ij,ij->i", y, y)
+    else:
+        centre = params.weights @ means
+        z = X - centre.astype(dtype)
+        m = means - centre
+        if ctype == "tied":
+            y0 = z @ pc.astype(dtype)
+            shift = (m @ pc).astype(dtype)
+            maha = np.empty((X.shape[0], means.shape[0]), dtype=dtype)
+            for k in range(means.shape[0]):
+                y = y0 - shift[k]
+                maha[:, k] = np.einsum("ij,ij->i", y, y)
+        else:
+            prec = pc**2
+            if prec.ndim == 1:
+                prec = np.repeat(prec[:, None], d, axis=1)
+            maha = (
+                (z * z) @ prec.T.astype(dtype)
+                - 2.0 * (z @ (m * prec).T.astype(dtype))
+                + (m * m * prec).sum(axis=1).astype(dtype)
+            )
+    return -0.5 * (d * _LOG_2PI + maha) + log_det.astype(dtype)
+
+
+def estimate_weighted_log_prob(
+    X: np.ndarray, params: GaussianParams, dtype: np.dtype | None = None
+) -> np.ndarray:
+    """``log pi_k + log N(x_n | mu_k, Sigma_k)``, shape (n, K)."""
+    with np.errstate(divide="ignore"):
+        log_w = np.log(params.weights)
+    return estimate_log_gaussian_prob(X, params, dtype) + log_w
+
+
+def logsumexp_rows(a: np.ndarray) -> np.ndarray:
+    """Row-wise log-sum-exp, stable, for a 2-D array."""
+    amax = a.max(axis=1)
+    amax = np.where(np.isfinite(amax), amax, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(a - amax[:, None]).sum(axis=1)) + amax
+
+
+# --------------------------------------------------------------------------
+# sufficient statistics
+# --------------------------------------------------------------------------
+
+
+def _s2_shape(covariance_type: str, k: int, d: int) -> tuple[int, ...]:
+    return {
+        "full": (k, d, d),
+        "tied": (d, d),
+        "diag": (k, d),
+        "spherical": (k, d),
+        "kmeans": (k, d),
+    }[covariance_type]
+
+
+@dataclass(frozen=True, eq=False)
+class Stats:
+    """Sufficient statistics of a set of rows for one parameter set.
+
+    ``s1`` and ``s2`` are first and second moments about the reference points
+    of the parameters that produced them (:meth:`GaussianParams.reference`).
+
+    Attributes
+    ----------
+    n : float
+        Training rows counted.
+    loglik : float
+        Sum over training rows of ``log p(x_n)`` (soft EM) or of
+        ``max_k log pi_k N(x_n | k)`` (hard EM, the classification likelihood).
+    nk : ndarray of shape (K,)
+    s1 : ndarray of shape (K, D)
+    s2 : ndarray
+        ``(K, D, D)`` for full, ``(D, D)`` for tied, ``(K, D)`` otherwise.
+    n_heldout, loglik_heldout : float
+        Rows held out of training (validation split) and their ``sum log p``.
+    n_bad : float
+        Rows that held a non-finite value (left out of everything else).
+    """
+
+    n: float
+    loglik: float
+    nk: np.ndarray
+    s1: np.ndarray
+    s2: np.ndarray
+    n_heldout: float = 0.0
+    loglik_heldout: float = 0.0
+    n_bad: float = 0.0
+
+    def __add__(self, other: Stats) -> Stats:
+        return Stats(
+            self.n + other.n,
+            self.loglik + other.loglik,
+            self.nk + other.nk,
+            self.s1 + other.s1,
+            self.s2 + other.s2,
+            self.n_heldout + other.n_heldout,
+            self.loglik_heldout + other.loglik_heldout,
+            self.n_bad + other.n_bad,
+        )
+
+    @staticmethod
+    def zeros(covariance_type: str, k: int, d: int) -> Stats:
+        return Stats(
+            0.0,
+            0.0,
+            np.zeros(k),
+            np.zeros((k, d)),
+            np.zeros(_s2_shape(covariance_type, k, d)),
+        )
+
+    @staticmethod
+    def packed_size(covariance_type: str, k: int, d: int) -> int:
+        return 5 + k + k * d + int(np.prod(_s2_shape(covariance_type, k, d)))
+
+    def pack(self) -> np.ndarray:
+        """A flat float64 vector: what travels between workers and the client."""
+        return np.concatenate(
+            [
+                [self.n, self.loglik, self.n_heldout, self.loglik_heldout, self.n_bad],
+                self.nk,
+                self.s1.ravel(),
+                self.s2.ravel(),
+            ]
+        ).astype(np.float64, copy=False)
+
+    @staticmethod
+    def unpack(vec: np.ndarray, covariance_type: str, k: int, d: int) -> Stats:
+        vec = np.asarray(vec, dtype=np.float64)
+        n, loglik, n_ho, ll_ho, n_bad = (float(v) for v in vec[:5])
+        pos = 5
+        nk = vec[pos : pos + k]
+        pos += k
+        s1 = vec[pos : pos + k * d].reshape(k, d)
+        pos += k * d
+        shape = _s2_shape(covariance_type, k, d)
+        s2 = vec[pos : pos + int(np.prod(shape))].reshape(shape)
+        return Stats(n, loglik, nk.copy(), s1.copy(), s2.copy(), n_ho, ll_ho, n_bad)
+
+    @property
+    def mean_loglik(self) -> float:
+        """Mean log-likelihood per training row."""
+        return self.loglik / self.n if self.n else float("nan")
+
+    @property
+    def mean_loglik_heldout(self) -> float:
+        return self.loglik_heldout / self.n_heldout if self.n_heldout else float("nan")
+
+
+def _accumulate_block(
+    X: np.ndarray,
+    params: GaussianParams,
+    hard: bool,
+    dtype: np.dtype,
+    acc: dict[str, np.ndarray],
+) -> None:
+    """Add the statistics of the rows ``X`` (all finite, all training) to ``acc``."""
+    ctype = params.covariance_type
+    k, d = params.means.shape
+    logp = estimate_weighted_log_prob(X, params, dtype)
+    if hard:
+        best = logp.argmax(axis=1)
+        acc["loglik"] += float(np.take_along_axis(logp, best[:, None], axis=1).sum(dtype=np.float64))
+        q = np.zeros_like(logp)
+        q[np.arange(X.shape[0]), best] = 1.0
+    else:
+        lse = logsumexp_rows(logp)
+        acc["loglik"] += float(lse.sum(dtype=np.float64))
+        q = np.exp(logp - lse[:, None])
+    acc["nk"] += q.sum(axis=0, dtype=np.float64)
+    ref = params.reference()
+    if ctype == "full":
+        for j in range(k):
+            diff = X - ref[j].astype(dtype)
+            w = q[:, j]
+            acc["s1"][j] += w @ diff
+            acc["s2"][j] += (diff * w[:, None]).T @ diff
+    else:
+        z = X - ref[0].astype(dtype)
+        acc["s1"] += q.T @ z
+        if ctype == "tied":
+            # sum_k q_nk = 1 for every row, so the tied scatter does not need q
+            acc["s2"] += z.T @ z
+        else:
+            acc["s2"] += q.T @ (z * z)
+
+
+def chunk_statistics(
+    X: np.ndarray,
+    params_list: list[GaussianParams],
+    *,
+    hard: bool = False,
+    train_mask: np.ndarray | None = None,
+    dtype: np.dtype | str | None = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> list[Stats]:
+    """Sufficient statistics of one chunk for every parameter set, in one pass.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, D)
+        A chunk of rows.
+    params_list : list of GaussianParams
+        Every parameter set (restart, candidate K) still being fitted.
+    hard : bool
+        Hard EM: one-hot responsibilities at the most probable component.
+    train_mask : ndarray of bool, shape (n,), optional
+        Rows used for training; the others only add to the held-out
+        log-likelihood.
+    dtype : dtype, optional
+        Compute dtype (float32 or float64; default: float64). Statistics are
+        always accumulated in float64.
+    block_rows : int
+        Rows per block: the temporaries are ``block_rows x K`` at most.
+
+    Returns
+    -------
+    list of Stats
+        One per parameter set.
+    """
+    dtype = np.dtype(dtype or np.float64)
+    X = np.asarray(X)
+    n, d = X.shape
+    finite = np.isfinite(X).all(axis=1)
+    n_bad = float(n - finite.sum())
+    accs = []
+    for p in params_list:
+        z = Stats.zeros(p.covariance_type, p.n_components, d)
+        accs.append(
+            {"loglik": 0.0, "nk": z.nk, "s1": z.s1, "s2": z.s2, "n": 0.0, "ll_ho": 0.0, "n_ho": 0.0}
+        )
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        ok = finite[start:stop]
+        block = X[start:stop]
+        if train_mask is not None:
+            tm = train_mask[start:stop]
+            train = ok & tm
+            held = ok & ~tm
+        else:
+            train, held = ok, None
+        xb = np.asarray(block[train] if not train.all() else block, dtype=dtype)
+        xh = None
+        if held is not None and held.any():
+            xh = np.asarray(block[held], dtype=dtype)
+        for p, acc in zip(params_list, accs):
+            if xb.shape[0]:
+                _accumulate_block(xb, p, hard, dtype, acc)
+                acc["n"] += xb.shape[0]
+            if xh is not None:
+                acc["ll_ho"] += float(
+                    logsumexp_rows(estimate_weighted_log_prob(xh, p, dtype)).sum(dtype=np.float64)
+                )
+                acc["n_ho"] += xh.shape[0]
+    return [
+        Stats(a["n"], a["loglik"], a["nk"], a["s1"], a["s2"], a["n_ho"], a["ll_ho"], n_bad)
+        for a in accs
+    ]
+
+
+# --------------------------------------------------------------------------
+# M-step
+# --------------------------------------------------------------------------
+
+
+def _covariances_from_stats(
+    stats: Stats, delta: np.ndarray, nk: np.ndarray, covariance_type: str, reg_covar: float
+) -> np.ndarray:
+    d = delta.shape[1]
+    if covariance_type == "full":
+        cov = stats.s2 / nk[:, None, None] - np.einsum("ki,kj->kij", delta, delta)
+        cov = 0.5 * (cov + cov.transpose(0, 2, 1))
+        cov[:, np.arange(d), np.arange(d)] += reg_covar
+        return cov
+    if covariance_type == "tied":
+        cov = (stats.s2 - np.einsum("k,ki,kj->ij", nk, delta, delta)) / nk.sum()
+        cov = 0.5 * (cov + cov.T)
+        cov[np.arange(d), np.arange(d)] += reg_covar
+        return cov
+    diag = stats.s2 / nk[:, None] - delta**2 + reg_covar
+    if covariance_type == "diag":
+        return diag
+    sph = diag.mean(axis=1)
+    if covariance_type == "spherical":
+        return sph
+    # kmeans: one variance shared by all components
+    return np.full_like(sph, (nk @ sph) / nk.sum())
+
+
+def m_step(
+    stats: Stats, params: GaussianParams, reg_covar: float, *, empty_threshold: float = 0.5
+) -> tuple[GaussianParams, np.ndarray]:
+    """New parameters from summed statistics.
+
+    Parameters
+    ----------
+    stats : Stats
+        Statistics computed with ``params`` (their reference points).
+    params : GaussianParams
+        The parameters of the E-step.
+    reg_covar : float
+        Added to the diagonal of every covariance.
+    empty_threshold : float
+        A component whose total responsibility is below this many rows is
+        reported as empty (its parameters are left as they were).
+
+    Returns
+    -------
+    new_params : GaussianParams
+    empty : ndarray of bool, shape (K,)
+        Components that received (almost) no responsibility.
+    """
+    ctype = params.covariance_type
+    nk_raw = stats.nk
+    nk = nk_raw + 10 * np.finfo(np.float64).eps
+    empty = nk_raw < empty_threshold
+    delta = stats.s1 / nk[:, None]
+    means = params.reference() + delta
+    cov = _covariances_from_stats(stats, delta, nk, ctype, reg_covar)
+    if empty.any():
+        # keep what the empty components had; the caller re-seeds them
+        means[empty] = params.means[empty]
+        if ctype in ("full", "diag", "spherical"):
+            cov[empty] = params.covariances[empty]
+    if ctype == "kmeans":
+        weights = np.full(nk.shape, 1.0 / nk.shape[0])
+    else:
+        weights = nk / nk.sum()
+    return GaussianParams.from_covariances(weights, means, cov, ctype), empty
+
+
+def reseed_empty(
+    params: GaussianParams, empty: np.ndarray, pool: np.ndarray
+) -> GaussianParams:
+    """Move empty components onto the rows of ``pool`` the model explains worst.
+
+    Deterministic: the pool (a sample of the data drawn at initialisation)
+    and the current parameters decide. Each re-seeded component takes the
+    average covariance of the others and a weight of one pool row.
+    """
+    if not empty.any():
+        return params
+    pool = pool[np.isfinite(pool).all(axis=1)]
+    logp = logsumexp_rows(estimate_weighted_log_prob(pool, params))
+    order = np.argsort(logp, kind="stable")
+    means = params.means.copy()
+    cov = params.covariances.copy()
+    weights = params.weights.copy()
+    ctype = params.covariance_type
+    alive = ~empty
+    for i, k in enumerate(np.flatnonzero(empty)):
+        means[k] = pool[order[i % len(order)]]
+        if ctype in ("full", "diag", "spherical") and alive.any():
+            cov[k] = cov[alive].mean(axis=0)
+        weights[k] = 1.0 / max(len(pool), 1)
+    weights /= weights.sum()
+    return GaussianParams.from_covariances(weights, means, cov, ctype)
+
+
+# --------------------------------------------------------------------------
+# the model, as the engine sees it
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MixtureModel:
+    """What the engine needs from a model: chunk statistics and an M-step.
+
+    Instances are small and picklable; one is shipped to the workers with
+    each pass, inside a single graph key.
+    """
+
+    reg_covar: float = 1e-6
+    hard: bool = False
+    dtype: str = "float64"
+    block_rows: int = DEFAULT_BLOCK_ROWS
+    missing: str = "error"
+
+    def statistics(self, x: np.ndarray, params_list: Sequence[GaussianParams], train_mask: np.ndarray | None) -> list[Stats]:
+        return chunk_statistics(
+            x,
+            list(params_list),
+            hard=self.hard,
+            train_mask=train_mask,
+            dtype=self.dtype,
+            block_rows=self.block_rows,
+        )
+
+    def packed_size(self, params: GaussianParams) -> int:
+        return Stats.packed_size(params.covariance_type, params.n_components, params.n_features)
+
+    def unpack(self, vec: np.ndarray, params: GaussianParams) -> Stats:
+        return Stats.unpack(vec, params.covariance_type, params.n_components, params.n_features)
+
+    def m_step(self, stats: Stats, params: GaussianParams) -> tuple[GaussianParams, np.ndarray]:
+        return m_step(stats, params, self.reg_covar)
+
+    def reseed(self, params: GaussianParams, empty: np.ndarray, pool: np.ndarray) -> GaussianParams:
+        return reseed_empty(params, empty, pool)
+
+    def params_state(self, params: GaussianParams) -> tuple[dict[str, np.ndarray], dict]:
+        return params.to_arrays(), {"covariance_type": params.covariance_type}
+
+    def params_from_state(self, arrays: dict[str, np.ndarray], meta: dict) -> GaussianParams:
+        return GaussianParams.from_arrays(arrays, meta["covariance_type"])
