@@ -332,7 +332,7 @@ class GaussianMixture:
         return self
 
     def _set_from_runs(self, runs: list[engine.Run], n_features: int, sample: Callable | None = None) -> None:
-        best = max(runs, key=lambda r: r.lower_bound)  # first of equals, as scikit-learn
+        best = best_run(runs)
         if self.max_iter > 0 and not best.converged:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
@@ -398,7 +398,7 @@ class GaussianMixture:
     def _check_features(self, d: int) -> None:
         if d != self.n_features_in_:
             raise InputError(
-                f"X has {d} features, but this GaussianMixture was fitted with {self.n_features_in_}"
+                f"X has {d} features, but this GaussianMixture was fitted with {self.n_features_in_} features"
             )
 
     def _weighted_log_prob(self, x: np.ndarray) -> np.ndarray:
@@ -527,6 +527,17 @@ class GaussianMixture:
         write_model(path, meta, arrays)
 
 
+def best_run(runs: list[engine.Run], rtol: float = 1e-9) -> engine.Run:
+    """The run with the highest final log-likelihood.
+
+    Runs within ``rtol`` of the best count as equal and the first of them is
+    kept, so that round-off (another chunking, another cluster) cannot flip
+    the choice between restarts that found the same optimum.
+    """
+    top = max(r.lower_bound for r in runs)
+    return next(r for r in runs if r.lower_bound >= top - rtol * max(1.0, abs(top)))
+
+
 def _version() -> str:
     from . import __version__
 
@@ -623,7 +634,13 @@ def fit_runs(
 
     def sample() -> np.ndarray:
         if "rows" not in cached:
-            cached["rows"] = engine.sample_rows(Xw, SAMPLE_ROWS, seed)
+            rows = engine.sample_rows(Xw, SAMPLE_ROWS, seed)
+            if model.missing == "error" and not np.isfinite(rows).all():
+                raise InputError(
+                    "the data hold NaN or infinite values; clean them, or fit with "
+                    "missing='marginalize' to use the observed entries"
+                )
+            cached["rows"] = rows
         return cached["rows"]
 
     split_every = opts.get("split_every", engine.DEFAULT_SPLIT_EVERY)

@@ -1,0 +1,152 @@
+"""The engine: one read per chunk per iteration, clusters, hard EM, degenerate components."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from conftest import CountingStore, make_blobs, sklearn_init, write_zarr
+from distributed import Client, LocalCluster
+from sklearn.cluster import KMeans
+from zarr.storage import LocalStore
+
+import daskem
+from daskem import _engine as engine
+from daskem import _gaussian as g
+from daskem._init import kmeans_plusplus, lloyd
+
+
+def _counted(path: str) -> tuple[da.Array, CountingStore]:
+    store = CountingStore(LocalStore(path, read_only=True))
+    z = zarr.open_array(store, mode="r")
+    return da.from_zarr(z, chunks=z.chunks), store
+
+
+def _chunk_reads(store: CountingStore) -> dict[str, int]:
+    return {k: v for k, v in store.reads.items() if k.startswith("c/")}
+
+
+@pytest.mark.parametrize("init_params", ["k-means++", "kmeans"])
+def test_restarts_share_every_pass(tmp_path, init_params: str) -> None:
+    X = make_blobs(n=8000, d=3, k=3, seed=3)
+    path = write_zarr(tmp_path / "x.zarr", X, chunk_rows=1000)
+    counts = {}
+    fits = {}
+    for n_init in (1, 4):
+        Xd, store = _counted(path)
+        with dask.config.set(scheduler="threads"):
+            gm = daskem.GaussianMixture(
+                3, n_init=n_init, init_params=init_params, tol=0.0, max_iter=6, random_state=0, cache=False
+            )
+            with pytest.warns(daskem.ConvergenceWarning):
+                gm.fit(Xd)
+        reads = _chunk_reads(store)
+        assert len(reads) == 8  # every chunk was read
+        assert len(set(reads.values())) == 1  # every chunk read equally often
+        counts[n_init] = next(iter(reads.values()))
+        fits[n_init] = gm
+    # 4 restarts cost exactly the reads of 1 restart
+    assert counts[4] == counts[1]
+    assert len(fits[4].runs_) == 4 and all(r["n_iter"] == 6 for r in fits[4].runs_)
+    if init_params == "k-means++":
+        # sample + one hard assignment pass + 6 EM iterations
+        assert counts[1] == 1 + 1 + 6
+    else:
+        # Lloyd passes stop when every restart converged; still shared
+        assert counts[1] >= 1 + 1 + 6 + 1
+
+
+def test_converged_restart_stops_costing_compute() -> None:
+    X = make_blobs(n=4000, d=3, k=3, seed=4)
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    done = SkGaussianMixture(3, tol=1e-10, max_iter=500, random_state=0).fit(X)
+    rough_means = X[:3] * 0.1  # far from the solution: many iterations to go
+    runs = [
+        engine.Run(g.GaussianParams(done.weights_, done.means_, done.covariances_, done.precisions_cholesky_, "full")),
+        engine.Run(g.GaussianParams.from_covariances(np.full(3, 1 / 3), rough_means, np.stack([np.eye(3) * 50] * 3), "full")),
+    ]
+    seen = []
+    engine.run_em(
+        da.from_array(X, chunks=1000), g.MixtureModel(), runs, tol=1e-6, max_iter=100,
+        callback=lambda info: seen.append(info.n_live),
+    )
+    assert runs[0].n_iter == 2 and runs[1].n_iter > 4
+    assert seen[:2] == [2, 2] and seen[2:] == [1] * (len(seen) - 2)  # the early finisher left the passes
+
+
+def test_no_per_row_array_reaches_the_client() -> None:
+    """A pass graph ends in one small vector: its size does not depend on N."""
+    p = g.GaussianParams.from_covariances(np.full(4, 0.25), np.zeros((4, 6)), np.ones((4, 6)), "diag")
+    sizes = []
+    for n in (10_000, 40_000):
+        X = da.zeros((n, 6), chunks=1000)
+        vec = engine.pass_graph(X, g.MixtureModel(), [p, p])
+        assert vec.ndim == 1 and vec.numblocks == (1,)
+        sizes.append(vec.shape[0])
+    assert sizes[0] == sizes[1] == 2 * g.Stats.packed_size("diag", 4, 6)
+
+
+def test_local_cluster_equals_threaded(tmp_path) -> None:
+    X = make_blobs(n=6000, d=4, k=3, seed=8)
+    path = write_zarr(tmp_path / "x.zarr", X, chunk_rows=700)
+    init = sklearn_init(X, 3, "full")
+    opts = dict(tol=1e-8, max_iter=100, cache=False, **init)
+    with dask.config.set(scheduler="threads"):
+        threaded = daskem.GaussianMixture(3, **opts).fit(path)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            assert len(client.scheduler_info()["workers"]) == 2
+            distributed = daskem.GaussianMixture(3, **opts).fit(path)
+            labels = distributed.predict(daskem.open_array(path))
+            assert isinstance(labels, da.Array)
+            labels = labels.compute()
+    assert distributed.n_iter_ == threaded.n_iter_
+    for name in ("weights_", "means_", "covariances_", "history_"):
+        np.testing.assert_allclose(getattr(distributed, name), getattr(threaded, name), rtol=1e-12)
+    np.testing.assert_array_equal(labels, threaded.predict(X))
+
+
+def test_hard_em_with_shared_spherical_covariance_is_lloyd() -> None:
+    X = make_blobs(n=5000, d=3, k=5, seed=9)
+    centres = kmeans_plusplus(X[:500], 5, np.random.default_rng(0))
+    (run,) = lloyd(da.from_array(X, chunks=777), [centres], max_iter=300, tol=1e-12, model=g.MixtureModel())
+    ref = KMeans(5, init=centres, n_init=1, algorithm="lloyd", max_iter=300, tol=0.0).fit(X)
+    ours = g.estimate_weighted_log_prob(X, run.params).argmax(axis=1)
+    np.testing.assert_array_equal(ours, ref.labels_)
+    np.testing.assert_allclose(run.params.means, ref.cluster_centers_, rtol=1e-10)
+    assert run.n_iter < 300  # stopped because the partition stopped changing
+    h = np.asarray(run.history)
+    assert np.all(np.diff(h) >= -1e-12 * np.abs(h[1:]))
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_hard_em_never_decreases_classification_likelihood(covariance_type: str) -> None:
+    X = make_blobs(n=5000, d=3, k=4, seed=10)
+    gm = daskem.GaussianMixture(
+        4, algorithm="hard", covariance_type=covariance_type, n_init=3, init_params="random_from_data",
+        random_state=1, tol=1e-10, max_iter=200,
+    ).fit(da.from_array(X, chunks=900))
+    assert gm.converged_
+    for run in gm.runs_:
+        h = np.asarray(run["history"])
+        assert np.all(np.diff(h) >= -1e-12 * np.abs(h[1:]))
+    # hard EM's responsibilities are one-hot: proba of the own label is 1 after the last step
+    labels = gm.predict(X)
+    assert len(np.unique(labels)) == 4
+
+
+def test_empty_component_is_reseeded_with_a_warning() -> None:
+    X = make_blobs(n=3000, d=2, k=3, seed=12)
+    init = sklearn_init(X, 3, "full")
+    means = init["means_init"].copy()
+    means[1] = 1e4  # a component nowhere near the data
+    with pytest.warns(RuntimeWarning, match="re-seeded"):
+        gm = daskem.GaussianMixture(3, tol=1e-6, max_iter=200, means_init=means,
+                                    weights_init=init["weights_init"], precisions_init=init["precisions_init"],
+                                    random_state=0).fit(X)
+    assert np.all(np.isfinite(gm.covariances_))
+    assert np.abs(gm.means_).max() < 100
+    assert gm.weights_.min() > 0.05  # the re-seeded component found rows of its own
