@@ -128,8 +128,12 @@ def reduce_statistics(
     *,
     split: RowSplit | None = None,
     split_every: int = DEFAULT_SPLIT_EVERY,
+    progress: bool = False,
 ) -> list:
     """One pass over ``X``: the summed statistics of every parameter set.
+
+    With ``progress``, a progress bar is shown on stderr for passes that take
+    more than a second (distributed's bar when a ``Client`` is active).
 
     Raises
     ------
@@ -139,7 +143,8 @@ def reduce_statistics(
     """
     if not params_list:
         return []
-    (vec,) = dask.compute(pass_graph(X, model, params_list, split=split, split_every=split_every))
+    graph = pass_graph(X, model, params_list, split=split, split_every=split_every)
+    vec = _compute(graph, progress) if progress else dask.compute(graph)[0]
     out, pos = [], 0
     for p in params_list:
         size = model.packed_size(p)
@@ -151,6 +156,34 @@ def reduce_statistics(
             "clean them, or fit with missing='marginalize' to use the observed entries"
         )
     return out
+
+
+def _active_client() -> Any:
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _compute(graph: da.Array, progress: bool) -> np.ndarray:
+    """Compute on the active scheduler, with a progress bar on stderr."""
+    import contextlib
+    import sys
+
+    client = _active_client()
+    if client is not None and dask.config.get("scheduler", None) in (None, "dask.distributed", "distributed"):
+        from distributed.diagnostics.progressbar import TextProgressBar
+
+        fut = client.compute(graph)
+        with contextlib.redirect_stdout(sys.stderr):
+            TextProgressBar([fut], scheduler=client.scheduler.address, complete=True)
+        return fut.result()
+    from dask.diagnostics import ProgressBar
+
+    with ProgressBar(minimum=1.0, out=sys.stderr):
+        return dask.compute(graph)[0]
 
 
 # --------------------------------------------------------------------------
@@ -175,12 +208,7 @@ def sample_rows(X: da.Array, n: int, seed: int) -> np.ndarray:
 
 def _cluster_memory() -> float:
     """Memory the active scheduler can hold: workers' limits, or this machine's free RAM."""
-    try:
-        from distributed import default_client
-
-        client = default_client()
-    except (ImportError, ValueError):
-        client = None
+    client = _active_client()
     if client is not None:
         info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
         limits = [w.get("memory_limit") or 0 for w in info.get("workers", {}).values()]
@@ -205,9 +233,15 @@ def prepare_data(X: da.Array, cache: bool | str = "auto", in_memory: bool = Fals
     """Persist ``X`` once when it fits (``cache='auto'``) or when asked; else stream.
 
     Returns the array to iterate over and whether it was persisted. Data that
-    already sit in memory (numpy input) are never copied again.
+    already sit in this process's memory (numpy input) are not copied again
+    with a local scheduler, and are sent to the workers once (not with every
+    pass) when a distributed client is active.
     """
-    if in_memory or cache is False:
+    if in_memory:
+        if _active_client() is not None:
+            return X.persist(), True
+        return X, False
+    if cache is False:
         return X, False
     if cache == "auto":
         cache = X.nbytes < 0.5 * _cluster_memory()
@@ -349,6 +383,7 @@ def run_em(
     callback: Callable[[IterationInfo], None] | None = None,
     checkpoint: Checkpoint | None = None,
     stage: str = "em",
+    progress: bool = False,
 ) -> list[Run]:
     """Advance every run until it converges or reaches ``max_iter``.
 
@@ -366,7 +401,9 @@ def run_em(
         if not live:
             break
         t0 = time.perf_counter()
-        stats = reduce_statistics(X, model, [r.params for r in live], split=split, split_every=split_every)
+        stats = reduce_statistics(
+            X, model, [r.params for r in live], split=split, split_every=split_every, progress=progress
+        )
         for r, s in zip(live, stats):
             if s.n == 0:
                 raise InputError("no training rows to fit on")
@@ -405,16 +442,6 @@ def run_em(
         if callback is not None:
             callback(IterationInfo(max(r.n_iter for r in live), runs, time.perf_counter() - t0, len(live)))
     return runs
-
-
-def score_graph(
-    X: da.Array,
-    model: Model,
-    params: Params,
-    split_every: int = DEFAULT_SPLIT_EVERY,
-) -> da.Array:
-    """Lazy summed statistics of one parameter set (for score, bic, aic)."""
-    return pass_graph(X, model, [params], split_every=split_every)
 
 
 def map_rows(X: da.Array, func: Callable, n_out: int | None, dtype: Any) -> da.Array:

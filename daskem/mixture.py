@@ -119,7 +119,8 @@ class GaussianMixture:
         A folder where the state of every run is written after each
         iteration; a fit started again with the same checkpoint resumes.
     verbose : int, default=0
-        1 prints one line per iteration; 2 also shows a progress bar per pass.
+        1 prints one line per iteration (log-likelihood, change, seconds) and a
+        progress bar for passes that take more than a second.
     cache : {'auto', True, False}, default='auto'
         Persist the data in (cluster) memory once (True), stream it from its
         store every iteration (False), or persist only when it fits in half
@@ -676,22 +677,19 @@ def fit_runs(
             print(f"initialised {len(runs)} run(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
         if checkpoint is not None:
             checkpoint.save(runs, "em")
-    progress = None
-    if verbose >= 2:
-        progress = _progress_bar()
-    with progress or _nullcontext():
-        runs = engine.run_em(
-            Xw,
-            model,
-            runs,
-            tol=opts["tol"],
-            max_iter=opts["max_iter"],
-            split=split,
-            split_every=split_every,
-            reseed_pool=sample,
-            callback=_progress_printer(verbose),
-            checkpoint=checkpoint,
-        )
+    runs = engine.run_em(
+        Xw,
+        model,
+        runs,
+        tol=opts["tol"],
+        max_iter=opts["max_iter"],
+        split=split,
+        split_every=split_every,
+        reseed_pool=sample,
+        callback=_progress_printer(verbose),
+        checkpoint=checkpoint,
+        progress=verbose >= 1,
+    )
     return runs, sample
 
 
@@ -717,25 +715,3 @@ def _fingerprint_options(opts: dict) -> dict:
             v = "generator"
         out[k] = v
     return out
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _progress_bar() -> Any:
-    try:
-        from distributed import default_client
-
-        default_client()
-        from distributed.diagnostics.progressbar import TextProgressBar  # noqa: F401
-
-        return None  # distributed prints its own progress through the dashboard
-    except (ImportError, ValueError):
-        from dask.diagnostics import ProgressBar
-
-        return ProgressBar(out=sys.stderr)
