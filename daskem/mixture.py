@@ -623,7 +623,7 @@ def fit_runs(
 
     def sample() -> np.ndarray:
         if "rows" not in cached:
-            cached["rows"] = engine.sample_rows(Xw, SAMPLE_ROWS, seed)
+            cached["rows"] = engine.sample_rows(Xw, SAMPLE_ROWS, seed, split=split)
         return cached["rows"]
 
     split_every = opts.get("split_every", engine.DEFAULT_SPLIT_EVERY)
