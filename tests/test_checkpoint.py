@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cluster import repo_env, write_blob_store
 
 import daskem
-from _cluster import repo_env, write_blob_store
 
 FIT_OPTIONS = dict(
     n_components=4, covariance_type="full", tol=0.0, max_iter=30, n_init=2,
