@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 def repo_env(**extra: str) -> dict[str, str]:
     """The environment for subprocesses: this repository first on ``PYTHONPATH``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **extra}
+    # one BLAS thread per process: one-thread workers on a small machine
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")
     # a busy shared machine: give the cluster time rather than failing on timeouts
     env.setdefault("DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT", "60s")
     return env
