@@ -4,6 +4,7 @@ streaming versus caching, worker loss, and data larger than the workers' memory.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -217,6 +218,7 @@ def test_larger_than_memory_streams_with_bounded_memory(tmp_path):
             reads = {name: read_chars(pid) - reads0[name] for name, pid in compute_pids.items()}
             after = wait_for_workers(client, {"w0", "w1"})
             same_processes = {name: cl.compute_pid(name) for name in workers} == compute_pids
+    shutil.rmtree(store)  # 1.9 GB: do not leave it to pytest's retained tmp folders
     logs = "".join((tmp_path / "cluster" / f"{name}.log").read_text() for name in workers)
     mib = {k: v / 2**20 for k, v in rss.peak.items()}
     passes = 1 + gm.n_iter_  # the hard pass of the means_init, then the EM iterations
