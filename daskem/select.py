@@ -74,6 +74,13 @@ def _check_k_values(k_values: Any) -> list[int]:
     return sorted({int(k) for k in ks})
 
 
+def _best_run(runs: list[engine.Run], rtol: float = 1e-9) -> engine.Run:
+    """The restart with the highest training log-likelihood; runs within ``rtol`` of it
+    count as equal and the first is kept, so round-off (another chunking) cannot flip it."""
+    top = max(r.lower_bound for r in runs)
+    return next(r for r in runs if r.lower_bound >= top - rtol * max(1.0, abs(top)))
+
+
 def select_k(
     X: Any,
     k_values: Iterable[int],
@@ -160,7 +167,7 @@ def select_k(
     by_k: dict[int, list[engine.Run]] = {k: [] for k in ks}
     for r in runs:
         by_k[int(r.tag["k"])].append(r)
-    best_runs = {k: max(rs, key=lambda r: r.lower_bound) for k, rs in by_k.items()}
+    best_runs = {k: _best_run(rs) for k, rs in by_k.items()}
 
     # one more pass: the final parameters of every K on training and held-out rows
     scores = engine.reduce_statistics(
