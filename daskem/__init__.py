@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from .io import InputError, open_array
 from .mixture import ConvergenceWarning, GaussianMixture, NotFittedError, load
+from .select import SelectKResult, select_k
 
 __all__ = [
     "ConvergenceWarning",
@@ -20,4 +21,6 @@ __all__ = [
     "__version__",
     "load",
     "open_array",
+    "select_k",
+    "SelectKResult",
 ]

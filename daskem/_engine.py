@@ -63,7 +63,12 @@ class RowSplit:
     seed: int = 0
 
     def train_mask(self, start: int, stop: int) -> np.ndarray:
-        idx = np.arange(start, stop, dtype=np.uint64)
+        """True for the training rows among the global rows ``start:stop``."""
+        return self.is_train(np.arange(start, stop, dtype=np.uint64))
+
+    def is_train(self, rows: np.ndarray) -> np.ndarray:
+        """True for the training rows among the given global row indices."""
+        idx = np.asarray(rows).astype(np.uint64)
         h = _splitmix64(idx ^ _splitmix64(np.array([self.seed], dtype=np.uint64))[0])
         u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
         return u >= self.fraction
@@ -191,12 +196,18 @@ def _compute(graph: da.Array, progress: bool) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def sample_rows(X: da.Array, n: int, seed: int) -> np.ndarray:
-    """``n`` rows drawn without replacement, the same rows whatever the chunking."""
+def sample_rows(X: da.Array, n: int, seed: int, split: RowSplit | None = None) -> np.ndarray:
+    """``n`` rows drawn without replacement, the same rows whatever the chunking.
+
+    With a ``split``, the held-out rows among them are dropped (so slightly
+    fewer than ``n`` come back): initialisation never sees validation rows.
+    """
     N = X.shape[0]
     n = min(n, N)
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(N, size=n, replace=False)) if n < N else np.arange(N)
+    if split is not None:
+        idx = idx[split.is_train(idx)]
     (rows,) = dask.compute(X[idx])
     return np.asarray(rows, dtype=np.float64)
 
@@ -322,19 +333,11 @@ class Checkpoint:
             "arrays": f"state-{token}.npz",
             "runs": meta_runs,
         }
-        old = self._current_arrays()
         atomic_write_text(self.path / "checkpoint.json", json.dumps(doc, default=str))
-        if old and old != doc["arrays"]:
-            (self.path / old).unlink(missing_ok=True)
-
-    def _current_arrays(self) -> str | None:
-        f = self.path / "checkpoint.json"
-        if not f.exists():
-            return None
-        try:
-            return json.loads(f.read_text()).get("arrays")
-        except (json.JSONDecodeError, OSError):
-            return None
+        # the previous state, and any left by a process killed between the two writes
+        for f in [*self.path.glob("state-*.npz"), *self.path.glob(".state-*.tmp-*")]:
+            if f.name != doc["arrays"]:
+                f.unlink(missing_ok=True)
 
     def load(self) -> tuple[str, list[Run]] | None:
         """The saved stage and runs, or None when there is no checkpoint yet."""

@@ -635,7 +635,7 @@ def fit_runs(
 
     def sample() -> np.ndarray:
         if "rows" not in cached:
-            rows = engine.sample_rows(Xw, SAMPLE_ROWS, seed)
+            rows = engine.sample_rows(Xw, SAMPLE_ROWS, seed, split=split)
             if model.missing == "error" and not np.isfinite(rows).all():
                 raise InputError(
                     "the data hold NaN or infinite values; clean them, or fit with "

@@ -1,0 +1,135 @@
+"""select_k: finds K on a 5-component store with every criterion, reproducibly, whatever the chunking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from _cluster import blob_means, write_blob_store
+from dask.callbacks import Callback
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+import daskem
+from daskem._engine import RowSplit
+
+N, D, K = 20_000, 3, 5
+KS = [3, 4, 5, 6, 7]
+OPTS = dict(covariance_type="full", n_init=2, random_state=1, chunk_bytes=80_000)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> tuple[str, str]:
+    """The same 5-component data in 2000-row and in 3333-row chunks."""
+    d = tmp_path_factory.mktemp("selk")
+    a = write_blob_store(d / "a.zarr", N, D, K, chunk_rows=2_000, seed=5)
+    X = zarr.open_array(a, mode="r")[:]
+    b = zarr.create_array(str(d / "b.zarr"), shape=X.shape, chunks=(3_333, D), dtype=X.dtype)
+    b[:] = X
+    return a, str(d / "b.zarr")
+
+
+@pytest.fixture(scope="module")
+def results(stores) -> dict:
+    a, b = stores
+    out = {c: daskem.select_k(a, KS, criterion=c, **OPTS) for c in ("validation", "bic", "aic")}
+    out["rechunked"] = daskem.select_k(b, KS, criterion="validation", **OPTS)
+    return out
+
+
+def _sk_from(model: daskem.GaussianMixture) -> SkGaussianMixture:
+    sk = SkGaussianMixture(model.n_components, covariance_type=model.covariance_type)
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"):
+        setattr(sk, name, getattr(model, name))
+    return sk
+
+
+@pytest.mark.parametrize("criterion", ["validation", "bic", "aic"])
+def test_finds_five_components(results, stores, criterion):
+    res = results[criterion]
+    assert res.best_k == 5
+    assert res.criterion == criterion
+    assert [row["k"] for row in res.table] == KS
+    assert all(set(row) == {"k", "train_loglik", "validation_loglik", "bic", "aic", "n_iter", "converged"}
+               for row in res.table)
+    gm = res.best_model
+    assert isinstance(gm, daskem.GaussianMixture) and gm.n_components == 5
+    # the right components: every true mean has a fitted mean next to it
+    true = blob_means(K, D, seed=5)
+    dist = np.linalg.norm(true[:, None, :] - gm.means_[None, :, :], axis=2)
+    assert sorted(dist.argmin(axis=1)) == list(range(5))
+    assert dist.min(axis=1).max() < 0.1
+    np.testing.assert_allclose(gm.weights_, 0.2, atol=0.02)
+
+
+def test_table_matches_sklearn_on_the_split_rows(results, stores):
+    """Train/validation log-likelihoods, BIC and AIC of every K, recomputed by sklearn on
+    the rows the split assigns (the split depends only on the row index and the seed)."""
+    res = results["validation"]
+    X = zarr.open_array(stores[0], mode="r")[:]
+    train = RowSplit(0.1, res.seed).is_train(np.arange(N))
+    assert abs((~train).mean() - 0.1) < 0.01
+    for row in res.table:
+        sk = _sk_from(res.models[row["k"]])
+        assert row["train_loglik"] == pytest.approx(sk.score(X[train]), rel=1e-10)
+        assert row["validation_loglik"] == pytest.approx(sk.score(X[~train]), rel=1e-10)
+        assert row["bic"] == pytest.approx(sk.bic(X[train]), rel=1e-10)
+        assert row["aic"] == pytest.approx(sk.aic(X[train]), rel=1e-10)
+        assert row["n_iter"] == res.models[row["k"]].n_iter_ >= 1
+    # held-out rows were not trained on: the fit on them is worse than on the training rows
+    best = res.table[KS.index(5)]
+    assert best["validation_loglik"] < best["train_loglik"] + 0.1
+
+
+def test_same_seed_same_table_and_chunking_does_not_matter(results):
+    ref = results["validation"].table
+    # three runs with the same seed (the criterion only changes the choice)
+    assert results["bic"].table == ref
+    assert results["aic"].table == ref
+    other = results["rechunked"].table
+    for a, b in zip(ref, other):
+        assert (a["k"], a["n_iter"], a["converged"]) == (b["k"], b["n_iter"], b["converged"])
+        for key in ("train_loglik", "validation_loglik", "bic", "aic"):
+            assert b[key] == pytest.approx(a[key], rel=1e-9), (a["k"], key)
+    np.testing.assert_allclose(results["rechunked"].best_model.means_, results["validation"].best_model.means_,
+                               rtol=1e-9)
+
+
+class _CountGraphs(Callback):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def _start(self, dsk):
+        self.n += 1
+
+
+@pytest.mark.filterwarnings("ignore::daskem.ConvergenceWarning")
+def test_all_k_share_the_em_passes(stores):
+    """Every K and restart advances in the same passes: 3 Ks cost the passes of 1."""
+    counts = {}
+    for ks in ([4], [3, 4, 5]):
+        with _CountGraphs() as cb:
+            res = daskem.select_k(stores[0], ks, init_params="random", tol=0.0, max_iter=4, n_init=2,
+                                  random_state=0, cache=False)
+        assert all(row["n_iter"] == 4 for row in res.table)
+        counts[len(ks)] = cb.n
+    # one sample for the init, four EM passes, one scoring pass
+    assert counts == {1: 6, 3: 6}
+
+
+def test_bad_arguments_are_refused(stores):
+    a = stores[0]
+    with pytest.raises(daskem.InputError, match="criterion"):
+        daskem.select_k(a, KS, criterion="loglik")
+    with pytest.raises(daskem.InputError, match="validation_fraction"):
+        daskem.select_k(a, KS, validation_fraction=1.0)
+    with pytest.raises(daskem.InputError, match="k_values"):
+        daskem.select_k(a, [])
+    with pytest.raises(daskem.InputError, match="means_init"):
+        daskem.select_k(a, KS, means_init=np.zeros((3, D)))
+    with pytest.raises(daskem.InputError, match="unknown option"):
+        daskem.select_k(a, KS, n_clusters=3)
+    with pytest.raises(daskem.InputError, match="covariance_type"):
+        daskem.select_k(a, KS, covariance_type="round")
+    with pytest.raises(daskem.InputError, match="larger than"):
+        daskem.select_k(np.zeros((10, 2)), [2, 20])
