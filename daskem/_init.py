@@ -158,10 +158,9 @@ def lloyd(
 def initialize(
     X: da.Array,
     *,
-    n_components: int,
+    components: Sequence[int],
     covariance_type: str,
     init_params: str,
-    n_runs: int,
     rng: np.random.Generator,
     sample: Callable[[], np.ndarray],
     model: MixtureModel,
@@ -172,28 +171,29 @@ def initialize(
     split: engine.RowSplit | None = None,
     split_every: int = engine.DEFAULT_SPLIT_EVERY,
 ) -> list[GaussianParams]:
-    """Initial parameters for ``n_runs`` restarts.
+    """Initial parameters for every run, in the order of ``components``.
 
-    ``sample`` returns (and caches) a sample of the data rows; it is only
-    called when a method needs it.
+    ``components`` holds the K of every run (restarts and candidate Ks, e.g.
+    ``[2, 2, 3, 3]``): the Lloyd iterations and the hard pass of all runs
+    share their passes over the data. ``sample`` returns (and caches) a
+    sample of the data rows; it is only called when a method needs it.
     """
-    k = n_components
     if weights_init is not None and means_init is not None and precisions_init is not None:
-        return [
-            GaussianParams.from_precisions(weights_init, means_init, precisions_init, covariance_type)
-        ]
+        # identical restarts would be wasted passes: one run
+        return [GaussianParams.from_precisions(weights_init, means_init, precisions_init, covariance_type)]
     if means_init is not None:
         # the given means decide the hard assignment that yields the covariances
-        params = _hard_pass_params(X, [np.asarray(means_init, float)], covariance_type, model, sample, split, split_every)
-        runs_params = params
+        runs_params = _hard_pass_params(
+            X, [np.asarray(means_init, float)], covariance_type, model, sample, split, split_every
+        )
     elif init_params == "random":
-        runs_params = [_random_resp_params(sample(), k, covariance_type, model.reg_covar, rng) for _ in range(n_runs)]
+        runs_params = [_random_resp_params(sample(), k, covariance_type, model.reg_covar, rng) for k in components]
     else:
         pts = sample()
         if init_params == "random_from_data":
-            seeds = [pts[rng.choice(pts.shape[0], size=k, replace=False)] for _ in range(n_runs)]
+            seeds = [pts[rng.choice(pts.shape[0], size=k, replace=False)] for k in components]
         else:
-            seeds = [kmeans_plusplus(pts, k, rng) for _ in range(n_runs)]
+            seeds = [kmeans_plusplus(pts, k, rng) for k in components]
         if init_params == "kmeans":
             runs = lloyd(
                 X, seeds, max_iter=KMEANS_MAX_ITER, tol=tol * 0.1, model=model, pool=sample,
@@ -210,4 +210,3 @@ def initialize(
         else:
             out.append(GaussianParams(weights, means, p.covariances, p.precisions_cholesky, covariance_type))
     return out
-

@@ -653,26 +653,28 @@ def fit_runs(
             print(f"resuming from checkpoint {checkpoint.path} at iteration {done}", file=sys.stderr)
     else:
         rng = np.random.default_rng(seed)
-        runs = []
         t0 = time.perf_counter()
-        for k, o in specs:
-            params_list = initialize(
-                Xw,
-                n_components=k,
-                covariance_type=o["covariance_type"],
-                init_params=o["init_params"],
-                n_runs=o["n_init"],
-                rng=rng,
-                sample=sample,
-                model=model,
-                tol=o["tol"],
-                weights_init=inits["weights_init"],
-                means_init=inits["means_init"],
-                precisions_init=inits["precisions_init"],
-                split=split,
-                split_every=split_every,
-            )
-            runs += [engine.Run(p, tag={"k": k, "init": i}) for i, p in enumerate(params_list)]
+        # every restart of every K: their initialisation passes are shared too
+        components = [k for k, o in specs for _ in range(o["n_init"])]
+        params_list = initialize(
+            Xw,
+            components=components,
+            covariance_type=opts["covariance_type"],
+            init_params=opts["init_params"],
+            rng=rng,
+            sample=sample,
+            model=model,
+            tol=opts["tol"],
+            weights_init=inits["weights_init"],
+            means_init=inits["means_init"],
+            precisions_init=inits["precisions_init"],
+            split=split,
+            split_every=split_every,
+        )
+        runs = []
+        for p in params_list:
+            k = p.n_components
+            runs.append(engine.Run(p, tag={"k": k, "init": sum(r.tag["k"] == k for r in runs)}))
         if verbose:
             print(f"initialised {len(runs)} run(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
         if checkpoint is not None:
