@@ -50,7 +50,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import time
 import traceback
 import uuid
@@ -414,7 +413,6 @@ def submit(job: dict, *, connect_timeout: str = "20s") -> str:
             raise RuntimeError(f"the scheduler did not receive job {job_id}")
     finally:
         client.close()
-    print(f"job {job_id} submitted to {c.get('scheduler') or c.get('scheduler_file')}", file=sys.stderr)
     return job_id
 
 
