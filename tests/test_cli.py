@@ -171,7 +171,7 @@ def test_failure_leaves_existing_output_in_place(data, tmp_path):
 
 def test_demo_small(tmp_path):
     out = tmp_path / "demo"
-    p = daskem("demo", "--out", out, "--n-samples", 6000, "--n-features", 2, "--n-components", 3, "--k", "2:4",
+    p = daskem("demo", "--out", out, "--n-samples", 20000, "--n-features", 2, "--n-components", 3, "--k", "2:4",
                "--separation", 8, *LOCAL)
     assert p.returncode == 0, p.stderr
     summary = json.loads((out / "report" / "summary.json").read_text())
@@ -179,4 +179,4 @@ def test_demo_small(tmp_path):
     assert summary["demo"]["label_agreement"] > 0.95
     for f in ["loglik.png", "select_k.png", "projection.png"]:
         assert (out / "report" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert zarr.open_group(str(out / "labels.zarr"), mode="r")["labels"].shape == (6000,)
+    assert zarr.open_group(str(out / "labels.zarr"), mode="r")["labels"].shape == (20000,)

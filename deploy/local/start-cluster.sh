@@ -81,6 +81,16 @@ else
   done
 fi
 
+# wait until every worker has joined (so a job started next sees all of them)
+n_hosts=1
+[[ -n "$HOSTS" ]] && n_hosts=$(wc -w <<<"$HOSTS")
+"$PYTHON" - "$SCHED_FILE" "$((N_WORKERS * n_hosts))" <<'PY' || { echo "workers did not join; see $STATE_DIR/worker-*.log" >&2; exit 1; }
+import sys
+from distributed import Client
+with Client(scheduler_file=sys.argv[1], timeout="60s") as c:
+    c.wait_for_workers(int(sys.argv[2]), timeout=180)
+PY
+
 echo "scheduler $ADDRESS"
 echo "scheduler file $SCHED_FILE"
 echo "stop with: $(dirname "$0")/stop-cluster.sh -d $STATE_DIR"
