@@ -152,7 +152,8 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
             if scheduler_file and not Path(scheduler_file).exists():
                 raise InputError(f"no such scheduler file: {scheduler_file}")
             try:
-                client = Client(scheduler, scheduler_file=scheduler_file, timeout="20s")
+                client = Client(scheduler, scheduler_file=scheduler_file,
+                                timeout=os.environ.get("DASKEM_CONNECT_TIMEOUT", "20s"))
             except (OSError, TimeoutError) as exc:
                 raise InputError(f"cannot connect to the Dask scheduler at {target}: {exc}") from exc
         else:

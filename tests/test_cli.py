@@ -138,7 +138,8 @@ def test_bad_input_exits_2_with_one_line(data, tmp_path):
     assert_one_line_error(daskem("select-k", store, "--k", "9:2", "--out", tmp_path / "o"))
     assert_one_line_error(daskem("predict", tmp_path / "nomodel", store, "--out", tmp_path / "l.zarr"))
     assert_one_line_error(daskem("status", "no-such-job", DASKEM_HOME=str(tmp_path / "home")))
-    assert_one_line_error(daskem("fit", store, "--k", 2, "--out", tmp_path / "o", "--scheduler", "tcp://127.0.0.1:1"))
+    assert_one_line_error(daskem("fit", store, "--k", 2, "--out", tmp_path / "o", "--scheduler", "tcp://127.0.0.1:1",
+                                 DASKEM_CONNECT_TIMEOUT="3s"))
     assert not (tmp_path / "o").exists()
 
 
