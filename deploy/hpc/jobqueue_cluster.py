@@ -1,0 +1,72 @@
+"""Run a daskem job file on an HPC batch system (SLURM or PBS) with dask-jobqueue.
+
+    pip install dask-jobqueue
+    python deploy/hpc/jobqueue_cluster.py job.toml --system slurm --jobs 8 \
+        --cores 8 --memory 32GiB --walltime 02:00:00 --queue normal --account myproj
+
+The script submits the workers as batch jobs, runs the job in this process
+(run it from a login node inside `tmux`, or in its own small batch job), and
+releases the workers at the end. Checkpoints go to the job's output folder,
+so running it again after a wall-time kill resumes the fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def make_cluster(args: argparse.Namespace):
+    """A dask-jobqueue cluster for ``args.system``."""
+    try:
+        from dask_jobqueue import PBSCluster, SLURMCluster
+    except ImportError:
+        sys.exit("this recipe needs dask-jobqueue: pip install dask-jobqueue")
+    cls = {"slurm": SLURMCluster, "pbs": PBSCluster}[args.system]
+    kw = dict(
+        cores=args.cores,
+        processes=args.processes,
+        memory=args.memory,
+        walltime=args.walltime,
+        queue=args.queue,
+        local_directory=args.local_directory,
+        log_directory="dask-logs",
+    )
+    if args.account:
+        kw["account"] = args.account
+    return cls(**kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job", help="daskem job file (TOML)")
+    p.add_argument("--system", choices=["slurm", "pbs"], default="slurm")
+    p.add_argument("--jobs", type=int, default=4, help="batch jobs of workers")
+    p.add_argument("--cores", type=int, default=8, help="cores per batch job")
+    p.add_argument("--processes", type=int, default=2, help="worker processes per batch job")
+    p.add_argument("--memory", default="32GiB", help="memory per batch job")
+    p.add_argument("--walltime", default="02:00:00")
+    p.add_argument("--queue", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--local-directory", default="$TMPDIR", help="node-local scratch for spilling")
+    args = p.parse_args(argv)
+
+    from distributed import Client
+
+    from daskem import jobs
+
+    job = jobs.load_job(args.job)  # refuse a bad job file before asking for nodes
+    with make_cluster(args) as cluster, Client(cluster) as client:
+        cluster.scale(jobs=args.jobs)
+        print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
+        client.wait_for_workers(1, timeout=3600)
+        job_id = jobs.new_job_id()
+        jobs.register(job_id, job, mode="jobqueue")
+        result = jobs.run_job(job, job_id, verbose=1)
+    print(json.dumps({"id": job_id, **result}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The command line, driven through real subprocesses on real Zarr stores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from _cli_helpers import LOCAL, assert_one_line_error, daskem
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+from daskem.cli import build_parser, main, parse_k_values
+from daskem.io import InputError
+
+SUBCOMMANDS = ["demo", "generate", "fit", "select-k", "predict", "score", "run", "submit", "status", "result"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small generated store: 4,000 rows, 3 features, 3 components, chunks of 500 rows."""
+    d = tmp_path_factory.mktemp("cli")
+    p = daskem("generate", d / "data.zarr", "--n-samples", 4000, "--n-features", 3, "--n-components", 3,
+               "--chunk-rows", 500, "--seed", 1)
+    assert p.returncode == 0, p.stderr
+    return d
+
+
+def _log_density(model_dir, x):
+    """log p(x) from the saved parameters, with scipy (an independent computation)."""
+    import daskem
+
+    gm = daskem.load(model_dir)
+    comps = [multivariate_normal(gm.means_[k], gm.covariances_[k]).logpdf(x) + np.log(gm.weights_[k])
+             for k in range(gm.n_components)]
+    return logsumexp(np.stack(comps, axis=1), axis=1), np.argmax(np.stack(comps, axis=1), axis=1)
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: daskem {cmd}")
+
+
+def test_model_options_are_the_estimator_keywords():
+    from daskem import GaussianMixture
+
+    fit = build_parser()._subparsers._group_actions[0].choices["fit"]
+    flags = {s for a in fit._actions for s in a.option_strings}
+    for name in ["covariance_type", "n_init", "max_iter", "tol", "reg_covar", "random_state", "init_params",
+                 "missing", "checkpoint"]:
+        assert name in GaussianMixture._param_names()
+        assert "--" + name.replace("_", "-") in flags
+
+
+def test_parse_k_values():
+    assert parse_k_values("2:5") == [2, 3, 4, 5]
+    assert parse_k_values("2:12:4") == [2, 6, 10]
+    assert parse_k_values("8,2,4") == [2, 4, 8]
+    for bad in ["a:b", "5:2", "0,1", "", "1:2:3:4"]:
+        with pytest.raises(InputError):
+            parse_k_values(bad)
+
+
+def test_generate_fit_predict_score(data, tmp_path):
+    store = data / "data.zarr"
+    truth = json.loads((data / "data.truth.json").read_text())
+    assert truth["n_components"] == 3 and len(truth["means"]) == 3
+    x = np.asarray(zarr.open_array(str(store), mode="r")[:])
+    assert x.shape == (4000, 3)
+
+    out = tmp_path / "fit"
+    p = daskem("fit", store, "--k", 3, "--n-init", 2, "--random-state", 0, "--out", out, *LOCAL)
+    assert p.returncode == 0, p.stderr
+    # progress: iteration lines with log-likelihood, delta, seconds per iteration; and the dashboard
+    assert "dashboard" in p.stderr and "loglik" in p.stderr and "s/iter" in p.stderr and "delta" in p.stderr
+    for f in ["model/model.json", "model/arrays.npz", "summary.json", "loglik.png", "projection.png"]:
+        assert (out / f).is_file(), f
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["n_components"] == 3
+    assert len(summary["model"]["runs"]) == 2
+    # the fitted means are the true means (well separated data)
+    means = np.array(summary["model"]["means"])
+    for m in np.array(truth["means"]):
+        assert np.min(np.linalg.norm(means - m, axis=1)) < 0.3
+
+    logd, labels_ref = _log_density(out / "model", x)
+
+    # score: one JSON document with the mean log-likelihood, equal to scipy's
+    p = daskem("score", out, store, *LOCAL, "--quiet")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["n_samples"] == 4000
+    np.testing.assert_allclose(s["mean_loglik"], logd.mean(), rtol=1e-10)
+    n_par = 3 * 3 + 3 * 6 + 2
+    np.testing.assert_allclose(s["bic"], -2 * logd.sum() + n_par * np.log(4000), rtol=1e-10)
+
+    # predict: labels, responsibilities and anomaly flags, chunked like the input
+    pred = tmp_path / "labels.zarr"
+    p = daskem("predict", out, store, "--out", pred, "--proba", "--anomaly-quantile", 0.05, *LOCAL)
+    assert p.returncode == 0, p.stderr
+    g = zarr.open_group(str(pred), mode="r")
+    assert set(g.array_keys()) == {"labels", "proba", "log_density", "anomaly"}
+    assert g["labels"].chunks == (500,) and g["proba"].chunks == (500, 3)
+    np.testing.assert_array_equal(g["labels"][:], labels_ref)
+    proba = g["proba"][:]
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(g["log_density"][:], logd, rtol=1e-10)
+    # the threshold is the 5% quantile of the training log-density (on a sample of the training rows)
+    thr = g.attrs["daskem"]["anomaly_threshold"]
+    np.testing.assert_array_equal(g["anomaly"][:], logd < thr)
+    assert 0.03 < g["anomaly"][:].mean() < 0.07
+
+
+def test_select_k_cli(data, tmp_path):
+    out = tmp_path / "sk"
+    p = daskem("select-k", data / "data.zarr", "--k", "2:4", "--random-state", 0, "--init-params", "k-means++",
+               "--criterion", "bic", "--out", out, *LOCAL)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_k"] == 3
+    assert [r["k"] for r in summary["select_k"]["table"]] == [2, 3, 4]
+    assert set(summary["select_k"]["table"][0]) >= {"k", "train_loglik", "validation_loglik", "bic", "aic",
+                                                   "n_iter", "converged"}
+    assert (out / "select_k.png").is_file() and (out / "model" / "model.json").is_file()
+
+
+def test_bad_input_exits_2_with_one_line(data, tmp_path):
+    store = data / "data.zarr"
+    assert_one_line_error(daskem("fit", tmp_path / "missing.zarr", "--k", 2, "--out", tmp_path / "o"))
+    assert_one_line_error(daskem("fit", store, "--k", 0, "--out", tmp_path / "o"))
+    assert_one_line_error(daskem("fit", store, "--k", 2, "--out", tmp_path / "o", "--covariance-type", "bogus"))
+    assert_one_line_error(daskem("fit", store, "--out", tmp_path / "o"))  # --k missing
+    assert_one_line_error(daskem("select-k", store, "--k", "9:2", "--out", tmp_path / "o"))
+    assert_one_line_error(daskem("predict", tmp_path / "nomodel", store, "--out", tmp_path / "l.zarr"))
+    assert_one_line_error(daskem("status", "no-such-job", DASKEM_HOME=str(tmp_path / "home")))
+    assert_one_line_error(daskem("fit", store, "--k", 2, "--out", tmp_path / "o", "--scheduler", "tcp://127.0.0.1:1",
+                                 DASKEM_CONNECT_TIMEOUT="3s"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_with_other_dimension_is_refused(data, tmp_path):
+    other = tmp_path / "d4.npy"
+    np.save(other, np.random.default_rng(0).normal(size=(100, 4)))
+    out = tmp_path / "fit4"
+    assert daskem("fit", other, "--k", 2, "--out", out, *LOCAL, "--quiet").returncode == 0
+    line = assert_one_line_error(daskem("predict", out, data / "data.zarr", "--out", tmp_path / "l.zarr"))
+    assert "features" in line
+    assert_one_line_error(daskem("score", out, data / "data.zarr"))
+    assert not (tmp_path / "l.zarr").exists()
+
+
+def test_failure_leaves_existing_output_in_place(data, tmp_path):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "summary.json").write_text('{"good": true}')
+    bad = tmp_path / "nan.npy"
+    x = np.random.default_rng(0).normal(size=(500, 2))
+    x[7, 1] = np.nan
+    np.save(bad, x)
+    p = daskem("fit", bad, "--k", 2, "--out", out, *LOCAL, "--quiet")
+    line = assert_one_line_error(p)
+    assert "NaN" in line
+    assert (out / "summary.json").read_text() == '{"good": true}'
+    assert sorted(f.name for f in out.iterdir()) == ["summary.json"]
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".keep")] == []  # no temp folder left
+
+
+def test_demo_small(tmp_path):
+    out = tmp_path / "demo"
+    p = daskem("demo", "--out", out, "--n-samples", 20000, "--n-features", 2, "--n-components", 3, "--k", "2:4",
+               "--separation", 8, *LOCAL)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["demo"]["chosen_k"] == 3
+    assert summary["demo"]["label_agreement"] > 0.95
+    for f in ["loglik.png", "select_k.png", "projection.png"]:
+        assert (out / "report" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert zarr.open_group(str(out / "labels.zarr"), mode="r")["labels"].shape == (20000,)

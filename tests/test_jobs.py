@@ -1,0 +1,139 @@
+"""Batch jobs: job files, `run` with checkpoints, `submit` to a real cluster, `status`/`result` by id."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from _cli_helpers import LOCAL, DaskCluster, assert_one_line_error, daskem
+
+from daskem.datasets import generate_zarr
+from daskem.io import InputError
+from daskem.jobs import load_job
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("jobs")
+    generate_zarr(d / "data.zarr", 3000, 2, 3, seed=5, chunk_rows=500)
+    return d / "data.zarr"
+
+
+def _job(folder, store, output="out", extra=""):
+    text = f"""
+[input]
+path = "{store}"
+
+[model]
+n_components = 3
+n_init = 2
+random_state = 0
+
+[output]
+path = "{output}"
+predict = true
+anomaly_quantile = 0.02
+{extra}
+"""
+    f = folder / "job.toml"
+    f.write_text(text)
+    return f
+
+
+def test_load_job_resolves_paths_and_refuses_mistakes(tmp_path, store):
+    job = load_job(_job(tmp_path, store))
+    assert job["output"]["path"] == str(tmp_path / "out")
+    assert job["model"] == {"n_components": 3, "n_init": 2, "random_state": 0}
+    head = "[input]\npath = 'x'\n[output]\npath = 'y'\n"
+    bad = {
+        head + "[model]\nn_componentz = 3\n": "n_componentz",
+        "[input]\npath = 'x'\n[model]\nn_components = 2\n[output]\npath = 'x'\nbogus = 1\n": "bogus",
+        "[input]\narray = 'x'\n[model]\nn_components = 2\n[output]\npath = 'x'\n": r"\[input\] needs a path",
+        "[inputs]\npath = 'x'\n": "inputs",
+        head: "n_components",
+        head + "[model]\nn_components = 2\ncovariance_type = 'bogus'\n": "covariance_type",
+        head + "[select]\nk = '5:2'\n": "K values",
+        "not toml [": "TOML",
+    }
+    for text, word in bad.items():
+        f = tmp_path / "bad.toml"
+        f.write_text(text)
+        with pytest.raises(InputError, match=word):
+            load_job(f)
+    sel = tmp_path / "sel.toml"
+    sel.write_text(f"[input]\npath = '{store}'\n[select]\nk = '2:4'\n[output]\npath = 'o'\n")
+    assert load_job(sel)["select"] == {"k": [2, 3, 4], "criterion": "validation", "validation_fraction": 0.1}
+
+
+def test_run_job_with_checkpoint_and_status(tmp_path, store):
+    home = tmp_path / "home"
+    job = _job(tmp_path, store)
+    p = daskem("run", job, *LOCAL, DASKEM_HOME=str(home))
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    out = tmp_path / "out"
+    state = json.loads((out / "job.json").read_text())
+    assert state["state"] == "done" and state["id"] == res["id"]
+    assert (out / "checkpoint" / "checkpoint.json").is_file()  # checkpointed every iteration
+    for f in ["model/model.json", "summary.json", "loglik.png", "projection.png", "labels.zarr"]:
+        assert (out / f).exists(), f
+    g = zarr.open_group(str(out / "labels.zarr"), mode="r")
+    assert g["labels"].shape == (3000,) and g["anomaly"].shape == (3000,)
+    # findable by id from another process
+    p = daskem("status", res["id"], DASKEM_HOME=str(home))
+    assert p.returncode == 0 and json.loads(p.stdout)["state"] == "done"
+    p = daskem("result", res["id"], DASKEM_HOME=str(home))
+    assert json.loads(p.stdout)["lower_bound"] == pytest.approx(res["lower_bound"])
+    # run again: resumes from the finished checkpoint (no new initialisation), same model
+    p = daskem("run", job, *LOCAL, DASKEM_HOME=str(home))
+    assert p.returncode == 0, p.stderr
+    assert "resuming from checkpoint" in p.stderr
+    assert json.loads(p.stdout)["lower_bound"] == pytest.approx(res["lower_bound"], abs=1e-12)
+    p = daskem("status", DASKEM_HOME=str(home))
+    assert len(p.stdout.strip().splitlines()) == 2
+
+
+def test_submit_needs_a_cluster(tmp_path, store):
+    line = assert_one_line_error(daskem("submit", _job(tmp_path, store), DASKEM_HOME=str(tmp_path / "h")))
+    assert "--scheduler" in line
+
+
+@pytest.mark.cluster
+def test_submit_survives_the_submitting_process(tmp_path, store):
+    home = tmp_path / "home"
+    with DaskCluster(tmp_path, n_workers=1, nthreads=2, DASKEM_HOME=str(home)) as cluster:
+        job = _job(tmp_path, store, extra=f'[cluster]\nscheduler = "{cluster.address}"\n')
+        p = daskem("submit", job, DASKEM_HOME=str(home))  # this process exits at once
+        assert p.returncode == 0, p.stderr
+        job_id = p.stdout.strip()
+        assert (home / "jobs" / f"{job_id}.json").is_file()
+        p = daskem("status", job_id, DASKEM_HOME=str(home))
+        assert json.loads(p.stdout)["state"] in ("queued", "running", "done")
+        p = daskem("result", job_id, "--wait", "--timeout", 180, DASKEM_HOME=str(home))
+        assert p.returncode == 0, (p.stderr, (tmp_path / "out" / "job.log").read_text())
+        res = json.loads(p.stdout)
+    assert res["state"] == "done" and res["n_components"] == 3
+    state = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert state["state"] == "done" and state["id"] == job_id
+    # ran on the worker, not in the submitting process
+    assert "starting on" in (tmp_path / "out" / "job.log").read_text()
+    labels = zarr.open_group(str(tmp_path / "out" / "labels.zarr"), mode="r")["labels"][:]
+    assert np.bincount(labels, minlength=3).min() > 100
+
+
+@pytest.mark.cluster
+def test_failed_submitted_job_is_reported(tmp_path):
+    home = tmp_path / "home"
+    bad = tmp_path / "bad.npy"
+    x = np.random.default_rng(0).normal(size=(200, 2))
+    x[3, 0] = np.nan
+    np.save(bad, x)
+    with DaskCluster(tmp_path, n_workers=1, nthreads=1, DASKEM_HOME=str(home)) as cluster:
+        job = _job(tmp_path, bad, extra=f'[cluster]\nscheduler = "{cluster.address}"\n')
+        job_id = daskem("submit", job, DASKEM_HOME=str(home)).stdout.strip()
+        p = daskem("result", job_id, "--wait", "--timeout", 120, DASKEM_HOME=str(home))
+    assert p.returncode == 1
+    assert "failed" in p.stderr and "NaN" in p.stderr
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["state"] == "failed"
