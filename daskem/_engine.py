@@ -289,6 +289,7 @@ class IterationInfo:
     runs: list
     seconds: float
     n_live: int
+    advanced: list = field(default_factory=list)
 
 
 class Checkpoint:
@@ -443,7 +444,7 @@ def run_em(
         if checkpoint is not None:
             checkpoint.save(runs, stage)
         if callback is not None:
-            callback(IterationInfo(max(r.n_iter for r in live), runs, time.perf_counter() - t0, len(live)))
+            callback(IterationInfo(max(r.n_iter for r in live), runs, time.perf_counter() - t0, len(live), live))
     return runs
 
 

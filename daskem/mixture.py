@@ -579,21 +579,19 @@ def load(path: str | Path) -> GaussianMixture:
 def _progress_printer(verbose: int) -> Callable[[engine.IterationInfo], None] | None:
     if not verbose:
         return None
-    last: dict[int, float] = {}
-
     def show(info: engine.IterationInfo) -> None:
-        best = max((r for r in info.runs if r.history), key=lambda r: r.history[-1], default=None)
+        # the leading run among those this pass advanced
+        best = max((r for r in info.advanced if r.history), key=lambda r: r.history[-1], default=None)
         if best is None:
             return
         ll = best.history[-1]
-        prev = best.history[-2] if len(best.history) > 1 else float("nan")
+        delta = f"{ll - best.history[-2]: .3e}" if len(best.history) > 1 else "         -"
         print(
-            f"iter {info.iteration:4d}  loglik {ll: .6f}  delta {ll - prev: .3e}  "
+            f"iter {info.iteration:4d}  loglik {ll: .6f}  delta {delta}  "
             f"{info.seconds:6.2f} s/iter  live runs {info.n_live}",
             file=sys.stderr,
             flush=True,
         )
-        last[0] = ll
 
     return show
 
