@@ -1,0 +1,475 @@
+"""EM with missing entries (NaN): the marginalising chunk kernel. No Dask here.
+
+A row with observed coordinates ``o`` and missing coordinates ``m`` contributes
+through the marginal Gaussian of what it shows (Ghahramani & Jordan, 1994):
+
+* E-step: ``log pi_k + log N(x_o | mu_ko, Sigma_k,oo)``, log-sum-exp over k,
+  responsibilities ``q_nk``;
+* statistics: the missing coordinates are replaced by their conditional
+  expectations under component k,
+  ``E[x_m | x_o, k] = mu_km + Sigma_mo Sigma_oo^-1 (x_o - mu_ko)``, and the
+  second moments get the conditional covariance
+  ``Sigma_mm - Sigma_mo Sigma_oo^-1 Sigma_om`` on the ``m x m`` block.
+
+The statistics have the layout of :class:`daskem._gaussian.Stats` (moments
+about :meth:`GaussianParams.reference`), so the unchanged :func:`m_step`
+maximises the expected complete-data log-likelihood exactly and every EM
+iteration increases the observed-data log-likelihood.
+
+Rows without NaN go through the complete-data kernel
+(:func:`daskem._gaussian.chunk_statistics`); a chunk without NaN gives
+exactly what that kernel gives. For ``full`` and ``tied`` the rows with NaN
+are grouped by missingness pattern, and each pattern costs one Cholesky
+factorisation of ``Sigma_oo`` per component (never an inverse) plus
+triangular solves. For ``diag``, ``spherical`` (and the internal ``kmeans``)
+the coordinates are independent given the component, so the conditional
+moments are the component's own and everything stays vectorised.
+
+Choices:
+
+* only NaN marks a missing entry; ``+-inf`` is refused with
+  :class:`daskem.io.InputError`, whatever ``missing`` says;
+* a row with every entry missing carries no information (its observed-data
+  likelihood is 1 under every parameter set): fitting ignores it (it is
+  counted in ``Stats.n_bad`` and left out of ``n`` and of the
+  log-likelihood); scoring gives it NaN (see :func:`weighted_log_prob`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import linalg
+
+from ._gaussian import (
+    _ILL_DEFINED,
+    DEFAULT_BLOCK_ROWS,
+    GaussianParams,
+    Stats,
+    chunk_statistics,
+    estimate_weighted_log_prob,
+    logsumexp_rows,
+)
+from .io import InputError
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+INF_MESSAGE = (
+    "the data hold infinite values; only NaN marks a missing entry "
+    "(missing='marginalize' cannot use +-inf): clean them first"
+)
+
+
+# --------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------
+
+
+def check_no_inf(X: np.ndarray) -> np.ndarray:
+    """The NaN mask of ``X``; raise :class:`InputError` if ``X`` holds ``+-inf``."""
+    nan = np.isnan(X)
+    if np.isinf(X).any():
+        raise InputError(INF_MESSAGE)
+    return nan
+
+
+def fill_nan(X: np.ndarray) -> np.ndarray:
+    """``X`` with NaN replaced by the mean of the observed entries of its column.
+
+    Used for seeding (k-means++, random rows) on a sample; a column with no
+    observed entry is filled with 0. Rows with every entry missing are dropped.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    nan = np.isnan(X)
+    if not nan.any():
+        return X
+    X = X[~nan.all(axis=1)]
+    nan = np.isnan(X)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        counts = (~nan).sum(axis=0)
+        col = np.where(counts > 0, np.where(nan, 0.0, X).sum(axis=0) / np.maximum(counts, 1), 0.0)
+    return np.where(nan, col, X)
+
+
+def _diag_variances(params: GaussianParams) -> np.ndarray:
+    """Per-component, per-coordinate variances, shape (K, D), for the diagonal types."""
+    k, d = params.means.shape
+    var = 1.0 / params.precisions_cholesky**2
+    if var.ndim == 1:
+        var = np.repeat(var[:, None], d, axis=1)
+    return var
+
+
+def _cholesky_lower(a: np.ndarray) -> np.ndarray:
+    try:
+        return linalg.cholesky(a, lower=True)
+    except linalg.LinAlgError as exc:
+        raise ValueError(_ILL_DEFINED) from exc
+
+
+# --------------------------------------------------------------------------
+# per-component marginal log-densities and conditional moments
+# --------------------------------------------------------------------------
+
+
+def _diag_terms(X: np.ndarray, nan: np.ndarray, params: GaussianParams) -> tuple[np.ndarray, ...]:
+    """Diagonal types, any pattern: ``log N(x_o | k)`` (n, K) and the pieces of the moments.
+
+    Returns ``(logn, z, obs, mk, var)``: ``z`` is ``x - c`` with 0 where
+    missing (``c`` the mixture mean), ``obs`` the float mask of observed
+    entries, ``mk = mu_k - c`` and ``var`` the (K, D) variances.
+    """
+    c = params.weights @ params.means
+    obs = (~nan).astype(np.float64)
+    z = np.where(nan, 0.0, X - c)
+    mk = params.means - c
+    pc = params.precisions_cholesky
+    if pc.ndim == 1:
+        pc = np.repeat(pc[:, None], X.shape[1], axis=1)
+    prec = pc**2
+    maha = (z * z) @ prec.T - 2.0 * (z @ (mk * prec).T) + obs @ (mk * mk * prec).T
+    d_obs = obs.sum(axis=1)
+    logn = -0.5 * (d_obs[:, None] * _LOG_2PI + maha) + obs @ np.log(pc).T
+    return logn, z, obs, mk, 1.0 / prec
+
+
+@dataclasses.dataclass
+class _PatternFactor:
+    """Cholesky of ``Sigma_oo`` and the conditional pieces for one pattern and component."""
+
+    chol: np.ndarray  # lower L, L L^T = Sigma_oo
+    log_det: float  # log |Sigma_oo|
+    w: np.ndarray | None  # L^-1 Sigma_om, shape (|o|, |m|)
+    cond_cov: np.ndarray | None  # Sigma_mm - Sigma_mo Sigma_oo^-1 Sigma_om
+
+
+def _factor(cov: np.ndarray, o: np.ndarray, m: np.ndarray, moments: bool) -> _PatternFactor:
+    chol = _cholesky_lower(cov[np.ix_(o, o)])
+    log_det = 2.0 * float(np.log(np.diagonal(chol)).sum())
+    w = cc = None
+    if moments:
+        w = linalg.solve_triangular(chol, cov[np.ix_(o, m)], lower=True, check_finite=False)
+        cc = cov[np.ix_(m, m)] - w.T @ w
+    return _PatternFactor(chol, log_det, w, cc)
+
+
+def _pattern_factors(params: GaussianParams, o: np.ndarray, m: np.ndarray, moments: bool) -> list[_PatternFactor]:
+    """One factor per component (full) or one shared (tied)."""
+    if params.covariance_type == "full":
+        return [_factor(c, o, m, moments) for c in params.covariances]
+    return [_factor(params.covariances, o, m, moments)]
+
+
+def _pattern_terms(
+    x: np.ndarray, o: np.ndarray, m: np.ndarray, params: GaussianParams, factors: list[_PatternFactor], moments: bool
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Full/tied, rows sharing one pattern: ``log N(x_o | k)`` (n, K) and ``E[x_m | x_o, k]``.
+
+    ``x`` holds the rows (n, D), NaN at ``m``.
+    """
+    k_comp = params.n_components
+    xo = x[:, o]
+    logn = np.empty((x.shape[0], k_comp))
+    cond = []
+    for k in range(k_comp):
+        f = factors[k] if len(factors) > 1 else factors[0]
+        y = linalg.solve_triangular(f.chol, (xo - params.means[k, o]).T, lower=True, check_finite=False)
+        logn[:, k] = -0.5 * (o.size * _LOG_2PI + f.log_det + np.einsum("ij,ij->j", y, y))
+        if moments:
+            cond.append(params.means[k, m] + y.T @ f.w)
+    return logn, cond
+
+
+def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float]:
+    if hard:
+        best = logp.argmax(axis=1)
+        ll = float(np.take_along_axis(logp, best[:, None], axis=1).sum())
+        q = np.zeros_like(logp)
+        q[np.arange(logp.shape[0]), best] = 1.0
+        return q, ll
+    lse = logsumexp_rows(logp)
+    return np.exp(logp - lse[:, None]), float(lse.sum())
+
+
+def _log_weights(params: GaussianParams) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log(params.weights)
+
+
+# --------------------------------------------------------------------------
+# scoring and imputation (any rows)
+# --------------------------------------------------------------------------
+
+
+def _patterns(nan: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Group rows by missingness pattern: ``[(missing_mask (D,), row indices)]``."""
+    if nan.shape[0] == 0:
+        return []
+    pats, inverse = np.unique(nan, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=pats.shape[0]))])
+    return [(pats[i], order[bounds[i] : bounds[i + 1]]) for i in range(pats.shape[0])]
+
+
+def weighted_log_prob(X: np.ndarray, params: GaussianParams, dtype: np.dtype | str | None = None) -> np.ndarray:
+    """``log pi_k + log N(x_o | mu_ko, Sigma_k,oo)`` on the observed entries of each row.
+
+    Rows without NaN are computed exactly as
+    :func:`daskem._gaussian.estimate_weighted_log_prob` does; a row with every
+    entry missing gives a row of NaN.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, D)
+        NaN marks a missing entry; ``+-inf`` raises :class:`InputError`.
+    params : GaussianParams
+    dtype : dtype, optional
+        Compute dtype of the complete rows.
+
+    Returns
+    -------
+    ndarray of shape (n, K), float64
+    """
+    X = np.asarray(X)
+    nan = check_no_inf(X)
+    has_nan = nan.any(axis=1)
+    if not has_nan.any():
+        return estimate_weighted_log_prob(X, params, dtype).astype(np.float64, copy=False)
+    n, d = X.shape
+    out = np.empty((n, params.n_components))
+    complete = ~has_nan
+    if complete.any():
+        out[complete] = estimate_weighted_log_prob(X[complete], params, dtype)
+    empty = nan.all(axis=1)
+    out[empty] = np.nan
+    partial = np.flatnonzero(has_nan & ~empty)
+    if partial.size:
+        xp = np.asarray(X[partial], dtype=np.float64)
+        out[partial] = _partial_log_prob(xp, nan[partial], params)[0] + _log_weights(params)
+    return out
+
+
+def _partial_log_prob(
+    xp: np.ndarray, nanp: np.ndarray, params: GaussianParams, moments: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``log N(x_o | k)`` (n, K) for rows with NaN; with ``moments``, also ``E[x | x_o, k]`` (K, n, D)."""
+    n, d = xp.shape
+    k_comp = params.n_components
+    if params.covariance_type not in ("full", "tied"):
+        logn, z, obs, mk, var = _diag_terms(xp, nanp, params)
+        xhat = None
+        if moments:
+            xhat = np.where(nanp[None], params.means[:, None, :], xp[None])
+        return logn, xhat
+    logn = np.empty((n, k_comp))
+    xhat = np.repeat(xp[None], k_comp, axis=0) if moments else None
+    for pat, rows in _patterns(nanp):
+        o, m = np.flatnonzero(~pat), np.flatnonzero(pat)
+        factors = _pattern_factors(params, o, m, moments)
+        x = xp[rows]
+        ln, cond = _pattern_terms(x, o, m, params, factors, moments)
+        logn[rows] = ln
+        if moments:
+            for k in range(k_comp):
+                xhat[k][np.ix_(rows, m)] = cond[k]
+    return logn, xhat
+
+
+def conditional_mean(X: np.ndarray, params: GaussianParams) -> np.ndarray:
+    """``X`` with every NaN replaced by ``E[x_m | x_o]`` under the mixture.
+
+    ``E[x_m | x_o] = sum_k q_k(x_o) E[x_m | x_o, k]`` with ``q`` the
+    responsibilities computed on the observed entries. A row with every
+    entry missing gets the mixture mean ``sum_k pi_k mu_k`` (its posterior is
+    the prior). Observed entries are returned unchanged.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, D)
+    params : GaussianParams
+
+    Returns
+    -------
+    ndarray of shape (n, D), float64
+    """
+    X = np.asarray(X)
+    nan = check_no_inf(X)
+    out = np.array(X, dtype=np.float64, copy=True)
+    has_nan = nan.any(axis=1)
+    empty = nan.all(axis=1)
+    out[empty] = params.weights @ params.means
+    partial = np.flatnonzero(has_nan & ~empty)
+    if partial.size:
+        xp = out[partial]
+        logn, xhat = _partial_log_prob(xp, nan[partial], params, moments=True)
+        q, _ = _responsibilities(logn + _log_weights(params), hard=False)
+        out[partial] = np.einsum("nk,knd->nd", q, xhat)
+    return out
+
+
+# --------------------------------------------------------------------------
+# sufficient statistics
+# --------------------------------------------------------------------------
+
+
+def _new_acc(params: GaussianParams, d: int) -> dict:
+    z = Stats.zeros(params.covariance_type, params.n_components, d)
+    return {"n": 0.0, "loglik": 0.0, "nk": z.nk, "s1": z.s1, "s2": z.s2, "n_ho": 0.0, "ll_ho": 0.0}
+
+
+def _acc_diag(xp: np.ndarray, nanp: np.ndarray, params: GaussianParams, hard: bool, acc: dict) -> None:
+    """Statistics of training rows with NaN, diagonal types (vectorised, no patterns)."""
+    logn, z, obs, mk, var = _diag_terms(xp, nanp, params)
+    q, ll = _responsibilities(logn + _log_weights(params), hard)
+    acc["loglik"] += ll
+    acc["n"] += xp.shape[0]
+    acc["nk"] += q.sum(axis=0)
+    q_miss = q.T @ (1.0 - obs)  # (K, D): sum_n q_nk [x_nj missing]
+    # the mixture mean c is the reference for every component (GaussianParams.reference)
+    acc["s1"] += q.T @ z + q_miss * mk
+    acc["s2"] += q.T @ (z * z) + q_miss * (mk * mk + var)
+
+
+def _acc_pattern(
+    x: np.ndarray,
+    o: np.ndarray,
+    m: np.ndarray,
+    params: GaussianParams,
+    factors: list[_PatternFactor],
+    hard: bool,
+    acc: dict,
+) -> None:
+    """Statistics of training rows sharing one pattern, full and tied."""
+    logn, cond = _pattern_terms(x, o, m, params, factors, True)
+    q, ll = _responsibilities(logn + _log_weights(params), hard)
+    acc["loglik"] += ll
+    acc["n"] += x.shape[0]
+    acc["nk"] += q.sum(axis=0)
+    ref = params.reference()
+    full = params.covariance_type == "full"
+    mm = np.ix_(m, m)
+    for k in range(params.n_components):
+        w = q[:, k]
+        wsum = float(w.sum())
+        if wsum == 0.0:
+            continue
+        diff = x - ref[k]
+        diff[:, m] = cond[k] - ref[k, m]
+        f = factors[k] if full else factors[0]
+        s2 = (diff * w[:, None]).T @ diff
+        s2[mm] += wsum * f.cond_cov
+        acc["s1"][k] += w @ diff
+        if full:
+            acc["s2"][k] += s2
+        else:
+            acc["s2"] += s2
+
+
+def _partial_statistics(
+    xp: np.ndarray,
+    nanp: np.ndarray,
+    train: np.ndarray | None,
+    params_list: Sequence[GaussianParams],
+    hard: bool,
+    block_rows: int,
+    accs: list[dict],
+) -> None:
+    """Add the statistics of rows that have some (not all) entries missing."""
+    n = xp.shape[0]
+    diag_like = [i for i, p in enumerate(params_list) if p.covariance_type not in ("full", "tied")]
+    dense = [i for i, p in enumerate(params_list) if p.covariance_type in ("full", "tied")]
+    if diag_like:
+        for start in range(0, n, block_rows):
+            sl = slice(start, min(start + block_rows, n))
+            xb, nb = xp[sl], nanp[sl]
+            tb = None if train is None else train[sl]
+            for i in diag_like:
+                p, acc = params_list[i], accs[i]
+                if tb is None or tb.all():
+                    _acc_diag(xb, nb, p, hard, acc)
+                    continue
+                if tb.any():
+                    _acc_diag(xb[tb], nb[tb], p, hard, acc)
+                held = ~tb
+                if held.any():
+                    logn = _diag_terms(xb[held], nb[held], p)[0]
+                    acc["ll_ho"] += float(logsumexp_rows(logn + _log_weights(p)).sum())
+                    acc["n_ho"] += float(held.sum())
+    if not dense:
+        return
+    for pat, rows in _patterns(nanp):
+        o, m = np.flatnonzero(~pat), np.flatnonzero(pat)
+        tr = rows if train is None else rows[train[rows]]
+        ho = rows[:0] if train is None else rows[~train[rows]]
+        for i in dense:
+            p, acc = params_list[i], accs[i]
+            factors = _pattern_factors(p, o, m, moments=True)
+            for start in range(0, tr.size, block_rows):
+                _acc_pattern(xp[tr[start : start + block_rows]], o, m, p, factors, hard, acc)
+            for start in range(0, ho.size, block_rows):
+                logn, _ = _pattern_terms(xp[ho[start : start + block_rows]], o, m, p, factors, False)
+                acc["ll_ho"] += float(logsumexp_rows(logn + _log_weights(p)).sum())
+                acc["n_ho"] += float(min(block_rows, ho.size - start))
+
+
+def chunk_statistics_missing(
+    X: np.ndarray,
+    params_list: list[GaussianParams],
+    *,
+    hard: bool = False,
+    train_mask: np.ndarray | None = None,
+    dtype: np.dtype | str | None = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> list[Stats]:
+    """Sufficient statistics of one chunk with NaN marking missing entries.
+
+    Same parameters and result as :func:`daskem._gaussian.chunk_statistics`,
+    of which this is the ``missing="marginalize"`` version: rows without NaN
+    go through that kernel (a chunk without NaN gives exactly its result),
+    rows with some NaN contribute their marginal log-likelihood and the
+    conditional expectations of their missing entries, and rows with every
+    entry missing are ignored (counted in ``n_bad``). The rows with NaN are
+    computed in float64 whatever ``dtype``.
+
+    Raises
+    ------
+    InputError
+        If the chunk holds ``+-inf``.
+    """
+    X = np.asarray(X)
+    if X.dtype.kind != "f" or np.isfinite(X).all():
+        return chunk_statistics(
+            X, params_list, hard=hard, train_mask=train_mask, dtype=dtype, block_rows=block_rows
+        )
+    nan = check_no_inf(X)
+    n, d = X.shape
+    has_nan = nan.any(axis=1)
+    empty = nan.all(axis=1)
+    complete = ~has_nan
+    partial = has_nan & ~empty
+    if complete.any():
+        base = chunk_statistics(
+            X[complete],
+            params_list,
+            hard=hard,
+            train_mask=None if train_mask is None else train_mask[complete],
+            dtype=dtype,
+            block_rows=block_rows,
+        )
+    else:
+        base = [Stats.zeros(p.covariance_type, p.n_components, d) for p in params_list]
+    accs = [_new_acc(p, d) for p in params_list]
+    if partial.any():
+        xp = np.asarray(X[partial], dtype=np.float64)
+        train = None if train_mask is None else np.asarray(train_mask)[partial]
+        _partial_statistics(xp, nan[partial], train, params_list, hard, block_rows, accs)
+    n_empty = float(empty.sum())
+    out = []
+    for b, a in zip(base, accs):
+        s = b + Stats(a["n"], a["loglik"], a["nk"], a["s1"], a["s2"], a["n_ho"], a["ll_ho"])
+        out.append(dataclasses.replace(s, n_bad=n_empty))
+    return out
