@@ -137,7 +137,7 @@ def covariances_from_precision_cholesky(
         for k, u in enumerate(mats):
             # precision = U U^T, so covariance = U^-T U^-1 = W^T W with W = U^-1
             w = linalg.solve_triangular(u, eye, lower=False)
-            out[k] = w @ w.T
+            out[k] = w.T @ w
         return out if covariance_type == "full" else out[0]
     return 1.0 / prec_chol**2
 

@@ -81,9 +81,10 @@ def fill_nan(X: np.ndarray) -> np.ndarray:
 
     Used for seeding (k-means++, random rows) on a sample; a column with no
     observed entry is filled with 0. Rows with every entry missing are dropped.
+    ``+-inf`` raises :class:`InputError` (so a fit refuses it before its first pass).
     """
     X = np.asarray(X, dtype=np.float64)
-    nan = np.isnan(X)
+    nan = check_no_inf(X)
     if not nan.any():
         return X
     X = X[~nan.all(axis=1)]
@@ -307,7 +308,7 @@ def conditional_mean(X: np.ndarray, params: GaussianParams) -> np.ndarray:
         xp = out[partial]
         logn, xhat = _partial_log_prob(xp, nan[partial], params, moments=True)
         q, _ = _responsibilities(logn + _log_weights(params), hard=False)
-        out[partial] = np.einsum("nk,knd->nd", q, xhat)
+        out[partial] = np.where(nan[partial], np.einsum("nk,knd->nd", q, xhat), xp)
     return out
 
 
