@@ -42,7 +42,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import linalg
+from scipy.linalg.lapack import dtrtrs as _trtrs
 
 from ._gaussian import (
     _ILL_DEFINED,
@@ -104,13 +104,6 @@ def _diag_variances(params: GaussianParams) -> np.ndarray:
     return var
 
 
-def _cholesky_lower(a: np.ndarray) -> np.ndarray:
-    try:
-        return linalg.cholesky(a, lower=True)
-    except linalg.LinAlgError as exc:
-        raise ValueError(_ILL_DEFINED) from exc
-
-
 # --------------------------------------------------------------------------
 # per-component marginal log-densities and conditional moments
 # --------------------------------------------------------------------------
@@ -139,48 +132,56 @@ def _diag_terms(X: np.ndarray, nan: np.ndarray, params: GaussianParams) -> tuple
 
 @dataclasses.dataclass
 class _PatternFactor:
-    """Cholesky of ``Sigma_oo`` and the conditional pieces for one pattern and component."""
+    """Per-pattern pieces for every component (leading axis K, or 1 for tied).
 
-    chol: np.ndarray  # lower L, L L^T = Sigma_oo
-    log_det: float  # log |Sigma_oo|
-    w: np.ndarray | None  # L^-1 Sigma_om, shape (|o|, |m|)
-    cond_cov: np.ndarray | None  # Sigma_mm - Sigma_mo Sigma_oo^-1 Sigma_om
+    With ``L L^T = Sigma_oo`` (Cholesky): ``u = L^-T`` so that
+    ``Sigma_oo^-1 = u u^T`` and ``y = (x_o - mu_o) u`` gives the Mahalanobis
+    distance ``|y|^2``; ``w = L^-1 Sigma_om`` so that
+    ``E[x_m | x_o] = mu_m + y w``; ``cond_cov = Sigma_mm - w^T w``. The
+    triangular factors come from LAPACK ``trtrs`` on ``[I | Sigma_om]``:
+    no inverse of ``Sigma_oo`` is formed.
+    """
 
-
-def _factor(cov: np.ndarray, o: np.ndarray, m: np.ndarray, moments: bool) -> _PatternFactor:
-    chol = _cholesky_lower(cov[np.ix_(o, o)])
-    log_det = 2.0 * float(np.log(np.diagonal(chol)).sum())
-    w = cc = None
-    if moments:
-        w = linalg.solve_triangular(chol, cov[np.ix_(o, m)], lower=True, check_finite=False)
-        cc = cov[np.ix_(m, m)] - w.T @ w
-    return _PatternFactor(chol, log_det, w, cc)
+    log_det: np.ndarray  # (K,) log |Sigma_oo|
+    u: np.ndarray  # (K, |o|, |o|)
+    w: np.ndarray  # (K, |o|, |m|)
+    cond_cov: np.ndarray  # (K, |m|, |m|)
 
 
-def _pattern_factors(params: GaussianParams, o: np.ndarray, m: np.ndarray, moments: bool) -> list[_PatternFactor]:
-    """One factor per component (full) or one shared (tied)."""
-    if params.covariance_type == "full":
-        return [_factor(c, o, m, moments) for c in params.covariances]
-    return [_factor(params.covariances, o, m, moments)]
+def _pattern_factors(params: GaussianParams, o: np.ndarray, m: np.ndarray) -> _PatternFactor:
+    """Factor ``Sigma_oo`` of every component (full) or of the shared one (tied)."""
+    covs = params.covariances if params.covariance_type == "full" else params.covariances[None]
+    s_oo = covs[:, o[:, None], o]
+    s_om = covs[:, o[:, None], m]
+    try:
+        chol = np.linalg.cholesky(s_oo)
+    except np.linalg.LinAlgError as exc:
+        raise ValueError(_ILL_DEFINED) from exc
+    rhs = np.concatenate([np.broadcast_to(np.eye(o.size), s_oo.shape), s_om], axis=2)
+    sol = np.empty_like(rhs)
+    for k in range(covs.shape[0]):
+        sol[k], info = _trtrs(chol[k], rhs[k], lower=1)
+        if info != 0:
+            raise ValueError(_ILL_DEFINED)
+    u = sol[:, :, : o.size].transpose(0, 2, 1)
+    w = sol[:, :, o.size :]
+    cond_cov = covs[:, m[:, None], m] - w.transpose(0, 2, 1) @ w
+    log_det = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+    return _PatternFactor(log_det, u, w, cond_cov)
 
 
 def _pattern_terms(
-    x: np.ndarray, o: np.ndarray, m: np.ndarray, params: GaussianParams, factors: list[_PatternFactor], moments: bool
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Full/tied, rows sharing one pattern: ``log N(x_o | k)`` (n, K) and ``E[x_m | x_o, k]``.
+    x: np.ndarray, o: np.ndarray, m: np.ndarray, params: GaussianParams, f: _PatternFactor, moments: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Full/tied, rows sharing one pattern: ``log N(x_o | k)`` (n, K) and ``E[x_m | x_o, k]`` (K, n, |m|).
 
     ``x`` holds the rows (n, D), NaN at ``m``.
     """
-    k_comp = params.n_components
-    xo = x[:, o]
-    logn = np.empty((x.shape[0], k_comp))
-    cond = []
-    for k in range(k_comp):
-        f = factors[k] if len(factors) > 1 else factors[0]
-        y = linalg.solve_triangular(f.chol, (xo - params.means[k, o]).T, lower=True, check_finite=False)
-        logn[:, k] = -0.5 * (o.size * _LOG_2PI + f.log_det + np.einsum("ij,ij->j", y, y))
-        if moments:
-            cond.append(params.means[k, m] + y.T @ f.w)
+    means = params.means
+    y = (x[None, :, o] - means[:, None, o]) @ f.u  # (K, n, |o|); u broadcasts for tied
+    maha = np.einsum("knj,knj->nk", y, y)
+    logn = -0.5 * (o.size * _LOG_2PI + f.log_det + maha)
+    cond = means[:, None, m] + y @ f.w if moments else None
     return logn, cond
 
 
@@ -206,14 +207,27 @@ def _log_weights(params: GaussianParams) -> np.ndarray:
 
 
 def _patterns(nan: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Group rows by missingness pattern: ``[(missing_mask (D,), row indices)]``."""
-    if nan.shape[0] == 0:
+    """Group rows by missingness pattern: ``[(missing_mask (D,), row indices)]``.
+
+    The boolean rows are packed into bytes and, for D <= 64, into one integer
+    per row, so that grouping costs one integer sort.
+    """
+    n = nan.shape[0]
+    if n == 0:
         return []
-    pats, inverse = np.unique(nan, axis=0, return_inverse=True)
-    inverse = inverse.ravel()
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=pats.shape[0]))])
-    return [(pats[i], order[bounds[i] : bounds[i + 1]]) for i in range(pats.shape[0])]
+    packed = np.packbits(nan, axis=1)
+    nbytes = packed.shape[1]
+    if nbytes <= 8:
+        codes = np.zeros((n, 8), dtype=np.uint8)
+        codes[:, :nbytes] = packed
+        codes = codes.view(np.uint64).ravel()
+    else:
+        codes = np.ascontiguousarray(packed).view(np.dtype((np.void, nbytes))).ravel()
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_codes[1:] != sorted_codes[:-1]]))
+    bounds = np.append(starts, n)
+    return [(nan[order[a]], order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def weighted_log_prob(X: np.ndarray, params: GaussianParams, dtype: np.dtype | str | None = None) -> np.ndarray:
@@ -270,13 +284,11 @@ def _partial_log_prob(
     xhat = np.repeat(xp[None], k_comp, axis=0) if moments else None
     for pat, rows in _patterns(nanp):
         o, m = np.flatnonzero(~pat), np.flatnonzero(pat)
-        factors = _pattern_factors(params, o, m, moments)
-        x = xp[rows]
-        ln, cond = _pattern_terms(x, o, m, params, factors, moments)
+        f = _pattern_factors(params, o, m)
+        ln, cond = _pattern_terms(xp[rows], o, m, params, f, moments)
         logn[rows] = ln
         if moments:
-            for k in range(k_comp):
-                xhat[k][np.ix_(rows, m)] = cond[k]
+            xhat[:, rows[:, None], m] = cond
     return logn, xhat
 
 
@@ -340,34 +352,30 @@ def _acc_pattern(
     o: np.ndarray,
     m: np.ndarray,
     params: GaussianParams,
-    factors: list[_PatternFactor],
+    f: _PatternFactor,
     hard: bool,
     acc: dict,
 ) -> None:
     """Statistics of training rows sharing one pattern, full and tied."""
-    logn, cond = _pattern_terms(x, o, m, params, factors, True)
+    logn, cond = _pattern_terms(x, o, m, params, f, True)
     q, ll = _responsibilities(logn + _log_weights(params), hard)
     acc["loglik"] += ll
     acc["n"] += x.shape[0]
-    acc["nk"] += q.sum(axis=0)
+    qsum = q.sum(axis=0)
+    acc["nk"] += qsum
     ref = params.reference()
-    full = params.covariance_type == "full"
-    mm = np.ix_(m, m)
-    for k in range(params.n_components):
-        w = q[:, k]
-        wsum = float(w.sum())
-        if wsum == 0.0:
-            continue
-        diff = x - ref[k]
-        diff[:, m] = cond[k] - ref[k, m]
-        f = factors[k] if full else factors[0]
-        s2 = (diff * w[:, None]).T @ diff
-        s2[mm] += wsum * f.cond_cov
-        acc["s1"][k] += w @ diff
-        if full:
-            acc["s2"][k] += s2
-        else:
-            acc["s2"] += s2
+    # E[x | x_o, k] - ref_k for every component, shape (K, n, D)
+    diff = np.empty((ref.shape[0], x.shape[0], x.shape[1]))
+    diff[:, :, o] = x[None, :, o] - ref[:, None, o]
+    diff[:, :, m] = cond - ref[:, None, m]
+    qt = q.T[:, :, None]
+    acc["s1"] += (diff * qt).sum(axis=1)
+    s2 = (diff * qt).transpose(0, 2, 1) @ diff  # (K, D, D)
+    s2[:, m[:, None], m] += qsum[:, None, None] * f.cond_cov  # cond_cov (1, m, m) for tied
+    if params.covariance_type == "full":
+        acc["s2"] += s2
+    else:
+        acc["s2"] += s2.sum(axis=0)
 
 
 def _partial_statistics(
@@ -408,11 +416,11 @@ def _partial_statistics(
         ho = rows[:0] if train is None else rows[~train[rows]]
         for i in dense:
             p, acc = params_list[i], accs[i]
-            factors = _pattern_factors(p, o, m, moments=True)
+            f = _pattern_factors(p, o, m)
             for start in range(0, tr.size, block_rows):
-                _acc_pattern(xp[tr[start : start + block_rows]], o, m, p, factors, hard, acc)
+                _acc_pattern(xp[tr[start : start + block_rows]], o, m, p, f, hard, acc)
             for start in range(0, ho.size, block_rows):
-                logn, _ = _pattern_terms(xp[ho[start : start + block_rows]], o, m, p, factors, False)
+                logn, _ = _pattern_terms(xp[ho[start : start + block_rows]], o, m, p, f, False)
                 acc["ll_ho"] += float(logsumexp_rows(logn + _log_weights(p)).sum())
                 acc["n_ho"] += float(min(block_rows, ho.size - start))
 
