@@ -42,7 +42,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.linalg.lapack import dtrtrs as _trtrs
 
 from ._gaussian import (
     _ILL_DEFINED,
@@ -137,15 +136,31 @@ class _PatternFactor:
     With ``L L^T = Sigma_oo`` (Cholesky): ``u = L^-T`` so that
     ``Sigma_oo^-1 = u u^T`` and ``y = (x_o - mu_o) u`` gives the Mahalanobis
     distance ``|y|^2``; ``w = L^-1 Sigma_om`` so that
-    ``E[x_m | x_o] = mu_m + y w``; ``cond_cov = Sigma_mm - w^T w``. The
-    triangular factors come from LAPACK ``trtrs`` on ``[I | Sigma_om]``:
-    no inverse of ``Sigma_oo`` is formed.
+    ``E[x_m | x_o] = mu_m + y w``; ``cond_cov = Sigma_mm - w^T w``. Both
+    come from one forward substitution ``L^-1 [I | Sigma_om]`` per component
+    (the way the complete-data kernel gets its precision Cholesky factor);
+    ``Sigma_oo`` is never inverted.
     """
 
     log_det: np.ndarray  # (K,) log |Sigma_oo|
     u: np.ndarray  # (K, |o|, |o|)
     w: np.ndarray  # (K, |o|, |m|)
     cond_cov: np.ndarray  # (K, |m|, |m|)
+
+
+def _solve_lower(chol: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Forward substitution ``L X = B`` for a stack of lower-triangular ``L`` (K, o, o).
+
+    Written out in numpy, vectorised over the stack and the right-hand sides:
+    these systems are tiny (|o| <= D) and numerous (one per pattern), and a
+    LAPACK call per system costs more in overhead (and, with a multi-threaded
+    BLAS on a busy machine, in thread wake-ups) than the arithmetic.
+    """
+    x = np.empty_like(rhs)
+    for i in range(chol.shape[1]):
+        acc = rhs[:, i, :] - np.einsum("kj,kjc->kc", chol[:, i, :i], x[:, :i, :])
+        x[:, i, :] = acc / chol[:, i, i, None]
+    return x
 
 
 def _pattern_factors(params: GaussianParams, o: np.ndarray, m: np.ndarray) -> _PatternFactor:
@@ -157,12 +172,10 @@ def _pattern_factors(params: GaussianParams, o: np.ndarray, m: np.ndarray) -> _P
         chol = np.linalg.cholesky(s_oo)
     except np.linalg.LinAlgError as exc:
         raise ValueError(_ILL_DEFINED) from exc
-    rhs = np.concatenate([np.broadcast_to(np.eye(o.size), s_oo.shape), s_om], axis=2)
-    sol = np.empty_like(rhs)
-    for k in range(covs.shape[0]):
-        sol[k], info = _trtrs(chol[k], rhs[k], lower=1)
-        if info != 0:
-            raise ValueError(_ILL_DEFINED)
+    rhs = np.empty((covs.shape[0], o.size, o.size + m.size))
+    rhs[:, :, : o.size] = np.eye(o.size)
+    rhs[:, :, o.size :] = s_om
+    sol = _solve_lower(chol, rhs)
     u = sol[:, :, : o.size].transpose(0, 2, 1)
     w = sol[:, :, o.size :]
     cond_cov = covs[:, m[:, None], m] - w.transpose(0, 2, 1) @ w
@@ -365,12 +378,11 @@ def _acc_pattern(
     acc["nk"] += qsum
     ref = params.reference()
     # E[x | x_o, k] - ref_k for every component, shape (K, n, D)
-    diff = np.empty((ref.shape[0], x.shape[0], x.shape[1]))
-    diff[:, :, o] = x[None, :, o] - ref[:, None, o]
+    diff = x[None, :, :] - ref[:, None, :]
     diff[:, :, m] = cond - ref[:, None, m]
-    qt = q.T[:, :, None]
-    acc["s1"] += (diff * qt).sum(axis=1)
-    s2 = (diff * qt).transpose(0, 2, 1) @ diff  # (K, D, D)
+    dq = diff * q.T[:, :, None]
+    acc["s1"] += dq.sum(axis=1)
+    s2 = dq.transpose(0, 2, 1) @ diff  # (K, D, D)
     s2[:, m[:, None], m] += qsum[:, None, None] * f.cond_cov  # cond_cov (1, m, m) for tied
     if params.covariance_type == "full":
         acc["s2"] += s2

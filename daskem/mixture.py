@@ -115,7 +115,16 @@ class GaussianMixture:
         ``init_params``.
     random_state : int, numpy Generator or None
     missing : {'error', 'marginalize'}, default='error'
-        What to do with NaN entries.
+        What to do with NaN entries. ``'error'`` refuses them.
+        ``'marginalize'`` fits on what each row shows (Ghahramani & Jordan,
+        1994): the E-step uses the marginal Gaussian of the observed entries
+        and the statistics the conditional expectations of the missing ones,
+        so every iteration increases the observed-data log-likelihood; rows
+        with every entry missing carry no information and are left out of the
+        fit. ``predict``, ``predict_proba`` and ``score_samples`` then score
+        rows on their observed entries (a row with every entry missing gets
+        -1 / NaN, with a warning), and :meth:`impute` fills NaN with their
+        conditional mean. ``+-inf`` is refused in every case.
     checkpoint : str or Path, optional
         A folder where the state of every run is written after each
         iteration; a fit started again with the same checkpoint resumes.
