@@ -464,3 +464,13 @@ def test_fill_nan_for_seeding():
     np.testing.assert_array_equal(_missing.fill_nan(X), [[1.0, 0.0, 3.0], [3.0, 0.0, 3.0]])
     with pytest.raises(InputError, match="infinite"):
         _missing.fill_nan(np.array([[1.0, np.inf]]))
+
+
+@pytest.mark.parametrize("ct", ["full", "tied"])
+def test_params_from_precisions_give_back_the_covariances(ct):
+    # precisions_init goes through GaussianParams.from_precisions; the
+    # marginalising kernel reads the covariances, so they must match
+    p = _tiny_params(ct)
+    q = GaussianParams.from_precisions(p.weights, p.means, p.precisions, ct)
+    np.testing.assert_allclose(q.covariances, p.covariances, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(q.precisions_cholesky, p.precisions_cholesky, rtol=1e-12, atol=1e-14)
