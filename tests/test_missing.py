@@ -474,3 +474,21 @@ def test_params_from_precisions_give_back_the_covariances(ct):
     q = GaussianParams.from_precisions(p.weights, p.means, p.precisions, ct)
     np.testing.assert_allclose(q.covariances, p.covariances, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(q.precisions_cholesky, p.precisions_cholesky, rtol=1e-12, atol=1e-14)
+
+
+def test_pass_keys_depend_on_the_data():
+    # found while timing passes over several Zarr stores on a LocalCluster:
+    # the same parameters over other data must be other tasks, or the
+    # scheduler may hand back the statistics of the other array
+    from daskem import _engine
+
+    p = _tiny_params("full")
+    A = da.from_array(_tiny(), chunks=4)
+    B = A + 1.0
+    model = MixtureModel(missing="marginalize")
+    ga, gb = _engine.pass_graph(A, model, [p]), _engine.pass_graph(B, model, [p])
+    assert ga.name != gb.name
+    shared = (set(ga.__dask_graph__()) & set(gb.__dask_graph__())) - set(A.__dask_graph__())
+    # only the parameters (one small task) may be shared, nothing computed from data
+    assert all(str(k).startswith("daskem-pass-params-") for k in shared), shared
+    np.testing.assert_allclose(ga.compute()[1], _brute_loglik(_tiny(), p), rtol=1e-12)
