@@ -22,7 +22,6 @@ import numpy as np
 
 from . import _engine as engine
 from ._gaussian import GaussianParams, MixtureModel
-from ._missing import fill_nan
 
 INIT_METHODS = ("kmeans", "k-means++", "random_from_data", "random")
 
@@ -176,19 +175,9 @@ def initialize(
     """Initial parameters for ``n_runs`` restarts.
 
     ``sample`` returns (and caches) a sample of the data rows; it is only
-    called when a method needs it. With ``model.missing == "marginalize"``
-    the seeding works on the sample with NaN filled by column means (rows
-    with every entry missing dropped); Lloyd and the hard pass marginalise.
+    called when a method needs it.
     """
     k = n_components
-    if model.missing == "marginalize":
-        # seeds come from the sample with NaN filled by column means; the
-        # passes over the data (Lloyd, the hard pass) marginalise properly
-        raw = sample
-
-        def sample() -> np.ndarray:
-            return fill_nan(raw())
-
     if weights_init is not None and means_init is not None and precisions_init is not None:
         return [
             GaussianParams.from_precisions(weights_init, means_init, precisions_init, covariance_type)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -94,13 +94,21 @@ def fill_nan(X: np.ndarray) -> np.ndarray:
     return np.where(nan, col, X)
 
 
-def _diag_variances(params: GaussianParams) -> np.ndarray:
-    """Per-component, per-coordinate variances, shape (K, D), for the diagonal types."""
-    k, d = params.means.shape
-    var = 1.0 / params.precisions_cholesky**2
-    if var.ndim == 1:
-        var = np.repeat(var[:, None], d, axis=1)
-    return var
+def seeding_sample(sample: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    """Wrap a sampler of data rows so that it gives them with NaN filled (cached).
+
+    Seeding (k-means++, random rows, random responsibilities, re-seeding of
+    empty components) works on this; the passes over the data (Lloyd, the
+    hard pass, EM) marginalise properly.
+    """
+    cache: dict[str, np.ndarray] = {}
+
+    def filled() -> np.ndarray:
+        if "rows" not in cache:
+            cache["rows"] = fill_nan(sample())
+        return cache["rows"]
+
+    return filled
 
 
 # --------------------------------------------------------------------------

@@ -707,6 +707,10 @@ def fit_runs(
         return cached["rows"]
 
     split_every = opts.get("split_every", engine.DEFAULT_SPLIT_EVERY)
+    if model.missing == "marginalize":
+        # seeding on the observed entries (NaN filled by column means);
+        # Lloyd, the hard pass and EM marginalise
+        sample = _missing.seeding_sample(sample)
     resumed = checkpoint.load() if checkpoint is not None else None
     if resumed is not None:
         _, runs = resumed
