@@ -19,9 +19,10 @@ iteration increases the observed-data log-likelihood.
 Rows without NaN go through the complete-data kernel
 (:func:`daskem._gaussian.chunk_statistics`); a chunk without NaN gives
 exactly what that kernel gives. For ``full`` and ``tied`` the rows with NaN
-are grouped by missingness pattern, and each pattern costs one Cholesky
-factorisation of ``Sigma_oo`` per component (never an inverse) plus
-triangular solves. For ``diag``, ``spherical`` (and the internal ``kmeans``)
+are grouped by missingness pattern (one integer sort per chunk); each pattern
+costs one Cholesky factorisation of ``Sigma_oo`` per component and one small
+forward substitution (never an inverse), after which its rows cost matrix
+products batched over the components, like complete rows. For ``diag``, ``spherical`` (and the internal ``kmeans``)
 the coordinates are independent given the component, so the conditional
 moments are the component's own and everything stays vectorised.
 
