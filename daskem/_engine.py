@@ -121,7 +121,9 @@ def pass_graph(
         chunks=((1,) * X.numblocks[0], (size,)),
         dtype=np.float64,
         meta=np.empty((0, 0), dtype=np.float64),
-        name="daskem-stats-" + key[-32:],
+        # the data must be part of the name: the same parameters over other data
+        # (another array, another dataset) are other tasks
+        name="daskem-stats-" + dask.base.tokenize(X.name, key),
     )
     return parts.sum(axis=0, split_every=split_every)
 

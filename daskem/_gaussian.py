@@ -137,7 +137,7 @@ def covariances_from_precision_cholesky(
         for k, u in enumerate(mats):
             # precision = U U^T, so covariance = U^-T U^-1 = W^T W with W = U^-1
             w = linalg.solve_triangular(u, eye, lower=False)
-            out[k] = w @ w.T
+            out[k] = w.T @ w
         return out if covariance_type == "full" else out[0]
     return 1.0 / prec_chol**2
 
@@ -672,7 +672,10 @@ class MixtureModel:
     missing: str = "error"
 
     def statistics(self, x: np.ndarray, params_list: Sequence[GaussianParams], train_mask: np.ndarray | None) -> list[Stats]:
-        return chunk_statistics(
+        kernel = chunk_statistics
+        if self.missing == "marginalize":
+            from ._missing import chunk_statistics_missing as kernel
+        return kernel(
             x,
             list(params_list),
             hard=self.hard,
@@ -691,6 +694,10 @@ class MixtureModel:
         return m_step(stats, params, self.reg_covar)
 
     def reseed(self, params: GaussianParams, empty: np.ndarray, pool: np.ndarray) -> GaussianParams:
+        if self.missing == "marginalize":
+            from ._missing import fill_nan
+
+            pool = fill_nan(pool)
         return reseed_empty(params, empty, pool)
 
     def params_state(self, params: GaussianParams) -> tuple[dict[str, np.ndarray], dict]:

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _engine as engine
 from . import _gaussian as g
+from . import _missing
 from ._init import INIT_METHODS, initialize
 from .io import InputError, open_array, read_model, write_model
 
@@ -114,7 +115,16 @@ class GaussianMixture:
         ``init_params``.
     random_state : int, numpy Generator or None
     missing : {'error', 'marginalize'}, default='error'
-        What to do with NaN entries.
+        What to do with NaN entries. ``'error'`` refuses them.
+        ``'marginalize'`` fits on what each row shows (Ghahramani & Jordan,
+        1994): the E-step uses the marginal Gaussian of the observed entries
+        and the statistics the conditional expectations of the missing ones,
+        so every iteration increases the observed-data log-likelihood; rows
+        with every entry missing carry no information and are left out of the
+        fit. ``predict``, ``predict_proba`` and ``score_samples`` then score
+        rows on their observed entries (a row with every entry missing gets
+        -1 / NaN, with a warning), and :meth:`impute` fills NaN with their
+        conditional mean. ``+-inf`` is refused in every case.
     checkpoint : str or Path, optional
         A folder where the state of every run is written after each
         iteration; a fit started again with the same checkpoint resumes.
@@ -280,13 +290,15 @@ class GaussianMixture:
 
     def _open(self, X: Any) -> da.Array:
         Xd = open_array(X, chunk_bytes=self.chunk_bytes)
-        if _is_numpy_like(X) and self.missing == "error":
+        if _is_numpy_like(X):
             a = np.asarray(X)
             if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise InputError(
-                    "the data hold NaN or infinite values; clean them, or fit with "
-                    "missing='marginalize' to use the observed entries"
-                )
+                if self.missing == "error":
+                    raise InputError(
+                        "the data hold NaN or infinite values; clean them, or fit with "
+                        "missing='marginalize' to use the observed entries"
+                    )
+                _missing.check_no_inf(a)
         return Xd
 
     def _model(self, hard: bool | None = None) -> g.MixtureModel:
@@ -375,7 +387,9 @@ class GaussianMixture:
     # prediction
     # ------------------------------------------------------------------
 
-    def _rowwise(self, X: Any, func: Callable[[np.ndarray], np.ndarray], n_out: int | None, dtype: Any) -> Any:
+    def _rowwise(
+        self, X: Any, func: Callable[[np.ndarray], np.ndarray], n_out: int | None, dtype: Any, allow_nan: bool = False
+    ) -> Any:
         """Apply ``func`` to the rows: numpy in, numpy out; anything else, dask out."""
         self._check_fitted()
         if _is_numpy_like(X):
@@ -384,7 +398,7 @@ class GaussianMixture:
                 open_array(a)  # raises the standard message
             self._check_features(a.shape[1])
             a = a.astype(np.float64, copy=False) if a.dtype.kind != "f" else a
-            self._check_finite_numpy(a)
+            self._check_finite_numpy(a, allow_nan)
             step = 65_536
             parts = [func(a[i : i + step]) for i in range(0, max(a.shape[0], 1), step)]
             return np.concatenate(parts) if parts else func(a)
@@ -392,9 +406,12 @@ class GaussianMixture:
         self._check_features(Xd.shape[1])
         return engine.map_rows(Xd, func, n_out, dtype)
 
-    def _check_finite_numpy(self, a: np.ndarray) -> None:
-        if self.missing == "error" and not np.isfinite(a).all():
+    def _check_finite_numpy(self, a: np.ndarray, allow_nan: bool = False) -> None:
+        if np.isfinite(a).all():
+            return
+        if self.missing == "error" and not allow_nan:
             raise InputError("the data hold NaN or infinite values (the model was fitted with missing='error')")
+        _missing.check_no_inf(a)
 
     def _check_features(self, d: int) -> None:
         if d != self.n_features_in_:
@@ -402,45 +419,108 @@ class GaussianMixture:
                 f"X has {d} features, but this GaussianMixture was fitted with {self.n_features_in_} features"
             )
 
-    def _weighted_log_prob(self, x: np.ndarray) -> np.ndarray:
-        return g.estimate_weighted_log_prob(x, self.params_, self.dtype)
+    def _log_prob_function(self) -> Callable[[np.ndarray], np.ndarray]:
+        """Row block -> ``log pi_k + log N(x | k)``, shape (n, K).
 
-    def score_samples(self, X: Any) -> Any:
-        """Log-density ``log p(x)`` of each row, shape (n_samples,)."""
+        With ``missing='marginalize'`` rows with NaN are scored on their
+        observed entries; a row with every entry missing gives NaN, with a
+        :class:`RuntimeWarning`.
+        """
         params = self.params_
         dtype = self.dtype
+        if self.missing != "marginalize":
+            return lambda x: g.estimate_weighted_log_prob(x, params, dtype)
 
         def f(x: np.ndarray) -> np.ndarray:
-            return g.logsumexp_rows(g.estimate_weighted_log_prob(x, params, dtype)).astype(np.float64)
+            lp = _missing.weighted_log_prob(x, params, dtype)
+            n_empty = int(np.isnan(lp[:, 0]).sum()) if lp.size else 0
+            if n_empty:
+                warnings.warn(
+                    f"{n_empty} row(s) have every entry missing: their score is NaN "
+                    "and their predicted label -1",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return lp
+
+        return f
+
+    def score_samples(self, X: Any) -> Any:
+        """Log-density ``log p(x)`` of each row, shape (n_samples,).
+
+        With ``missing='marginalize'``, the log-density of the observed
+        entries of each row (NaN for a row with every entry missing).
+        """
+        log_prob = self._log_prob_function()
+
+        def f(x: np.ndarray) -> np.ndarray:
+            return g.logsumexp_rows(log_prob(x)).astype(np.float64)
 
         return self._rowwise(X, f, None, np.float64)
 
     def predict(self, X: Any) -> Any:
-        """The most probable component of each row, shape (n_samples,)."""
-        params = self.params_
-        dtype = self.dtype
+        """The most probable component of each row, shape (n_samples,).
+
+        With ``missing='marginalize'``, a row with every entry missing gets -1.
+        """
+        log_prob = self._log_prob_function()
 
         def f(x: np.ndarray) -> np.ndarray:
-            return g.estimate_weighted_log_prob(x, params, dtype).argmax(axis=1).astype(np.int64)
+            lp = log_prob(x)
+            labels = np.argmax(np.nan_to_num(lp, nan=-np.inf), axis=1).astype(np.int64)
+            labels[np.isnan(lp).any(axis=1)] = -1
+            return labels
 
         return self._rowwise(X, f, None, np.int64)
 
     def predict_proba(self, X: Any) -> Any:
-        """Responsibilities, shape (n_samples, n_components)."""
-        params = self.params_
-        dtype = self.dtype
+        """Responsibilities, shape (n_samples, n_components).
+
+        With ``missing='marginalize'``, computed on the observed entries of
+        each row (NaN for a row with every entry missing).
+        """
+        log_prob = self._log_prob_function()
 
         def f(x: np.ndarray) -> np.ndarray:
-            lp = g.estimate_weighted_log_prob(x, params, dtype)
+            lp = log_prob(x)
             return np.exp(lp - g.logsumexp_rows(lp)[:, None]).astype(np.float64)
 
         return self._rowwise(X, f, self.n_components, np.float64)
+
+    def impute(self, X: Any) -> Any:
+        """``X`` with every NaN replaced by its conditional mean under the model.
+
+        ``E[x_m | x_o] = sum_k q_k(x_o) (mu_km + Sigma_k,mo Sigma_k,oo^-1 (x_o - mu_ko))``,
+        with ``q`` the responsibilities on the observed entries. A row with
+        every entry missing gets the mixture mean. Observed entries are kept.
+        Works whatever ``missing`` the model was fitted with; ``+-inf`` is refused.
+
+        Parameters
+        ----------
+        X : array-like, dask array, zarr array, xarray DataArray, or a path/URL
+            Data of shape (n_samples, n_features), NaN marking missing entries.
+
+        Returns
+        -------
+        ndarray or dask array of shape (n_samples, n_features), float64
+        """
+        params = self.params_
+
+        def f(x: np.ndarray) -> np.ndarray:
+            return _missing.conditional_mean(x, params)
+
+        return self._rowwise(X, f, self.n_features_in_, np.float64, allow_nan=True)
 
     def _total_loglik(self, X: Any) -> tuple[float, int]:
         """(sum of log p(x), rows) with a tree reduction: no per-row array gathered."""
         self._check_fitted()
         if _is_numpy_like(X):
-            s = self.score_samples(X)
+            with warnings.catch_warnings():
+                # rows with every entry missing: left out, as in fit
+                warnings.simplefilter("ignore", RuntimeWarning)
+                s = self.score_samples(X)
+            if self.missing == "marginalize":
+                s = s[~np.isnan(s)]
             return float(s.sum()), s.shape[0]
         Xd = open_array(X, chunk_bytes=self.chunk_bytes)
         self._check_features(Xd.shape[1])
@@ -643,6 +723,10 @@ def fit_runs(
         return cached["rows"]
 
     split_every = opts.get("split_every", engine.DEFAULT_SPLIT_EVERY)
+    if model.missing == "marginalize":
+        # seeding on the observed entries (NaN filled by column means);
+        # Lloyd, the hard pass and EM marginalise
+        sample = _missing.seeding_sample(sample)
     resumed = checkpoint.load() if checkpoint is not None else None
     if resumed is not None:
         _, runs = resumed
