@@ -137,10 +137,14 @@ def test_worker_killed_mid_fit_gives_the_undisturbed_result(tmp_path):
                     time.sleep(0.01)
                 # mid-iteration: wait until the victim has tasks of the current pass
                 victim = before["w1"]["address"]
-                while not client.processing(workers=[victim]).get(victim) and time.monotonic() < deadline:
+                tasks = ()
+                while time.monotonic() < deadline:
+                    tasks = client.processing(workers=[victim]).get(victim) or ()
+                    if tasks:
+                        break
                     time.sleep(0.005)
                 event["at_iter"] = _checkpoint_iter(ckpt)
-                event["tasks"] = len(client.processing(workers=[victim]).get(victim, ()))
+                event["tasks"] = len(tasks)  # what the victim held when it was chosen
                 kill_pids([cl.workers["w1"].pid], signal.SIGKILL)
                 event["killed"] = cl.workers["w1"].wait(timeout=30)
                 start_worker(cl, "w2", memory_limit="1GB", nanny=False)
