@@ -129,8 +129,9 @@ class GaussianMixture:
         A folder where the state of every run is written after each
         iteration; a fit started again with the same checkpoint resumes.
     verbose : int, default=0
-        1 prints one line per iteration (log-likelihood, change, seconds) and a
-        progress bar for passes that take more than a second.
+        1 prints one line per iteration (log-likelihood and change of the
+        leading run still iterating, seconds per iteration) and, on a
+        terminal, a progress bar for passes that take more than a second.
     cache : {'auto', True, False}, default='auto'
         Persist the data in (cluster) memory once (True), stream it from its
         store every iteration (False), or persist only when it fits in half
@@ -666,9 +667,10 @@ def _progress_printer(verbose: int) -> Callable[[engine.IterationInfo], None] | 
             return
         ll = best.history[-1]
         delta = f"{ll - best.history[-2]: .3e}" if len(best.history) > 1 else "         -"
+        tag = " ".join(f"{k}={v}" for k, v in best.tag.items())
         print(
             f"iter {info.iteration:4d}  loglik {ll: .6f}  delta {delta}  "
-            f"{info.seconds:6.2f} s/iter  live runs {info.n_live}",
+            f"{info.seconds:6.2f} s/iter  live runs {info.n_live}  (leading live run: {tag})",
             file=sys.stderr,
             flush=True,
         )
@@ -772,7 +774,7 @@ def fit_runs(
         reseed_pool=sample,
         callback=_progress_printer(verbose),
         checkpoint=checkpoint,
-        progress=verbose >= 1,
+        progress=verbose >= 1 and sys.stderr.isatty(),
     )
     return runs, sample
 
