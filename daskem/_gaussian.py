@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
+from ._blas import single_threaded_blas
+
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 #: ``kmeans`` is internal: a shared spherical covariance and equal weights,
 #: for which hard EM is exactly Lloyd's algorithm.
@@ -271,50 +273,123 @@ class GaussianParams:
 # --------------------------------------------------------------------------
 
 
+def _compute_dtype(dtype: np.dtype | str | None, default: np.dtype) -> np.dtype:
+    dtype = np.dtype(dtype or default)
+    return dtype if dtype.kind == "f" and dtype.itemsize >= 4 else np.dtype(np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """What the block kernel needs from one parameter set, precomputed once per chunk.
+
+    ``centre`` is the point the data are shifted to before any product (the
+    mixture mean; it keeps the expanded forms accurate far from the origin).
+
+    * full / tied: ``weight`` is ``[[U_1 ... U_K], [-(mu_k - c) U_k ...]]``
+      of shape ``(D + 1, K*D)``, so that ``[z, 1] @ weight`` gives every
+      ``(x - mu_k) U_k`` in one GEMM;
+    * diag / spherical / kmeans: ``weight`` has shape ``(2D + 1, K)`` and
+      ``[z*z, z, 1] @ weight`` is ``-0.5 * maha`` directly.
+
+    ``const`` is ``log pi_k + log det U_k - D/2 log 2 pi`` (float64).
+    """
+
+    ctype: str
+    k: int
+    d: int
+    centre: np.ndarray  # (D,) float64
+    centre_c: np.ndarray  # (D,) compute dtype
+    weight: np.ndarray  # compute dtype
+    const: np.ndarray  # (K,) float64
+    const_c: np.ndarray  # (K,) compute dtype
+    dtype: np.dtype
+
+
+def _make_plan(params: GaussianParams, dtype: np.dtype, with_weights: bool = True) -> _Plan:
+    ctype = params.covariance_type
+    means = params.means
+    k, d = means.shape
+    pc = params.precisions_cholesky
+    centre = params.weights @ means
+    m = means - centre
+    log_det = _log_det_cholesky(pc, ctype, d)
+    const = -0.5 * d * _LOG_2PI + np.broadcast_to(log_det, (k,)).astype(np.float64)
+    if with_weights:
+        with np.errstate(divide="ignore"):
+            const = const + np.log(params.weights)
+    if ctype in ("full", "tied"):
+        ustack = pc if ctype == "full" else np.broadcast_to(pc, (k, d, d))
+        shift = np.einsum("ki,kij->kj", m, ustack)  # (K, D)
+        weight = np.empty((d + 1, k * d))
+        weight[:d] = ustack.transpose(1, 0, 2).reshape(d, k * d)
+        weight[d] = -shift.reshape(-1)
+    else:
+        prec = pc**2
+        if prec.ndim == 1:
+            prec = np.repeat(prec[:, None], d, axis=1)
+        weight = np.empty((2 * d + 1, k))
+        weight[:d] = -0.5 * prec.T
+        weight[d : 2 * d] = (m * prec).T
+        weight[2 * d] = -0.5 * (m * m * prec).sum(axis=1) + const
+    return _Plan(
+        ctype,
+        k,
+        d,
+        centre,
+        centre.astype(dtype),
+        np.ascontiguousarray(weight, dtype=dtype),
+        const,
+        const.astype(dtype),
+        dtype,
+    )
+
+
+def _design(X: np.ndarray, plan: _Plan) -> np.ndarray:
+    """The block's design matrix: ``[z, 1]`` (full, tied) or ``[z*z, z, 1]``."""
+    n, d = X.shape
+    if plan.ctype in ("full", "tied"):
+        a = np.empty((n, d + 1), dtype=plan.dtype)
+        np.subtract(X, plan.centre_c, out=a[:, :d])
+        a[:, d] = 1.0
+    else:
+        a = np.empty((n, 2 * d + 1), dtype=plan.dtype)
+        z = a[:, d : 2 * d]
+        np.subtract(X, plan.centre_c, out=z)
+        np.multiply(z, z, out=a[:, :d])
+        a[:, 2 * d] = 1.0
+    return a
+
+
+def _log_prob_block(a: np.ndarray, plan: _Plan) -> np.ndarray:
+    """``log pi_k + log N(x | k)`` (or without ``log pi_k``, as planned), shape (n, K)."""
+    n = a.shape[0]
+    if plan.ctype in ("full", "tied"):
+        y = a @ plan.weight  # (n, K*D): every (x - mu_k) U_k
+        y3 = y.reshape(n * plan.k, plan.d)
+        maha = np.einsum("ij,ij->i", y3, y3).reshape(n, plan.k)
+        maha *= -0.5
+        maha += plan.const_c
+        return maha
+    return a @ plan.weight
+
+
 def estimate_log_gaussian_prob(
     X: np.ndarray, params: GaussianParams, dtype: np.dtype | None = None
 ) -> np.ndarray:
     """``log N(x_n | mu_k, Sigma_k)`` for every row and component, shape (n, K).
 
-    Computed through the precision Cholesky factor. For the diagonal types the
-    data are centred on the mixture mean first, which keeps the expanded
-    quadratic form accurate far from the origin.
+    Computed through the precision Cholesky factor, with the data centred on
+    the mixture mean first (which keeps the products accurate far from the
+    origin) and all components in one matrix product.
     """
-    dtype = np.dtype(dtype or X.dtype)
-    if dtype.kind != "f":
-        dtype = np.dtype(np.float64)
-    X = np.asarray(X, dtype=dtype)
-    d = X.shape[1]
-    ctype = params.covariance_type
-    means = params.means
-    pc = params.precisions_cholesky
-    log_det = _log_det_cholesky(pc, ctype, d)
-    if ctype == "full":
-        maha = np.empty((X.shape[0], means.shape[0]), dtype=dtype)
-        for k in range(means.shape[0]):
-            y = (X - means[k].astype(dtype)) @ pc[k].astype(dtype)
-            maha[:, k] = np.einsum("ij,ij->i", y, y)
-    else:
-        centre = params.weights @ means
-        z = X - centre.astype(dtype)
-        m = means - centre
-        if ctype == "tied":
-            y0 = z @ pc.astype(dtype)
-            shift = (m @ pc).astype(dtype)
-            maha = np.empty((X.shape[0], means.shape[0]), dtype=dtype)
-            for k in range(means.shape[0]):
-                y = y0 - shift[k]
-                maha[:, k] = np.einsum("ij,ij->i", y, y)
-        else:
-            prec = pc**2
-            if prec.ndim == 1:
-                prec = np.repeat(prec[:, None], d, axis=1)
-            maha = (
-                (z * z) @ prec.T.astype(dtype)
-                - 2.0 * (z @ (m * prec).T.astype(dtype))
-                + (m * m * prec).sum(axis=1).astype(dtype)
-            )
-    return -0.5 * (d * _LOG_2PI + maha) + log_det.astype(dtype)
+    X = np.asarray(X)
+    dtype = _compute_dtype(dtype, X.dtype)
+    plan = _make_plan(params, dtype, with_weights=False)
+    out = np.empty((X.shape[0], params.n_components), dtype=dtype)
+    for start in range(0, X.shape[0], DEFAULT_BLOCK_ROWS):
+        xb = np.asarray(X[start : start + DEFAULT_BLOCK_ROWS], dtype=dtype)
+        out[start : start + xb.shape[0]] = _log_prob_block(_design(xb, plan), plan)
+    return out
 
 
 def estimate_weighted_log_prob(
@@ -442,42 +517,87 @@ class Stats:
         return self.loglik_heldout / self.n_heldout if self.n_heldout else float("nan")
 
 
+def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float]:
+    """Responsibilities (in place of ``logp``) and the block's summed log-likelihood.
+
+    Soft: one ``exp`` over the block, normalised by its row sums. Hard: one-hot
+    at the most probable component, and the classification likelihood.
+    """
+    n = logp.shape[0]
+    if hard:
+        best = logp.argmax(axis=1)
+        ll = float(logp[np.arange(n), best].sum(dtype=np.float64))
+        logp[...] = 0.0
+        logp[np.arange(n), best] = 1.0
+        return logp, ll
+    amax = logp.max(axis=1)
+    amax = np.where(np.isfinite(amax), amax, 0.0)
+    logp -= amax[:, None]
+    np.exp(logp, out=logp)
+    total = logp.sum(axis=1)
+    with np.errstate(divide="ignore"):
+        ll = float((np.log(total) + amax).sum(dtype=np.float64))
+    logp /= total[:, None]
+    return logp, ll
+
+
 def _accumulate_block(
     X: np.ndarray,
     params: GaussianParams,
     hard: bool,
     dtype: np.dtype,
     acc: dict[str, np.ndarray],
+    plan: _Plan | None = None,
 ) -> None:
-    """Add the statistics of the rows ``X`` (all finite, all training) to ``acc``."""
-    ctype = params.covariance_type
-    k, d = params.means.shape
-    logp = estimate_weighted_log_prob(X, params, dtype)
-    if hard:
-        best = logp.argmax(axis=1)
-        acc["loglik"] += float(np.take_along_axis(logp, best[:, None], axis=1).sum(dtype=np.float64))
-        q = np.zeros_like(logp)
-        q[np.arange(X.shape[0]), best] = 1.0
-    else:
-        lse = logsumexp_rows(logp)
-        acc["loglik"] += float(lse.sum(dtype=np.float64))
-        q = np.exp(logp - lse[:, None])
+    """Add the statistics of the rows ``X`` (all finite, all training) to ``acc``.
+
+    One pass: the block's design matrix, one GEMM for every log-density, one
+    ``exp`` for the responsibilities, and one GEMM per statistic over all
+    components. The moments are accumulated (float64) about the plan's
+    centre in ``acc["c1"]``/``acc["c2"]``; :func:`_finish` moves them to the
+    parameters' reference points once per chunk.
+    """
+    plan = plan or _make_plan(params, np.dtype(dtype))
+    a = _design(X, plan)
+    q, ll = _responsibilities(_log_prob_block(a, plan), hard)
+    acc["loglik"] += ll
     acc["nk"] += q.sum(axis=0, dtype=np.float64)
-    ref = params.reference()
-    if ctype == "full":
-        for j in range(k):
-            diff = X - ref[j].astype(dtype)
-            w = q[:, j]
-            acc["s1"][j] += w @ diff
-            acc["s2"][j] += (diff * w[:, None]).T @ diff
-    else:
-        z = X - ref[0].astype(dtype)
-        acc["s1"] += q.T @ z
-        if ctype == "tied":
-            # sum_k q_nk = 1 for every row, so the tied scatter does not need q
-            acc["s2"] += z.T @ z
+    n, d, k = X.shape[0], plan.d, plan.k
+    if plan.ctype in ("full", "tied"):
+        z = a[:, :d]
+        acc["c1"] += q.T @ z
+        if plan.ctype == "full":
+            zq = np.multiply(q[:, :, None], z[:, None, :]).reshape(n, k * d)
+            acc["c2"] += zq.T @ z  # (K*D, D): sum_n q_nk z_n z_n^T, stacked
         else:
-            acc["s2"] += q.T @ (z * z)
+            # sum_k q_nk = 1 for every row, so the tied scatter does not need q
+            acc["c2"] += z.T @ z
+    else:
+        # [z*z, z] weighted by q: second and first moments in one GEMM
+        acc["c2"] += q.T @ a[:, : 2 * d]
+
+
+def _finish(acc: dict, params: GaussianParams, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
+    """``s1``, ``s2`` about ``params.reference()`` from the moments about the centre."""
+    k, d = plan.k, plan.d
+    nk = acc["nk"]
+    ref = params.reference()
+    m = ref - plan.centre  # (K, D); zero rows for the non-full types
+    if plan.ctype in ("full", "tied"):
+        c1 = acc["c1"]
+        s1 = c1 - nk[:, None] * m
+        if plan.ctype == "tied":
+            return s1, acc["c2"].copy()  # the reference is the centre
+        c2 = acc["c2"].reshape(k, d, d)
+        s2 = (
+            c2
+            - np.einsum("ki,kj->kij", c1, m)
+            - np.einsum("ki,kj->kij", m, c1)
+            + nk[:, None, None] * np.einsum("ki,kj->kij", m, m)
+        )
+        return s1, s2
+    c2 = acc["c2"]
+    return c2[:, d:].copy(), c2[:, :d].copy()
 
 
 def chunk_statistics(
@@ -506,51 +626,62 @@ def chunk_statistics(
         Compute dtype (float32 or float64; default: float64). Statistics are
         always accumulated in float64.
     block_rows : int
-        Rows per block: the temporaries are ``block_rows x K`` at most.
+        Rows per block: the temporaries are ``block_rows x K*D`` at most.
 
     Returns
     -------
     list of Stats
         One per parameter set.
     """
-    dtype = np.dtype(dtype or np.float64)
+    dtype = _compute_dtype(dtype, np.float64)
     X = np.asarray(X)
     n, d = X.shape
     finite = np.isfinite(X).all(axis=1)
     n_bad = float(n - finite.sum())
+    plans = [_make_plan(p, dtype) for p in params_list]
     accs = []
     for p in params_list:
-        z = Stats.zeros(p.covariance_type, p.n_components, d)
+        k = p.n_components
+        c2 = {"full": (k * d, d), "tied": (d, d)}.get(p.covariance_type, (k, 2 * d))
         accs.append(
-            {"loglik": 0.0, "nk": z.nk, "s1": z.s1, "s2": z.s2, "n": 0.0, "ll_ho": 0.0, "n_ho": 0.0}
+            {
+                "loglik": 0.0,
+                "nk": np.zeros(k),
+                "c1": np.zeros((k, d)),
+                "c2": np.zeros(c2),
+                "n": 0.0,
+                "ll_ho": 0.0,
+                "n_ho": 0.0,
+            }
         )
-    for start in range(0, n, block_rows):
-        stop = min(start + block_rows, n)
-        ok = finite[start:stop]
-        block = X[start:stop]
-        if train_mask is not None:
-            tm = train_mask[start:stop]
-            train = ok & tm
-            held = ok & ~tm
-        else:
-            train, held = ok, None
-        xb = np.asarray(block[train] if not train.all() else block, dtype=dtype)
-        xh = None
-        if held is not None and held.any():
-            xh = np.asarray(block[held], dtype=dtype)
-        for p, acc in zip(params_list, accs):
-            if xb.shape[0]:
-                _accumulate_block(xb, p, hard, dtype, acc)
-                acc["n"] += xb.shape[0]
-            if xh is not None:
-                acc["ll_ho"] += float(
-                    logsumexp_rows(estimate_weighted_log_prob(xh, p, dtype)).sum(dtype=np.float64)
-                )
-                acc["n_ho"] += xh.shape[0]
-    return [
-        Stats(a["n"], a["loglik"], a["nk"], a["s1"], a["s2"], a["n_ho"], a["ll_ho"], n_bad)
-        for a in accs
-    ]
+    with single_threaded_blas():
+        for start in range(0, n, block_rows):
+            stop = min(start + block_rows, n)
+            ok = finite[start:stop]
+            block = X[start:stop]
+            if train_mask is not None:
+                tm = train_mask[start:stop]
+                train = ok & tm
+                held = ok & ~tm
+            else:
+                train, held = ok, None
+            xb = np.asarray(block[train] if not train.all() else block, dtype=dtype)
+            xh = None
+            if held is not None and held.any():
+                xh = np.asarray(block[held], dtype=dtype)
+            for p, plan, acc in zip(params_list, plans, accs):
+                if xb.shape[0]:
+                    _accumulate_block(xb, p, hard, dtype, acc, plan)
+                    acc["n"] += xb.shape[0]
+                if xh is not None:
+                    lp = _log_prob_block(_design(xh, plan), plan)
+                    acc["ll_ho"] += _responsibilities(lp, False)[1]
+                    acc["n_ho"] += xh.shape[0]
+    out = []
+    for p, plan, a in zip(params_list, plans, accs):
+        s1, s2 = _finish(a, p, plan)
+        out.append(Stats(a["n"], a["loglik"], a["nk"], s1, s2, a["n_ho"], a["ll_ho"], n_bad))
+    return out
 
 
 # --------------------------------------------------------------------------
