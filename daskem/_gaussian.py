@@ -285,11 +285,15 @@ class _Plan:
     ``centre`` is the point the data are shifted to before any product (the
     mixture mean; it keeps the expanded forms accurate far from the origin).
 
-    * full / tied: ``weight`` is ``[[U_1 ... U_K], [-(mu_k - c) U_k ...]]``
-      of shape ``(D + 1, K*D)``, so that ``[z, 1] @ weight`` gives every
-      ``(x - mu_k) U_k`` in one GEMM;
-    * diag / spherical / kmeans: ``weight`` has shape ``(2D + 1, K)`` and
-      ``[z*z, z, 1] @ weight`` is ``-0.5 * maha`` directly.
+    Blocks are handled transposed (features x rows), so that every reduction
+    over components or features runs along contiguous rows of length
+    ``block_rows``.
+
+    * full / tied: ``weight.T`` is ``[[U_1 ... U_K], [-(mu_k - c) U_k ...]]``
+      of shape ``(D + 1, K*D)``, so that ``weight @ [z, 1].T`` gives every
+      ``((x - mu_k) U_k).T`` in one GEMM;
+    * diag / spherical / kmeans: ``weight`` has shape ``(K, 2D + 1)`` and
+      ``weight @ [z*z, z, 1].T`` is ``log pi_k + log N(x | k)`` directly.
 
     ``const`` is ``log pi_k + log det U_k - D/2 log 2 pi`` (float64).
     """
@@ -337,7 +341,7 @@ def _make_plan(params: GaussianParams, dtype: np.dtype, with_weights: bool = Tru
         d,
         centre,
         centre.astype(dtype),
-        np.ascontiguousarray(weight, dtype=dtype),
+        np.ascontiguousarray(weight.T, dtype=dtype),
         const,
         const.astype(dtype),
         dtype,
@@ -345,32 +349,30 @@ def _make_plan(params: GaussianParams, dtype: np.dtype, with_weights: bool = Tru
 
 
 def _design(X: np.ndarray, plan: _Plan) -> np.ndarray:
-    """The block's design matrix: ``[z, 1]`` (full, tied) or ``[z*z, z, 1]``."""
+    """The block's transposed design matrix: ``[z, 1].T`` (full, tied) or ``[z*z, z, 1].T``."""
     n, d = X.shape
     if plan.ctype in ("full", "tied"):
-        a = np.empty((n, d + 1), dtype=plan.dtype)
-        np.subtract(X, plan.centre_c, out=a[:, :d])
-        a[:, d] = 1.0
+        a = np.empty((d + 1, n), dtype=plan.dtype)
+        np.subtract(X.T, plan.centre_c[:, None], out=a[:d])
+        a[d] = 1.0
     else:
-        a = np.empty((n, 2 * d + 1), dtype=plan.dtype)
-        z = a[:, d : 2 * d]
-        np.subtract(X, plan.centre_c, out=z)
-        np.multiply(z, z, out=a[:, :d])
-        a[:, 2 * d] = 1.0
+        a = np.empty((2 * d + 1, n), dtype=plan.dtype)
+        z = a[d : 2 * d]
+        np.subtract(X.T, plan.centre_c[:, None], out=z)
+        np.multiply(z, z, out=a[:d])
+        a[2 * d] = 1.0
     return a
 
 
 def _log_prob_block(a: np.ndarray, plan: _Plan) -> np.ndarray:
-    """``log pi_k + log N(x | k)`` (or without ``log pi_k``, as planned), shape (n, K)."""
-    n = a.shape[0]
+    """``log pi_k + log N(x | k)`` (or without ``log pi_k``, as planned), shape (K, n)."""
     if plan.ctype in ("full", "tied"):
-        y = a @ plan.weight  # (n, K*D): every (x - mu_k) U_k
-        y3 = y.reshape(n * plan.k, plan.d)
-        maha = np.einsum("ij,ij->i", y3, y3).reshape(n, plan.k)
-        maha *= -0.5
-        maha += plan.const_c
-        return maha
-    return a @ plan.weight
+        y = (plan.weight @ a).reshape(plan.k, plan.d, a.shape[1])  # every ((x - mu_k) U_k).T
+        out = np.einsum("kdn,kdn->kn", y, y)
+        out *= -0.5
+        out += plan.const_c[:, None]
+        return out
+    return plan.weight @ a
 
 
 def estimate_log_gaussian_prob(
@@ -388,7 +390,7 @@ def estimate_log_gaussian_prob(
     out = np.empty((X.shape[0], params.n_components), dtype=dtype)
     for start in range(0, X.shape[0], DEFAULT_BLOCK_ROWS):
         xb = np.asarray(X[start : start + DEFAULT_BLOCK_ROWS], dtype=dtype)
-        out[start : start + xb.shape[0]] = _log_prob_block(_design(xb, plan), plan)
+        out[start : start + xb.shape[0]] = _log_prob_block(_design(xb, plan), plan).T
     return out
 
 
@@ -518,26 +520,26 @@ class Stats:
 
 
 def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float]:
-    """Responsibilities (in place of ``logp``) and the block's summed log-likelihood.
+    """Responsibilities (in place of ``logp``, shape (K, n)) and the summed log-likelihood.
 
-    Soft: one ``exp`` over the block, normalised by its row sums. Hard: one-hot
-    at the most probable component, and the classification likelihood.
+    Soft: one ``exp`` over the block, normalised by its column sums. Hard:
+    one-hot at the most probable component, and the classification likelihood.
     """
-    n = logp.shape[0]
+    n = logp.shape[1]
     if hard:
-        best = logp.argmax(axis=1)
-        ll = float(logp[np.arange(n), best].sum(dtype=np.float64))
+        best = logp.argmax(axis=0)
+        ll = float(logp[best, np.arange(n)].sum(dtype=np.float64))
         logp[...] = 0.0
-        logp[np.arange(n), best] = 1.0
+        logp[best, np.arange(n)] = 1.0
         return logp, ll
-    amax = logp.max(axis=1)
+    amax = logp.max(axis=0)
     amax = np.where(np.isfinite(amax), amax, 0.0)
-    logp -= amax[:, None]
+    logp -= amax
     np.exp(logp, out=logp)
-    total = logp.sum(axis=1)
+    total = logp.sum(axis=0)
     with np.errstate(divide="ignore"):
         ll = float((np.log(total) + amax).sum(dtype=np.float64))
-    logp /= total[:, None]
+    logp /= total
     return logp, ll
 
 
@@ -559,22 +561,22 @@ def _accumulate_block(
     """
     plan = plan or _make_plan(params, np.dtype(dtype))
     a = _design(X, plan)
-    q, ll = _responsibilities(_log_prob_block(a, plan), hard)
+    q, ll = _responsibilities(_log_prob_block(a, plan), hard)  # (K, n)
     acc["loglik"] += ll
-    acc["nk"] += q.sum(axis=0, dtype=np.float64)
+    acc["nk"] += q.sum(axis=1, dtype=np.float64)
     n, d, k = X.shape[0], plan.d, plan.k
     if plan.ctype in ("full", "tied"):
-        z = a[:, :d]
-        acc["c1"] += q.T @ z
+        z = a[:d]  # (D, n)
+        acc["c1"] += q @ z.T
         if plan.ctype == "full":
-            zq = np.multiply(q[:, :, None], z[:, None, :]).reshape(n, k * d)
-            acc["c2"] += zq.T @ z  # (K*D, D): sum_n q_nk z_n z_n^T, stacked
+            zq = np.multiply(q[:, None, :], z[None, :, :]).reshape(k * d, n)
+            acc["c2"] += zq @ z.T  # (K*D, D): sum_n q_nk z_n z_n^T, stacked
         else:
             # sum_k q_nk = 1 for every row, so the tied scatter does not need q
-            acc["c2"] += z.T @ z
+            acc["c2"] += z @ z.T
     else:
         # [z*z, z] weighted by q: second and first moments in one GEMM
-        acc["c2"] += q.T @ a[:, : 2 * d]
+        acc["c2"] += q @ a[: 2 * d].T
 
 
 def _finish(acc: dict, params: GaussianParams, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
