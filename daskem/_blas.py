@@ -59,7 +59,9 @@ def _get_setters() -> list[Callable[[int], int]]:
     if _setters is None:
         with _lock:
             if _setters is None:
-                _setters = [] if os.environ.get("DASKEM_BLAS_THREADS") == "keep" else _find_setters()
+                _setters = _find_setters()
+    if os.environ.get("DASKEM_BLAS_THREADS") == "keep":
+        return []
     return _setters
 
 
