@@ -58,9 +58,9 @@ import dask.array as da  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from daskem import _blas  # noqa: E402
 from daskem import _engine as engine  # noqa: E402
 from daskem import _gaussian as g  # noqa: E402
-from daskem import _blas  # noqa: E402
 
 BLOCK = g.DEFAULT_BLOCK_ROWS
 
@@ -93,6 +93,7 @@ def sizes(quick: bool) -> dict:
         "ooc_memory_limit": "400MB",
         "ooc_chunk_rows": 262_144,
         "iters": 3,
+        "blas_seconds": 0.4,
         "limit_rows": 1_000_000,
         "chunk_bytes": None,
     }
@@ -170,7 +171,7 @@ class PeakMemory:
 
 def cluster_pids(client) -> dict[str, int]:
     pids = {"client": os.getpid()}
-    for i, (addr, pid) in enumerate(sorted(client.run(os.getpid).items())):
+    for i, (_addr, pid) in enumerate(sorted(client.run(os.getpid).items())):
         pids[f"worker{i}"] = pid
     return pids
 
