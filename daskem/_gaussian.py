@@ -674,8 +674,10 @@ def chunk_statistics(
     dtype = _compute_dtype(dtype, np.float64)
     X = np.asarray(X)
     n, d = X.shape
-    finite = np.isfinite(X).all(axis=1)
-    n_bad = float(n - finite.sum())
+    if X.dtype.kind != "f":
+        X = X.astype(np.float64)
+    n_bad = 0
+    ones = np.ones(d, dtype=X.dtype)
     plans = [_make_plan(p, dtype) for p in params_list]
     work = _Workspace(dtype)
     accs = []
@@ -696,8 +698,17 @@ def chunk_statistics(
     with single_threaded_blas():
         for start in range(0, n, block_rows):
             stop = min(start + block_rows, n)
-            ok = finite[start:stop]
             block = X[start:stop]
+            # a NaN or inf anywhere in a row makes its sum non-finite: one
+            # cheap product screens the block; only a flagged block pays for
+            # the exact per-row test
+            with np.errstate(over="ignore", invalid="ignore"):
+                screen = np.isfinite(block @ ones).all()
+            if screen:
+                ok = np.ones(stop - start, dtype=bool)
+            else:
+                ok = np.isfinite(block).all(axis=1)
+                n_bad += int((~ok).sum())
             if train_mask is not None:
                 tm = train_mask[start:stop]
                 train = ok & tm
@@ -719,7 +730,7 @@ def chunk_statistics(
     out = []
     for p, plan, a in zip(params_list, plans, accs):
         s1, s2 = _finish(a, p, plan)
-        out.append(Stats(a["n"], a["loglik"], a["nk"], s1, s2, a["n_ho"], a["ll_ho"], n_bad))
+        out.append(Stats(a["n"], a["loglik"], a["nk"], s1, s2, a["n_ho"], a["ll_ho"], float(n_bad)))
     return out
 
 

@@ -187,3 +187,16 @@ def test_blas_threads_restored() -> None:
     finally:
         fn(max(int(before), 1))
     assert isinstance(fn.restype, type(ctypes.c_int)) or fn.restype is ctypes.c_int
+
+
+def test_huge_finite_rows_are_not_taken_for_bad() -> None:
+    """Rows whose sum overflows are still finite rows (the screen is only a filter)."""
+    X = _data(n=600, d=3)
+    big = np.zeros((4, 3))
+    big[:, 0] = big[:, 1] = 1e308  # the row sum overflows to inf
+    Xb = np.vstack([X, big])
+    p = _params(X, "diag")
+    with np.errstate(all="ignore"):
+        (st,) = g.chunk_statistics(Xb, [p], block_rows=256)
+    assert st.n_bad == 0
+    assert st.n == len(Xb)
