@@ -309,12 +309,17 @@ class _Plan:
     dtype: np.dtype
 
 
-def _make_plan(params: GaussianParams, dtype: np.dtype, with_weights: bool = True) -> _Plan:
+def _make_plan(
+    params: GaussianParams,
+    dtype: np.dtype,
+    with_weights: bool = True,
+    centre: np.ndarray | None = None,
+) -> _Plan:
     ctype = params.covariance_type
     means = params.means
     k, d = means.shape
     pc = params.precisions_cholesky
-    centre = params.weights @ means
+    centre = params.weights @ means if centre is None else np.asarray(centre, dtype=np.float64)
     m = means - centre
     log_det = _log_det_cholesky(pc, ctype, d)
     const = -0.5 * d * _LOG_2PI + np.broadcast_to(log_det, (k,)).astype(np.float64)
@@ -362,7 +367,7 @@ class _Workspace:
         self._bufs: dict[str, np.ndarray] = {}
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         buf = self._bufs.get(name)
         if buf is None or buf.size < size:
             buf = self._bufs[name] = np.empty(size, dtype=self.dtype)
@@ -420,9 +425,10 @@ def estimate_log_gaussian_prob(
     plan = _make_plan(params, dtype, with_weights=False)
     work = _Workspace(dtype)
     out = np.empty((X.shape[0], params.n_components), dtype=dtype)
-    for start in range(0, X.shape[0], DEFAULT_BLOCK_ROWS):
-        xb = X[start : start + DEFAULT_BLOCK_ROWS]
-        out[start : start + xb.shape[0]] = _log_prob_block(_design(xb, plan, work), plan, work).T
+    with single_threaded_blas():
+        for start in range(0, X.shape[0], DEFAULT_BLOCK_ROWS):
+            xb = X[start : start + DEFAULT_BLOCK_ROWS]
+            out[start : start + xb.shape[0]] = _log_prob_block(_design(xb, plan, work), plan, work).T
     return out
 
 
@@ -634,8 +640,65 @@ def _finish(acc: dict, params: GaussianParams, plan: _Plan) -> tuple[np.ndarray,
             + nk[:, None, None] * np.einsum("ki,kj->kij", m, m)
         )
         return s1, s2
-    c2 = acc["c2"]
-    return c2[:, d:].copy(), c2[:, :d].copy()
+    # diag family: moments of z = x - centre; the reference is the mixture mean
+    c1, c2 = acc["c2"][:, d:], acc["c2"][:, :d]
+    s1 = c1 - nk[:, None] * m
+    s2 = c2 - 2.0 * m * c1 + nk[:, None] * m * m
+    return s1, s2
+
+
+_DIAG_FAMILY = ("diag", "spherical", "kmeans")
+
+
+@dataclass(frozen=True, eq=False)
+class _DiagGroup:
+    """Diagonal-type parameter sets sharing one design matrix and stacked GEMMs.
+
+    Restarts (and candidate K) of the diagonal types cost mostly the two thin
+    products per block; stacking every set's weights makes them one product
+    each, with the design ``[z*z, z, 1]`` built once per block about a common
+    centre (the first set's mixture mean; :func:`_finish` moves each set's
+    moments to its own reference).
+    """
+
+    members: tuple[int, ...]
+    plans: tuple[_Plan, ...]
+    offsets: tuple[int, ...]
+    weight: np.ndarray  # (sum K, 2D + 1)
+
+    @classmethod
+    def build(cls, members: list[int], params_list: list[GaussianParams], dtype: np.dtype) -> _DiagGroup:
+        p0 = params_list[members[0]]
+        c0 = p0.weights @ p0.means
+        plans = tuple(_make_plan(params_list[i], dtype, centre=c0) for i in members)
+        offsets = tuple(int(o) for o in np.cumsum([0] + [pl.k for pl in plans]))
+        weight = np.ascontiguousarray(np.vstack([pl.weight for pl in plans]))
+        return cls(tuple(members), plans, offsets, weight)
+
+    def log_prob(self, X: np.ndarray, work: _Workspace) -> tuple[np.ndarray, np.ndarray]:
+        a = _design(X, self.plans[0], work)
+        lp = work.get("lpg", (self.weight.shape[0], X.shape[0]))
+        np.matmul(self.weight, a, out=lp)
+        return a, lp
+
+    def accumulate(self, X: np.ndarray, hard: bool, accs: list[dict], work: _Workspace) -> None:
+        a, lp = self.log_prob(X, work)
+        d = self.plans[0].d
+        for j, i in enumerate(self.members):
+            _, ll = _responsibilities(lp[self.offsets[j] : self.offsets[j + 1]], hard)
+            accs[i]["loglik"] += ll
+        # every set's [z*z, z, 1] moments, q-weighted, in one product; the
+        # column of ones gives N_k
+        mom = lp @ a.T
+        for j, i in enumerate(self.members):
+            rows = mom[self.offsets[j] : self.offsets[j + 1]]
+            accs[i]["c2"] += rows[:, : 2 * d]
+            accs[i]["nk"] += rows[:, 2 * d]
+
+    def heldout(self, X: np.ndarray, accs: list[dict], work: _Workspace) -> None:
+        _, lp = self.log_prob(X, work)
+        for j, i in enumerate(self.members):
+            accs[i]["ll_ho"] += _responsibilities(lp[self.offsets[j] : self.offsets[j + 1]], False)[1]
 
 
 def chunk_statistics(
@@ -679,6 +742,13 @@ def chunk_statistics(
     n_bad = 0
     ones = np.ones(d, dtype=X.dtype)
     plans = [_make_plan(p, dtype) for p in params_list]
+    diag_members = [i for i, p in enumerate(params_list) if p.covariance_type in _DIAG_FAMILY]
+    group = None
+    if len(diag_members) > 1:
+        group = _DiagGroup.build(diag_members, params_list, dtype)
+        for i, pl in zip(group.members, group.plans):
+            plans[i] = pl
+    singles = [i for i in range(len(params_list)) if group is None or i not in group.members]
     work = _Workspace(dtype)
     accs = []
     for p in params_list:
@@ -719,14 +789,20 @@ def chunk_statistics(
             xh = None
             if held is not None and held.any():
                 xh = block[held]
-            for p, plan, acc in zip(params_list, plans, accs):
+            if group is not None:
                 if xb.shape[0]:
-                    _accumulate_block(xb, p, hard, dtype, acc, plan, work)
-                    acc["n"] += xb.shape[0]
+                    group.accumulate(xb, hard, accs, work)
                 if xh is not None:
-                    lp = _log_prob_block(_design(xh, plan, work), plan, work)
-                    acc["ll_ho"] += _responsibilities(lp, False)[1]
-                    acc["n_ho"] += xh.shape[0]
+                    group.heldout(xh, accs, work)
+            for i in singles:
+                if xb.shape[0]:
+                    _accumulate_block(xb, params_list[i], hard, dtype, accs[i], plans[i], work)
+                if xh is not None:
+                    lp = _log_prob_block(_design(xh, plans[i], work), plans[i], work)
+                    accs[i]["ll_ho"] += _responsibilities(lp, False)[1]
+            for acc in accs:
+                acc["n"] += xb.shape[0]
+                acc["n_ho"] += 0 if xh is None else xh.shape[0]
     out = []
     for p, plan, a in zip(params_list, plans, accs):
         s1, s2 = _finish(a, p, plan)

@@ -200,3 +200,21 @@ def test_huge_finite_rows_are_not_taken_for_bad() -> None:
         (st,) = g.chunk_statistics(Xb, [p], block_rows=256)
     assert st.n_bad == 0
     assert st.n == len(Xb)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_mixed_parameter_sets_with_mask_equal_reference(hard: bool) -> None:
+    """Diagonal-type sets are stacked together (shared design); others run alone."""
+    X = _data(n=2500)
+    ps = [
+        _params(X, "diag", seed=1),
+        _params(X, "full", seed=2),
+        _params(X, "spherical", seed=3),
+        _params(X, "diag", k=3, seed=4),
+        _params(X, "tied", seed=5),
+    ]
+    mask = np.random.default_rng(7).random(len(X)) > 0.3
+    stats = g.chunk_statistics(X, ps, hard=hard, train_mask=mask, block_rows=700)
+    for p, st in zip(ps, stats):
+        ref = _ref_stats(X, p, hard, mask)
+        _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
