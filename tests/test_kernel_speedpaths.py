@@ -212,6 +212,8 @@ def test_mixed_parameter_sets_with_mask_equal_reference(hard: bool) -> None:
         _params(X, "spherical", seed=3),
         _params(X, "diag", k=3, seed=4),
         _params(X, "tied", seed=5),
+        # the internal k-means type (shared spherical variance, equal weights)
+        g.GaussianParams.from_covariances(np.full(4, 0.25), X[:4], np.full(4, 3.0), "kmeans"),
     ]
     mask = np.random.default_rng(7).random(len(X)) > 0.3
     stats = g.chunk_statistics(X, ps, hard=hard, train_mask=mask, block_rows=700)
