@@ -1,0 +1,541 @@
+"""daskem speed and memory benchmark: one run measures everything, side by side.
+
+Usage::
+
+    python benchmarks/run.py [--quick] [--out benchmarks/results/latest.json]
+
+Sections of the JSON (and the printed table):
+
+``limits``
+    The machine's floor: BLAS GFLOP/s for the tall-skinny shapes the kernel
+    uses (rows x D @ D x D and rows x D @ D x K*D, on cache-sized row blocks,
+    every core busy, one BLAS thread per core), at float64 and float32; and
+    the read + decompress rate of the out-of-core Zarr store through the same
+    Dask cluster (``da.from_zarr(...).sum()``).
+``cases``
+    Seconds per EM iteration of daskem and of scikit-learn from the same
+    initial parameters on the same data: (a) N=1e6 D=16 K=8 full, (b) diag,
+    (c) N=2e5 D=64 K=16 full, (d) out of core (a store larger than the
+    workers' memory limits), diag and full; plus daskem's achieved GFLOP/s
+    (the kernel's flops, counted below) and peak memory of the client and of
+    every worker.
+``ratios``
+    daskem / scikit-learn, GFLOP/s / BLAS limit, out-of-core s/iter / read
+    bound, n_init=4 / n_init=1 per iteration, float32 / float64, worker peak
+    memory at N and 4N, two workers / one worker, and Dask threads x BLAS
+    threads on the threaded scheduler (2 x 1 against 1 x 2).
+
+Timings are medians over iterations after the first (which warms caches).
+scikit-learn runs with ``warm_start=True``: a first ``fit(max_iter=1)`` sets
+the initial parameters, the timed ``fit(max_iter=m)`` then runs exactly ``m``
+iterations of its loop (no initialisation inside the timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+
+import dask  # noqa: E402
+import dask.array as da  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+from daskem import _blas  # noqa: E402
+from daskem import _engine as engine  # noqa: E402
+from daskem import _gaussian as g  # noqa: E402
+
+BLOCK = g.DEFAULT_BLOCK_ROWS
+
+
+# --------------------------------------------------------------------------
+# sizes
+# --------------------------------------------------------------------------
+
+
+def sizes(quick: bool) -> dict:
+    if quick:
+        return {
+            "a": (20_000, 4, 3),
+            "c": (8_000, 6, 4),
+            "ooc_n": 80_000,
+            "ooc_dk": (4, 3),
+            "ooc_memory_limit": "400MB",
+            "ooc_chunk_rows": 10_000,
+            "iters": 1,
+            "limit_rows": 20_000,
+            "blas_seconds": 0.05,
+            "chunk_bytes": 2**18,
+        }
+    return {
+        "a": (1_000_000, 16, 8),
+        "c": (200_000, 64, 16),
+        # 7e6 x 16 float64 = 896 MB > 2 workers x 400 MB
+        "ooc_n": 7_000_000,
+        "ooc_dk": (16, 8),
+        "ooc_memory_limit": "400MB",
+        "ooc_chunk_rows": 262_144,
+        "iters": 3,
+        "blas_seconds": 0.4,
+        "limit_rows": 1_000_000,
+        "chunk_bytes": None,
+    }
+
+
+# --------------------------------------------------------------------------
+# data and initial parameters
+# --------------------------------------------------------------------------
+
+
+def make_store(path: Path, n: int, d: int, k: int, chunk_rows: int, seed: int = 0) -> None:
+    """A Gaussian mixture written chunk by chunk to a Zarr array (never whole in memory)."""
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=3.0, size=(k, d))
+    scales = rng.uniform(0.5, 1.5, size=(k, d))
+    arr = zarr.create_array(str(path), shape=(n, d), chunks=(chunk_rows, d), dtype="f8")
+    for start in range(0, n, chunk_rows):
+        m = min(chunk_rows, n - start)
+        lab = rng.integers(0, k, size=m)
+        arr[start : start + m] = centres[lab] + rng.standard_normal((m, d)) * scales[lab]
+
+
+def init_params(X: np.ndarray, k: int, ctype: str, seed: int) -> g.GaussianParams:
+    """Means on random rows, the sample covariance for every component."""
+    rng = np.random.default_rng(seed)
+    sample = X[rng.choice(len(X), min(len(X), 20_000), replace=False)]
+    means = sample[rng.choice(len(sample), k, replace=False)]
+    cov = np.cov(sample.T) + 1e-3 * np.eye(X.shape[1])
+    cov = {
+        "full": np.stack([cov] * k),
+        "tied": cov,
+        "diag": np.stack([np.diag(cov)] * k),
+        "spherical": np.full(k, np.diag(cov).mean()),
+    }[ctype]
+    return g.GaussianParams.from_covariances(np.full(k, 1.0 / k), means, cov, ctype)
+
+
+# --------------------------------------------------------------------------
+# memory sampling
+# --------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Samples the RSS of some processes every few ms; keeps the maximum of each."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.02):
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peak = {name: 0 for name in pids}
+        self.interval = interval
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, p in self.procs.items():
+                try:
+                    self.peak[name] = max(self.peak[name], p.memory_info().rss)
+                except psutil.Error:
+                    pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def mib(self) -> dict[str, float]:
+        return {k: round(v / 2**20, 1) for k, v in self.peak.items()}
+
+
+def cluster_pids(client) -> dict[str, int]:
+    pids = {"client": os.getpid()}
+    for i, (_addr, pid) in enumerate(sorted(client.run(os.getpid).items())):
+        pids[f"worker{i}"] = pid
+    return pids
+
+
+# --------------------------------------------------------------------------
+# machine limits
+# --------------------------------------------------------------------------
+
+
+def blas_rate(rows: int, d_in: int, d_out: int, dtype: str, threads: int, seconds: float = 0.4) -> float:
+    """GFLOP/s of ``block @ W`` over row blocks, ``threads`` threads x one BLAS thread each."""
+    rng = np.random.default_rng(0)
+    per = max(BLOCK, rows // threads)
+    xs = [rng.standard_normal((per, d_in)).astype(dtype) for _ in range(threads)]
+    w = rng.standard_normal((d_in, d_out)).astype(dtype)
+
+    def work(x: np.ndarray) -> int:
+        n = 0
+        with _blas.single_threaded_blas():
+            t_end = time.perf_counter() + seconds
+            while time.perf_counter() < t_end:
+                for s in range(0, len(x), BLOCK):
+                    x[s : s + BLOCK] @ w
+                n += len(x)
+        return n
+
+    with ThreadPoolExecutor(threads) as ex:
+        ex.submit(work, xs[0][:BLOCK]).result()  # warm up
+        t0 = time.perf_counter()
+        done = sum(ex.map(work, xs))
+        dt = time.perf_counter() - t0
+    return 2.0 * done * d_in * d_out / dt / 1e9
+
+
+def machine_limits(shapes: list[tuple[int, int]], rows: int, threads: int, seconds: float) -> dict:
+    out = {}
+    for d, k in shapes:
+        for dtype in ("float64", "float32"):
+            out[f"gemm_rows_x_{d}_at_{d}x{d}_{dtype}"] = round(blas_rate(rows, d, d, dtype, threads, seconds), 2)
+            out[f"gemm_rows_x_{d}_at_{d}x{k * d}_{dtype}"] = round(blas_rate(rows, d, k * d, dtype, threads, seconds), 2)
+    return out
+
+
+def read_rate(path: Path) -> dict:
+    """Read + decompress rate of a Zarr store through the active Dask scheduler."""
+    x = da.from_zarr(str(path))
+    x.sum().compute()  # warm (file cache, imports)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        x.sum().compute()
+        times.append(time.perf_counter() - t0)
+    t = min(times)
+    return {"bytes": int(x.nbytes), "seconds": round(t, 3), "MB_per_s": round(x.nbytes / t / 1e6, 1)}
+
+
+# --------------------------------------------------------------------------
+# flops of the kernel (per row, per parameter set)
+# --------------------------------------------------------------------------
+
+
+def kernel_flops_per_row(ctype: str, d: int, k: int) -> float:
+    """Useful flops of one row in the fused kernel (what a careful hand count gives).
+
+    full: E-step ``[z,1] @ W`` (2 K D (D+1)), squares and sums (2 K D), the
+    ``q``-weighted rows (K D), the scatter ``sum q z z^T`` (2 K D^2) and first
+    moments (2 K D). diag/spherical: E-step ``[z*z, z, 1] @ W`` (2 K (2D+1)),
+    the design (2 D) and both moments in one product (2 K 2D).
+    """
+    if ctype in ("full", "tied"):
+        return 2 * k * d * (d + 1) + 2 * k * d + k * d + 2 * k * d * d + 2 * k * d
+    return 2 * k * (2 * d + 1) + 2 * d + 4 * k * d
+
+
+# --------------------------------------------------------------------------
+# timing EM
+# --------------------------------------------------------------------------
+
+
+def daskem_s_per_iter(Xd: da.Array, params: list[g.GaussianParams], iters: int, dtype: str = "float64") -> dict:
+    """Median seconds per EM pass (+ M-step) of the engine, after a warm-up pass."""
+    model = g.MixtureModel(dtype=dtype)
+    runs = [engine.Run(p) for p in params]
+    secs: list[float] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        engine.run_em(Xd, model, runs, tol=-1.0, max_iter=iters + 1, callback=lambda info: secs.append(info.seconds))
+    return {"s_per_iter": round(statistics.median(secs[1:]), 4), "all_s": [round(s, 4) for s in secs],
+            "loglik": runs[0].history[-1]}
+
+
+def sklearn_s_per_iter(X: np.ndarray, p: g.GaussianParams, iters: int) -> dict:
+    from sklearn.mixture import GaussianMixture
+
+    gm = GaussianMixture(
+        p.n_components,
+        covariance_type=p.covariance_type,
+        weights_init=p.weights,
+        means_init=p.means,
+        precisions_init=p.precisions,
+        init_params="random_from_data",
+        max_iter=1,
+        tol=0.0,
+        warm_start=True,
+        random_state=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm.fit(X)  # initialise + 1 iteration (warm-up)
+        gm.set_params(max_iter=iters)
+        t0 = time.perf_counter()
+        gm.fit(X)  # exactly `iters` iterations, no initialisation
+        dt = time.perf_counter() - t0
+    return {"s_per_iter": round(dt / iters, 4), "loglik": float(gm.lower_bound_)}
+
+
+# --------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
+    ap.add_argument("--workdir", default=None, help="where the Zarr stores go (default: a temp dir)")
+    ap.add_argument("--no-sklearn", action="store_true", help="skip scikit-learn (daskem only)")
+    args = ap.parse_args(argv)
+    S = sizes(args.quick)
+    cores = os.cpu_count() or 1
+    from distributed import Client, LocalCluster
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="daskem-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    res: dict = {
+        "meta": {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.node(),
+            "cpu": platform.processor() or platform.machine(),
+            "cores": cores,
+            "ram_GiB": round(psutil.virtual_memory().total / 2**30, 1),
+            "load_avg_start": list(os.getloadavg()),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "dask": dask.__version__,
+            "quick": args.quick,
+            "block_rows": BLOCK,
+            "blas_thread_limit": _blas.blas_limit_available(),
+        },
+        "limits": {},
+        "cases": {},
+        "ratios": {},
+    }
+    n_a, d_a, k_a = S["a"]
+    n_c, d_c, k_c = S["c"]
+    d_o, k_o = S["ooc_dk"]
+    iters = S["iters"]
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+
+    try:
+        # ---- data -----------------------------------------------------------
+        log("writing stores ...")
+        store_a = work / "a.zarr"
+        store_c = work / "c.zarr"
+        store_o = work / "ooc.zarr"
+        store_o4 = work / "ooc_quarter.zarr"
+        make_store(store_a, n_a, d_a, k_a, min(n_a, 262_144 if not args.quick else 5_000))
+        make_store(store_c, n_c, d_c, k_c, min(n_c, 65_536 if not args.quick else 2_000), seed=1)
+        make_store(store_o, S["ooc_n"], d_o, k_o, S["ooc_chunk_rows"], seed=2)
+        make_store(store_o4, S["ooc_n"] // 4, d_o, k_o, S["ooc_chunk_rows"], seed=3)
+
+        import zarr
+
+        Xa = np.asarray(zarr.open_array(str(store_a))[:])
+        Xc = np.asarray(zarr.open_array(str(store_c))[:])
+
+        # ---- limits ---------------------------------------------------------
+        log("measuring BLAS limits ...")
+        res["limits"]["blas_gflops"] = machine_limits(
+            sorted({(d_a, k_a), (d_c, k_c)}), S["limit_rows"], cores, S["blas_seconds"]
+        )
+
+        # ---- in-memory cases on a 2-worker cluster ---------------------------
+        def open_persisted(path: Path, client) -> da.Array:
+            from daskem.io import open_array
+
+            x = open_array(str(path), chunk_bytes=S["chunk_bytes"])
+            x = x.persist()
+            from distributed import wait
+
+            wait(x)
+            return x
+
+        cases = [
+            ("a_full", store_a, Xa, k_a, "full"),
+            ("b_diag", store_a, Xa, k_a, "diag"),
+            ("c_full_D64", store_c, Xc, k_c, "full"),
+        ]
+        with LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
+            pids = cluster_pids(client)
+            for name, store, X, k, ctype in cases:
+                log(f"case {name}: daskem ...")
+                Xd = open_persisted(store, client)
+                p = init_params(X, k, ctype, seed=0)
+                with PeakMemory(pids) as mem:
+                    r = daskem_s_per_iter(Xd, [p], iters)
+                row = {"N": X.shape[0], "D": X.shape[1], "K": k, "covariance_type": ctype,
+                       "daskem": r, "daskem_peak_MiB": mem.mib(), "chunks": len(Xd.chunks[0]),
+                       "workers": cores, "threads_per_worker": 1}
+                fl = kernel_flops_per_row(ctype, X.shape[1], k) * X.shape[0]
+                row["kernel_GFLOP_per_iter"] = round(fl / 1e9, 3)
+                row["daskem_GFLOPs"] = round(fl / r["s_per_iter"] / 1e9, 2)
+                if name == "a_full":
+                    log("case a: float32, n_init=4 ...")
+                    row["daskem_float32"] = daskem_s_per_iter(Xd, [p], iters, dtype="float32")
+                    ps = [init_params(X, k, ctype, seed=s) for s in range(4)]
+                    row["daskem_n_init4"] = daskem_s_per_iter(Xd, ps, iters)
+                if not args.no_sklearn:
+                    log(f"case {name}: scikit-learn ...")
+                    with PeakMemory({"client": os.getpid()}) as mem_sk:
+                        row["sklearn"] = sklearn_s_per_iter(X, p, iters)
+                    row["sklearn_peak_MiB"] = mem_sk.mib()["client"]
+                res["cases"][name] = row
+                del Xd
+
+        # ---- one worker on (a) ----------------------------------------------
+        log("case a on one worker ...")
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
+            Xd = open_persisted(store_a, client)
+            p = init_params(Xa, k_a, "full", seed=0)
+            res["cases"]["a_full"]["daskem_one_worker"] = daskem_s_per_iter(Xd, [p], iters)
+
+        # ---- threaded scheduler: Dask threads x BLAS threads --------------------
+        log("case a on the threaded scheduler ...")
+        from daskem.io import open_array
+
+        Xn = open_array(Xa, chunk_bytes=S["chunk_bytes"])
+        p = init_params(Xa, k_a, "full", seed=0)
+        thr = {}
+        with dask.config.set(scheduler="threads", num_workers=cores):
+            thr[f"{cores}_dask_x_1_blas"] = daskem_s_per_iter(Xn, [p], iters)
+        os.environ["DASKEM_BLAS_THREADS"] = "keep"
+        try:
+            with dask.config.set(scheduler="threads", num_workers=1):
+                thr[f"1_dask_x_{cores}_blas"] = daskem_s_per_iter(Xn, [p], iters)
+            with dask.config.set(scheduler="threads", num_workers=cores):
+                thr[f"{cores}_dask_x_{cores}_blas_oversubscribed"] = daskem_s_per_iter(Xn, [p], iters)
+        finally:
+            del os.environ["DASKEM_BLAS_THREADS"]
+        res["cases"]["a_full"]["threaded_scheduler"] = thr
+
+        # ---- out of core ------------------------------------------------------
+        log("out-of-core cases ...")
+        with LocalCluster(
+            n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=":0",
+            memory_limit=S["ooc_memory_limit"],
+        ) as cl, Client(cl) as client:
+            pids = cluster_pids(client)
+            res["limits"]["zarr_read"] = read_rate(store_o)
+            mem_total = engine._cluster_memory()
+            Xo = open_array(str(store_o))
+            # what cache='auto' decides (the full-size store must not fit); stream either way
+            auto_persist = bool(Xo.nbytes < 0.5 * mem_total)
+            Xs, _ = engine.prepare_data(Xo, False)
+            Xq = open_array(str(store_o4))
+            sample = np.asarray(Xo[: min(200_000, S["ooc_n"])].compute())
+            ooc = {"N": S["ooc_n"], "D": d_o, "K": k_o, "store_bytes": int(Xo.nbytes),
+                   "workers_memory_limit_total": int(mem_total), "chunks": len(Xo.chunks[0]),
+                   "cache_auto_would_persist": auto_persist}
+            for ctype in ("diag", "full"):
+                p = init_params(sample, k_o, ctype, seed=0)
+                log(f"out of core {ctype} ...")
+                with PeakMemory(pids) as mem:
+                    r = daskem_s_per_iter(Xs, [p], iters)
+                ooc[ctype] = {**r, "peak_MiB": mem.mib()}
+            p = init_params(sample, k_o, "diag", seed=0)
+            ps = [init_params(sample, k_o, "diag", seed=s) for s in range(4)]
+            log("out of core diag n_init=4 ...")
+            ooc["diag_n_init4"] = daskem_s_per_iter(Xs, ps, iters)
+            log("out of core diag at N/4 ...")
+            with PeakMemory(pids) as mem:
+                r = daskem_s_per_iter(Xq, [p], iters)
+            ooc["diag_quarter_N"] = {**r, "N": S["ooc_n"] // 4, "peak_MiB": mem.mib()}
+            res["cases"]["d_out_of_core"] = ooc
+
+        # ---- ratios -----------------------------------------------------------
+        R = res["ratios"]
+        C = res["cases"]
+        L = res["limits"]["blas_gflops"]
+        for name, row in C.items():
+            if "sklearn" in row:
+                R[f"{name}_daskem_over_sklearn"] = round(row["daskem"]["s_per_iter"] / row["sklearn"]["s_per_iter"], 3)
+                R[f"{name}_sklearn_speedup"] = round(row["sklearn"]["s_per_iter"] / row["daskem"]["s_per_iter"], 2)
+        for name in ("a_full", "c_full_D64", "b_diag"):
+            row = C[name]
+            key = f"gemm_rows_x_{row['D']}_at_{row['D']}x{row['K'] * row['D']}_float64"
+            R[f"{name}_GFLOPs_over_blas_limit"] = round(row["daskem_GFLOPs"] / L[key], 3)
+        a = C["a_full"]
+        R["a_float32_speedup_over_float64"] = round(a["daskem"]["s_per_iter"] / a["daskem_float32"]["s_per_iter"], 2)
+        R["a_float32_loglik_rel_diff"] = float(
+            abs(a["daskem_float32"]["loglik"] - a["daskem"]["loglik"]) / abs(a["daskem"]["loglik"])
+        )
+        R["a_n_init4_over_n_init1"] = round(a["daskem_n_init4"]["s_per_iter"] / a["daskem"]["s_per_iter"], 2)
+        R["a_two_workers_speedup"] = round(a["daskem_one_worker"]["s_per_iter"] / a["daskem"]["s_per_iter"], 2)
+        o = C["d_out_of_core"]
+        read_bound = o["store_bytes"] / (res["limits"]["zarr_read"]["MB_per_s"] * 1e6)
+        o["read_bound_s"] = round(read_bound, 4)
+        R["d_diag_over_read_bound"] = round(o["diag"]["s_per_iter"] / read_bound, 2)
+        R["d_full_over_read_bound"] = round(o["full"]["s_per_iter"] / read_bound, 2)
+        R["d_diag_n_init4_over_n_init1"] = round(o["diag_n_init4"]["s_per_iter"] / o["diag"]["s_per_iter"], 2)
+        wq = max(v for k, v in o["diag_quarter_N"]["peak_MiB"].items() if k.startswith("worker"))
+        wn = max(v for k, v in o["diag"]["peak_MiB"].items() if k.startswith("worker"))
+        R["d_worker_peak_MiB_at_N_and_4N"] = [wq, wn]
+        res["meta"]["load_avg_end"] = list(os.getloadavg())
+        res["meta"]["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, default=float))
+    print_table(res)
+    print(f"\nwrote {out}")
+    return res
+
+
+def print_table(res: dict) -> None:
+    m = res["meta"]
+    print(f"daskem benchmark  {m['date']}  {m['machine']}  {m['cores']} cores  {m['ram_GiB']} GiB  "
+          f"load {m['load_avg_start'][0]:.2f}->{m.get('load_avg_end', [0])[0]:.2f}  quick={m['quick']}")
+    print("\n[1] limits")
+    for k, v in res["limits"]["blas_gflops"].items():
+        print(f"  BLAS {k:40s} {v:8.2f} GFLOP/s")
+    z = res["limits"]["zarr_read"]
+    print(f"  Zarr read+decompress {z['bytes'] / 1e6:.0f} MB in {z['seconds']} s = {z['MB_per_s']} MB/s")
+    print("\n[2] seconds per iteration")
+    print(f"  {'case':14s} {'N':>9s} {'D':>3s} {'K':>3s} {'daskem':>9s} {'sklearn':>9s} {'GFLOP/s':>8s} "
+          f"{'client MiB':>10s} {'worker MiB':>14s} {'sklearn MiB':>11s}")
+    for name, r in res["cases"].items():
+        if name == "d_out_of_core":
+            continue
+        pk = r["daskem_peak_MiB"]
+        wk = "/".join(f"{v:.0f}" for k, v in pk.items() if k.startswith("worker"))
+        sk = r.get("sklearn", {}).get("s_per_iter", float("nan"))
+        print(f"  {name:14s} {r['N']:9d} {r['D']:3d} {r['K']:3d} {r['daskem']['s_per_iter']:9.3f} {sk:9.3f} "
+              f"{r['daskem_GFLOPs']:8.2f} {pk['client']:10.0f} {wk:>14s} {r.get('sklearn_peak_MiB', float('nan')):11.0f}")
+    a = res["cases"]["a_full"]
+    print(f"  a float32 {a['daskem_float32']['s_per_iter']:.3f}  n_init=4 {a['daskem_n_init4']['s_per_iter']:.3f}  "
+          f"one worker {a['daskem_one_worker']['s_per_iter']:.3f}")
+    for k, v in a["threaded_scheduler"].items():
+        print(f"  a threaded scheduler {k:32s} {v['s_per_iter']:.3f}")
+    o = res["cases"]["d_out_of_core"]
+    print(f"  out of core: N={o['N']} store {o['store_bytes'] / 1e6:.0f} MB > workers' limits "
+          f"{o['workers_memory_limit_total'] / 1e6:.0f} MB, read bound {o['read_bound_s']} s")
+    for k in ("diag", "full", "diag_n_init4", "diag_quarter_N"):
+        pk = o[k].get("peak_MiB", {})
+        print(f"    {k:16s} {o[k]['s_per_iter']:8.3f} s/iter  peak MiB {pk}")
+    print("\n[3] ratios")
+    for k, v in res["ratios"].items():
+        print(f"  {k:40s} {v}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

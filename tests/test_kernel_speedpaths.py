@@ -1,0 +1,222 @@
+"""The fast chunk kernel equals a straightforward computation.
+
+The reference below is the textbook E-step and statistics: for each component
+separately, ``(x - mu_k) @ U_k``, ``scipy.special.logsumexp``, ``exp`` of the
+normalised log-probabilities, and moments of ``x - reference_k``, all in
+float64 with no stacking, no centring on the mixture mean and no blocking.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from daskem import _gaussian as g
+from daskem._blas import blas_limit_available, single_threaded_blas
+
+TYPES = ("full", "tied", "diag", "spherical")
+
+
+def _data(n: int = 3000, d: int = 5, k: int = 4, offset: float = 50.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=4.0, size=(k, d)) + offset
+    labels = rng.integers(0, k, size=n)
+    scales = rng.uniform(0.5, 2.0, size=(k, d))
+    return centres[labels] + rng.standard_normal((n, d)) * scales[labels]
+
+
+def _params(X: np.ndarray, ctype: str, k: int = 4, seed: int = 1) -> g.GaussianParams:
+    rng = np.random.default_rng(seed)
+    d = X.shape[1]
+    means = X[rng.choice(len(X), k, replace=False)] + rng.normal(scale=0.3, size=(k, d))
+    weights = rng.uniform(0.5, 1.5, size=k)
+    weights /= weights.sum()
+    if ctype == "full":
+        cov = []
+        for _ in range(k):
+            a = rng.normal(size=(d, d))
+            cov.append(a @ a.T / d + np.eye(d) * 2.0)
+        cov = np.array(cov)
+    elif ctype == "tied":
+        a = rng.normal(size=(d, d))
+        cov = a @ a.T / d + np.eye(d) * 2.0
+    elif ctype == "diag":
+        cov = rng.uniform(1.0, 4.0, size=(k, d))
+    else:
+        cov = rng.uniform(1.0, 4.0, size=k)
+    return g.GaussianParams.from_covariances(weights, means, cov, ctype)
+
+
+def _ref_log_prob(X: np.ndarray, p: g.GaussianParams) -> np.ndarray:
+    k, d = p.means.shape
+    out = np.empty((len(X), k))
+    for j in range(k):
+        diff = X - p.means[j]
+        if p.covariance_type in ("full", "tied"):
+            u = p.precisions_cholesky[j] if p.covariance_type == "full" else p.precisions_cholesky
+            y = diff @ u
+            logdet = np.log(np.diag(u)).sum()
+        else:
+            s = p.precisions_cholesky[j]
+            s = np.full(d, s) if np.ndim(s) == 0 else s
+            y = diff * s
+            logdet = np.log(s).sum()
+        out[:, j] = -0.5 * (d * np.log(2 * np.pi) + (y * y).sum(axis=1)) + logdet + np.log(p.weights[j])
+    return out
+
+
+def _ref_stats(X: np.ndarray, p: g.GaussianParams, hard: bool, mask: np.ndarray) -> dict:
+    lp = _ref_log_prob(X, p)
+    lse = logsumexp(lp, axis=1)
+    tr = X[mask]
+    lpt = lp[mask]
+    if hard:
+        best = lpt.argmax(axis=1)
+        q = np.eye(p.n_components)[best]
+        loglik = lpt[np.arange(len(tr)), best].sum()
+    else:
+        q = np.exp(lpt - lse[mask][:, None])
+        loglik = lse[mask].sum()
+    ref = p.reference()
+    k, d = p.means.shape
+    s1 = np.array([q[:, j] @ (tr - ref[j]) for j in range(k)])
+    if p.covariance_type == "full":
+        s2 = np.array([(tr - ref[j]).T @ ((tr - ref[j]) * q[:, j : j + 1]) for j in range(k)])
+    elif p.covariance_type == "tied":
+        s2 = sum((tr - ref[j]).T @ ((tr - ref[j]) * q[:, j : j + 1]) for j in range(k))
+    else:
+        s2 = np.array([q[:, j] @ (tr - ref[j]) ** 2 for j in range(k)])
+    return {
+        "n": mask.sum(),
+        "loglik": loglik,
+        "nk": q.sum(axis=0),
+        "s1": s1,
+        "s2": s2,
+        "n_heldout": (~mask).sum(),
+        "loglik_heldout": lse[~mask].sum(),
+    }
+
+
+def _check(st: g.Stats, ref: dict, rtol: float, scale_s1: float, scale_s2: float) -> None:
+    assert st.n == ref["n"]
+    assert st.n_heldout == ref["n_heldout"]
+    np.testing.assert_allclose(st.loglik, ref["loglik"], rtol=rtol)
+    np.testing.assert_allclose(st.loglik_heldout, ref["loglik_heldout"], rtol=rtol)
+    np.testing.assert_allclose(st.nk, ref["nk"], rtol=rtol, atol=rtol * ref["n"])
+    np.testing.assert_allclose(st.s1, ref["s1"], rtol=rtol, atol=rtol * scale_s1)
+    np.testing.assert_allclose(st.s2, ref["s2"], rtol=rtol, atol=rtol * scale_s2)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("ctype", TYPES)
+def test_kernel_equals_reference_float64(ctype: str, hard: bool) -> None:
+    X = _data()
+    p = _params(X, ctype)
+    mask = np.random.default_rng(5).random(len(X)) > 0.2
+    ref = _ref_stats(X, p, hard, mask)
+    # scales of the moments: absolute tolerances for entries that cancel to ~0
+    scale_s1 = np.abs(ref["s1"]).max() + ref["n"]
+    scale_s2 = np.abs(ref["s2"]).max()
+    for block_rows in (257, 4096):
+        (st,) = g.chunk_statistics(X, [p], hard=hard, train_mask=mask, block_rows=block_rows)
+        _check(st, ref, 1e-10, scale_s1, scale_s2)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("ctype", TYPES)
+def test_kernel_equals_reference_float32(ctype: str, hard: bool) -> None:
+    X = _data()
+    p = _params(X, ctype)
+    mask = np.random.default_rng(6).random(len(X)) > 0.2
+    ref = _ref_stats(X, p, hard, mask)
+    (st,) = g.chunk_statistics(X.astype(np.float32), [p], hard=hard, train_mask=mask, dtype="float32")
+    assert st.nk.dtype == np.float64 and st.s2.dtype == np.float64
+    scale_s1 = np.abs(ref["s1"]).max() + ref["n"]
+    scale_s2 = np.abs(ref["s2"]).max()
+    _check(st, ref, 1e-5, scale_s1, scale_s2)
+
+
+@pytest.mark.parametrize("ctype", TYPES)
+def test_several_parameter_sets_in_one_pass(ctype: str) -> None:
+    """n_init > 1: each parameter set's stats equal its own single pass."""
+    X = _data(n=1500)
+    ps = [_params(X, ctype, seed=s) for s in (1, 2, 3)]
+    together = g.chunk_statistics(X, ps, block_rows=500)
+    for p, st in zip(ps, together):
+        (alone,) = g.chunk_statistics(X, [p], block_rows=500)
+        np.testing.assert_allclose(st.pack(), alone.pack(), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("ctype", TYPES)
+def test_log_prob_equals_reference(ctype: str) -> None:
+    X = _data(n=5000)  # more than one block of DEFAULT_BLOCK_ROWS
+    p = _params(X, ctype)
+    ref = _ref_log_prob(X, p)
+    np.testing.assert_allclose(g.estimate_weighted_log_prob(X, p), ref, rtol=1e-10)
+    got32 = g.estimate_weighted_log_prob(X.astype(np.float32), p, np.float32)
+    np.testing.assert_allclose(got32, ref, rtol=1e-4)
+
+
+def test_non_finite_rows_are_counted_and_left_out() -> None:
+    X = _data(n=1000)
+    p = _params(X, "full")
+    bad = X.copy()
+    bad[[3, 500, 999], 1] = np.nan
+    bad[10, 0] = np.inf
+    (st,) = g.chunk_statistics(bad, [p], block_rows=128)
+    keep = np.isfinite(bad).all(axis=1)
+    ref = _ref_stats(X[keep], p, False, np.ones(keep.sum(), bool))
+    assert st.n_bad == 4
+    _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+
+
+def test_blas_threads_restored() -> None:
+    """The kernel's one-thread BLAS setting is scoped to the calling thread."""
+    import ctypes
+
+    assert blas_limit_available(), "numpy's OpenBLAS should expose openblas_set_num_threads_local"
+    from daskem import _blas
+
+    fn = _blas._get_setters()[0]
+    before = fn(3)  # set 3 (returns the previous value)
+    try:
+        with single_threaded_blas():
+            assert fn(1) == 1  # inside: one thread
+        assert fn(3) == 3  # restored on exit
+    finally:
+        fn(max(int(before), 1))
+    assert isinstance(fn.restype, type(ctypes.c_int)) or fn.restype is ctypes.c_int
+
+
+def test_huge_finite_rows_are_not_taken_for_bad() -> None:
+    """Rows whose sum overflows are still finite rows (the screen is only a filter)."""
+    X = _data(n=600, d=3)
+    big = np.zeros((4, 3))
+    big[:, 0] = big[:, 1] = 1e308  # the row sum overflows to inf
+    Xb = np.vstack([X, big])
+    p = _params(X, "diag")
+    with np.errstate(all="ignore"):
+        (st,) = g.chunk_statistics(Xb, [p], block_rows=256)
+    assert st.n_bad == 0
+    assert st.n == len(Xb)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_mixed_parameter_sets_with_mask_equal_reference(hard: bool) -> None:
+    """Diagonal-type sets are stacked together (shared design); others run alone."""
+    X = _data(n=2500)
+    ps = [
+        _params(X, "diag", seed=1),
+        _params(X, "full", seed=2),
+        _params(X, "spherical", seed=3),
+        _params(X, "diag", k=3, seed=4),
+        _params(X, "tied", seed=5),
+        # the internal k-means type (shared spherical variance, equal weights)
+        g.GaussianParams.from_covariances(np.full(4, 0.25), X[:4], np.full(4, 3.0), "kmeans"),
+    ]
+    mask = np.random.default_rng(7).random(len(X)) > 0.3
+    stats = g.chunk_statistics(X, ps, hard=hard, train_mask=mask, block_rows=700)
+    for p, st in zip(ps, stats):
+        ref = _ref_stats(X, p, hard, mask)
+        _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
