@@ -571,13 +571,15 @@ def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float]:
         logp[best, np.arange(n)] = 1.0
         return logp, ll
     amax = logp.max(axis=0)
-    amax = np.where(np.isfinite(amax), amax, 0.0)
+    if not np.isfinite(amax).all():
+        amax[~np.isfinite(amax)] = 0.0
     logp -= amax
     np.exp(logp, out=logp)
     total = logp.sum(axis=0)
     with np.errstate(divide="ignore"):
-        ll = float((np.log(total) + amax).sum(dtype=np.float64))
-    logp /= total
+        ll = float(np.log(total).sum(dtype=np.float64) + amax.sum(dtype=np.float64))
+    np.reciprocal(total, out=total)
+    logp *= total
     return logp, ll
 
 
@@ -609,7 +611,9 @@ def _accumulate_block(
         z = a[:d]  # (D, n)
         acc["c1"] += q @ z.T
         if plan.ctype == "full":
-            zq = work.get("zq", (k, d, n))
+            # the E-step's (K*D, n) buffer is free again: reusing it keeps the
+            # block's working set in cache
+            zq = work.get("y", (k * d, n)).reshape(k, d, n)
             np.multiply(q[:, None, :], z[None, :, :], out=zq)
             zq = zq.reshape(k * d, n)
             acc["c2"] += zq @ z.T  # (K*D, D): sum_n q_nk z_n z_n^T, stacked
