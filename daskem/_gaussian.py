@@ -37,7 +37,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 #: rows per block inside a chunk: keeps the (rows x K) and (rows x D)
 #: temporaries in cache whatever the chunk size.
-DEFAULT_BLOCK_ROWS = 4096
+DEFAULT_BLOCK_ROWS = 2048
 
 _ILL_DEFINED = (
     "Fitting the mixture model failed because some components have ill-defined "
