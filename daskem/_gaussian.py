@@ -583,6 +583,25 @@ def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float]:
     return logp, ll
 
 
+def _responsibilities_stacked(logp: np.ndarray) -> np.ndarray:
+    """Soft responsibilities of several parameter sets at once, in place.
+
+    ``logp`` has shape (sets, K, n); returns each set's summed log-likelihood
+    (what :func:`_responsibilities` gives set by set).
+    """
+    amax = logp.max(axis=1)  # (sets, n)
+    if not np.isfinite(amax).all():
+        amax[~np.isfinite(amax)] = 0.0
+    logp -= amax[:, None, :]
+    np.exp(logp, out=logp)
+    total = logp.sum(axis=1)
+    with np.errstate(divide="ignore"):
+        ll = np.log(total).sum(axis=1, dtype=np.float64) + amax.sum(axis=1, dtype=np.float64)
+    np.reciprocal(total, out=total)
+    logp *= total[:, None, :]
+    return ll
+
+
 def _accumulate_block(
     X: np.ndarray,
     params: GaussianParams,
@@ -688,9 +707,17 @@ class _DiagGroup:
     def accumulate(self, X: np.ndarray, hard: bool, accs: list[dict], work: _Workspace) -> None:
         a, lp = self.log_prob(X, work)
         d = self.plans[0].d
-        for j, i in enumerate(self.members):
-            _, ll = _responsibilities(lp[self.offsets[j] : self.offsets[j + 1]], hard)
-            accs[i]["loglik"] += ll
+        ks = {pl.k for pl in self.plans}
+        if not hard and len(ks) == 1:
+            # restarts of one K: every set's responsibilities in one pass of
+            # each element-wise step over the stacked (sets, K, n) block
+            lls = _responsibilities_stacked(lp.reshape(len(self.members), ks.pop(), lp.shape[1]))
+            for i, ll in zip(self.members, lls):
+                accs[i]["loglik"] += float(ll)
+        else:
+            for j, i in enumerate(self.members):
+                _, ll = _responsibilities(lp[self.offsets[j] : self.offsets[j + 1]], hard)
+                accs[i]["loglik"] += ll
         # every set's [z*z, z, 1] moments, q-weighted, in one product; the
         # column of ones gives N_k
         mom = lp @ a.T
