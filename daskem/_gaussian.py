@@ -52,16 +52,6 @@ _ILL_DEFINED = (
 # --------------------------------------------------------------------------
 
 
-def _covariance_shape(covariance_type: str, k: int, d: int) -> tuple[int, ...]:
-    return {
-        "full": (k, d, d),
-        "tied": (d, d),
-        "diag": (k, d),
-        "spherical": (k,),
-        "kmeans": (k,),
-    }[covariance_type]
-
-
 def _cholesky_lower(matrix: np.ndarray) -> np.ndarray:
     try:
         return linalg.cholesky(matrix, lower=True)
