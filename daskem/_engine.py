@@ -84,7 +84,6 @@ class _PassTask:
     model: Model
     params_list: tuple
     split: RowSplit | None
-    size: int
 
     def __call__(self, x: np.ndarray, block_info: dict | None = None) -> np.ndarray:
         mask = None
@@ -110,7 +109,7 @@ def pass_graph(
 ) -> da.Array:
     """The lazy summed statistics vector of one pass (all runs packed)."""
     size = sum(model.packed_size(p) for p in params_list)
-    task = _PassTask(model, tuple(params_list), split, size)
+    task = _PassTask(model, tuple(params_list), split)
     key = "daskem-pass-params-" + dask.base.tokenize(
         model, split, [model.params_state(p) for p in params_list]
     )
@@ -279,7 +278,6 @@ class Run:
     converged: bool = False
     done: bool = False
     lower_bound: float = -math.inf
-    heldout: float = math.nan
     n_reseeds: int = 0
 
 
@@ -321,7 +319,6 @@ class Checkpoint:
                     "converged": r.converged,
                     "done": r.done,
                     "lower_bound": r.lower_bound if math.isfinite(r.lower_bound) else None,
-                    "heldout": r.heldout if math.isfinite(r.heldout) else None,
                     "n_reseeds": r.n_reseeds,
                 }
             )
@@ -369,7 +366,6 @@ class Checkpoint:
                         converged=m["converged"],
                         done=m["done"],
                         lower_bound=-math.inf if m["lower_bound"] is None else m["lower_bound"],
-                        heldout=math.nan if m["heldout"] is None else m["heldout"],
                         n_reseeds=m.get("n_reseeds", 0),
                     )
                 )
@@ -418,7 +414,6 @@ def run_em(
             r.n_iter += 1
             r.history.append(ll)
             r.lower_bound = ll
-            r.heldout = s.mean_loglik_heldout
             if not math.isfinite(ll):
                 raise FloatingPointError(
                     f"the log-likelihood became {ll} at iteration {r.n_iter}; "
@@ -453,8 +448,10 @@ def run_em(
 def map_rows(X: da.Array, func: Callable, n_out: int | None, dtype: Any) -> da.Array:
     """Apply a row-wise function chunk by chunk, lazily (predictions, densities)."""
     if n_out is None:
-        return X.map_blocks(func, drop_axis=1, dtype=dtype, meta=np.empty((0,), dtype=dtype))
-    return X.map_blocks(func, chunks=(X.chunks[0], (n_out,)), dtype=dtype, meta=np.empty((0, 0), dtype=dtype))
+        return X.map_blocks(func, drop_axis=1, dtype=dtype, meta=np.empty((0,), dtype=dtype), token="daskem-rows")
+    return X.map_blocks(
+        func, chunks=(X.chunks[0], (n_out,)), dtype=dtype, meta=np.empty((0, 0), dtype=dtype), token="daskem-rows"
+    )
 
 
 def data_fingerprint(X: da.Array, sample: np.ndarray) -> dict:

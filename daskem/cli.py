@@ -304,13 +304,10 @@ def write_predictions(
     chunk = rows[0]
     if store_rows and all(r % store_rows == 0 for r in rows[:-1]):
         chunk = store_rows
-    outputs = {"labels": gm.predict(X)}
-    if proba:
-        outputs["proba"] = gm.predict_proba(X)
+    # one scoring of each chunk serves every output
+    outputs = gm.predict_outputs(X, proba=proba, log_density=anomaly_threshold is not None)
     if anomaly_threshold is not None:
-        logd = gm.score_samples(X)
-        outputs["log_density"] = logd
-        outputs["anomaly"] = logd < anomaly_threshold
+        outputs["anomaly"] = outputs["log_density"] < anomaly_threshold
     tmp, commit = atomic_dir(out)
     try:
         root = zarr.open_group(str(tmp), mode="w")

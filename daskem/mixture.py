@@ -43,10 +43,6 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _is_pos_float(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and x > 0
-
-
 def _is_nonneg_float(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and x >= 0
 
@@ -487,6 +483,44 @@ class GaussianMixture:
             return np.exp(lp - g.logsumexp_rows(lp)[:, None]).astype(np.float64)
 
         return self._rowwise(X, f, self.n_components, np.float64)
+
+    def predict_outputs(self, X: Any, *, proba: bool = False, log_density: bool = False) -> dict[str, Any]:
+        """Labels and, optionally, responsibilities and log-densities, from one pass.
+
+        The log-probabilities of each block are computed once and every
+        output is a slice of the same per-block result, so writing all of
+        them (e.g. with one ``dask.array.store``) reads and scores each chunk
+        once.
+
+        Returns
+        -------
+        dict
+            ``labels`` (int64), and ``proba`` (n_samples, n_components) and
+            ``log_density`` (n_samples,) when asked; numpy for numpy input,
+            lazy dask arrays otherwise.
+        """
+        log_prob = self._log_prob_function()
+        k = self.n_components
+
+        def f(x: np.ndarray) -> np.ndarray:
+            lp = log_prob(x)
+            lse = g.logsumexp_rows(lp)
+            labels = np.argmax(np.nan_to_num(lp, nan=-np.inf), axis=1).astype(np.float64)
+            labels[np.isnan(lp).any(axis=1)] = -1
+            cols = [labels[:, None]]
+            if proba:
+                cols.append(np.exp(lp - lse[:, None]))
+            if log_density:
+                cols.append(lse[:, None])
+            return np.concatenate(cols, axis=1).astype(np.float64)
+
+        packed = self._rowwise(X, f, 1 + k * proba + log_density, np.float64)
+        out = {"labels": packed[:, 0].astype(np.int64)}
+        if proba:
+            out["proba"] = packed[:, 1 : 1 + k]
+        if log_density:
+            out["log_density"] = packed[:, -1]
+        return out
 
     def impute(self, X: Any) -> Any:
         """``X`` with every NaN replaced by its conditional mean under the model.

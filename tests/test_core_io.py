@@ -184,3 +184,21 @@ def test_scikit_learn_can_clone_the_estimator() -> None:
     c = clone(gm)
     assert c.get_params() == gm.get_params()
     assert "covariance_type='diag'" in repr(gm)
+
+
+def test_predict_outputs_score_each_chunk_once(fitted) -> None:
+    gm, X = fitted
+    Xd = da.from_array(X, chunks=700)
+    out = gm.predict_outputs(Xd, proba=True, log_density=True)
+    # one scoring task per chunk behind all three outputs
+    graph = dict(da.Array.__dask_graph__(out["labels"]))
+    graph.update(out["proba"].__dask_graph__())
+    graph.update(out["log_density"].__dask_graph__())
+    scoring = [key for key in graph if isinstance(key, tuple) and "daskem-rows" in key[0]]
+    assert len(scoring) == Xd.numblocks[0]
+    labels, proba, logd = da.compute(out["labels"], out["proba"], out["log_density"])
+    np.testing.assert_array_equal(labels, gm.predict(X))
+    np.testing.assert_allclose(proba, gm.predict_proba(X), rtol=1e-12)
+    np.testing.assert_allclose(logd, gm.score_samples(X), rtol=1e-12)
+    np_out = gm.predict_outputs(X, proba=True, log_density=True)
+    np.testing.assert_array_equal(np_out["labels"], labels)
