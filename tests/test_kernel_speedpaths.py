@@ -220,3 +220,31 @@ def test_mixed_parameter_sets_with_mask_equal_reference(hard: bool) -> None:
     for p, st in zip(ps, stats):
         ref = _ref_stats(X, p, hard, mask)
         _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+
+
+def test_products_in_pieces_equal_one_product() -> None:
+    """``_matmul`` splits tall products into row pieces; the result is the same product."""
+    rng = np.random.default_rng(0)
+    for m, inner, n in [(128, 17, 2048), (37, 33, 2048), (8, 33, 2048), (1024, 65, 2048)]:
+        w = rng.standard_normal((m, inner))
+        a = rng.standard_normal((inner, n))
+        step = g._piece_rows(m, inner, n)
+        assert step == m or (step % 8 == 0 and step * inner * n <= g._GEMM_PIECE)
+        out = np.empty((m, n))
+        np.testing.assert_allclose(g._matmul(w, a, out), w @ a, rtol=1e-12, atol=1e-12)
+        # a transposed right operand (the moment products) takes the same path
+        out_t = np.empty((m, inner))
+        np.testing.assert_allclose(g._matmul(w @ a, a.T, out_t), (w @ a) @ a.T, rtol=1e-10)
+    assert g._piece_rows(128, 17, 2048) < 128  # the benchmark's full (a) shape is split
+
+
+@pytest.mark.parametrize("ctype", TYPES)
+def test_kernel_equals_reference_at_split_product_shapes(ctype: str) -> None:
+    """D=16, K=8 and four parameter sets: every block product is issued in pieces."""
+    X = _data(n=4500, d=16, k=8, offset=5.0)
+    ps = [_params(X, ctype, k=8, seed=s) for s in (1, 2, 3, 4)]
+    mask = np.ones(len(X), dtype=bool)
+    got = g.chunk_statistics(X, ps, block_rows=2048)
+    for p, st in zip(ps, got):
+        ref = _ref_stats(X, p, False, mask)
+        _check(st, ref, 1e-9, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
