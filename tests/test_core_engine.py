@@ -103,9 +103,15 @@ def test_local_cluster_equals_threaded(tmp_path) -> None:
             labels = distributed.predict(daskem.open_array(path))
             assert isinstance(labels, da.Array)
             labels = labels.compute()
-    assert distributed.n_iter_ == threaded.n_iter_
+            # cached on the cluster: 9 chunks of 700 rows (one of 400) would leave
+            # one thread 3500 rows and the other 2500; they are cut into 10 x 600
+            Xp, persisted = engine.prepare_data(daskem.open_array(path, chunk_bytes=700 * 4 * 8), True)
+            assert persisted and Xp.chunks[0] == (600,) * 10
+            cached = daskem.GaussianMixture(3, **{**opts, "cache": True, "chunk_bytes": 700 * 4 * 8}).fit(path)
+    assert distributed.n_iter_ == threaded.n_iter_ == cached.n_iter_
     for name in ("weights_", "means_", "covariances_", "history_"):
         np.testing.assert_allclose(getattr(distributed, name), getattr(threaded, name), rtol=1e-12)
+        np.testing.assert_allclose(getattr(cached, name), getattr(threaded, name), rtol=1e-10)
     np.testing.assert_array_equal(labels, threaded.predict(X))
 
 
@@ -150,3 +156,22 @@ def test_empty_component_is_reseeded_with_a_warning() -> None:
     assert np.all(np.isfinite(gm.covariances_))
     assert np.abs(gm.means_).max() < 100
     assert gm.weights_.min() > 0.05  # the re-seeded component found rows of its own
+
+
+@pytest.mark.parametrize(
+    "chunks, threads, expected",
+    [
+        ((262144, 262144, 262144, 213568), 2, (250000,) * 4),  # the benchmark's (a)
+        ((250000,) * 4, 2, None),  # already even
+        ((100,) * 27, 2, (97,) * 12 + (96,) * 16),  # 28 chunks, none larger than before
+        ((1000,), 4, (250,) * 4),
+        ((500, 500, 500), 1, None),  # one thread: nothing to balance
+        ((100,) * 800 + (37,), 8, None),  # many chunks: already within 2%
+    ],
+)
+def test_balanced_row_chunks(chunks, threads, expected) -> None:
+    got = engine.balanced_row_chunks(chunks, threads)
+    assert got == expected
+    if got is not None:
+        assert sum(got) == sum(chunks) and len(got) % threads == 0
+        assert max(got) - min(got) <= 1 and max(got) <= max(chunks)
