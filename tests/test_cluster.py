@@ -115,11 +115,14 @@ def _checkpoint_iter(path) -> int:
         return -1
 
 
-def test_worker_killed_mid_fit_gives_the_undisturbed_result(tmp_path):
+@pytest.mark.parametrize("cache", [False, True], ids=["streamed", "persisted"])
+def test_worker_killed_mid_fit_gives_the_undisturbed_result(tmp_path, cache):
+    """Streamed: the lost tasks are re-run. Persisted (placed on chosen workers,
+    see ``engine._persist``): the lost chunks are read again on the others."""
     n, d, k = 300_000, 6, 3
     store = write_blob_store(tmp_path / "x.zarr", n, d, k, chunk_rows=10_000, seed=4)
     opts = dict(
-        n_components=k, tol=0.0, max_iter=15, cache=False, chunk_bytes=10_000 * d * 8, **_explicit_init(k, d, 4)
+        n_components=k, tol=0.0, max_iter=15, cache=cache, chunk_bytes=10_000 * d * 8, **_explicit_init(k, d, 4)
     )
     workers = {name: dict(memory_limit="1GB", nanny=False) for name in ("w0", "w1")}
     with running_cluster(tmp_path / "cluster", workers) as cl:
