@@ -25,10 +25,16 @@ Sections of the JSON (and the printed table):
     memory at N and 4N, two workers / one worker, and Dask threads x BLAS
     threads on the threaded scheduler (2 x 1 against 1 x 2).
 
-Timings are medians over iterations after the first (which warms caches).
-scikit-learn runs with ``warm_start=True``: a first ``fit(max_iter=1)`` sets
-the initial parameters, the timed ``fit(max_iter=m)`` then runs exactly ``m``
-iterations of its loop (no initialisation inside the timing).
+The machine is shared and its speed drifts by 20% or more within a minute,
+so every comparison is timed *in turn*: the variants compared (float64,
+float32, four restarts, one worker; the read bound and the out-of-core
+passes) each run a few iterations, then the next, for several rounds, after
+one untimed warm-up call of each. ``s_per_iter`` is the median over every
+timed iteration, ``best_s_per_iter`` the fastest; the ratios use medians.
+scikit-learn is initialised with the same parameters (an untimed
+``fit(max_iter=1)``), then each timed iteration is its ``_e_step`` +
+``_m_step``: the body of its EM loop, without ``fit``'s validation and final
+E-step.
 """
 
 from __future__ import annotations
@@ -79,7 +85,9 @@ def sizes(quick: bool) -> dict:
             "ooc_dk": (4, 3),
             "ooc_memory_limit": "400MB",
             "ooc_chunk_rows": 10_000,
-            "iters": 1,
+            "rounds": 1,
+            "per_call": 1,
+            "sklearn_iters": 1,
             "limit_rows": 20_000,
             "blas_seconds": 0.05,
             "chunk_bytes": 2**18,
@@ -92,7 +100,11 @@ def sizes(quick: bool) -> dict:
         "ooc_dk": (16, 8),
         "ooc_memory_limit": "400MB",
         "ooc_chunk_rows": 262_144,
-        "iters": 5,
+        # every variant is timed `rounds` times in turn with the others, `per_call`
+        # iterations each time
+        "rounds": 4,
+        "per_call": 2,
+        "sklearn_iters": 4,
         "blas_seconds": 0.4,
         "limit_rows": 1_000_000,
         "chunk_bytes": None,
@@ -229,17 +241,12 @@ def blas_scaling(d: int, k: int, rows: int, threads: int, seconds: float) -> dic
             f"{threads}_cores_GFLOPs": round(max(every), 2), "speedup": round(max(every) / max(one), 2)}
 
 
-def read_rate(path: Path) -> dict:
-    """Read + decompress rate of a Zarr store through the active Dask scheduler."""
+def read_seconds(path: Path) -> float:
+    """Seconds to read and decompress a whole Zarr store through the active Dask scheduler."""
     x = da.from_zarr(str(path))
-    x.sum().compute()  # warm (file cache, imports)
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        x.sum().compute()
-        times.append(time.perf_counter() - t0)
-    t = min(times)
-    return {"bytes": int(x.nbytes), "seconds": round(t, 3), "MB_per_s": round(x.nbytes / t / 1e6, 1)}
+    t0 = time.perf_counter()
+    x.sum().compute()
+    return time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------
@@ -265,8 +272,15 @@ def kernel_flops_per_row(ctype: str, d: int, k: int) -> float:
 # --------------------------------------------------------------------------
 
 
-def daskem_s_per_iter(Xd: da.Array, params: list[g.GaussianParams], iters: int, dtype: str = "float64") -> dict:
-    """Median seconds per EM pass (+ M-step) of the engine, after a warm-up pass."""
+def em_iterations(
+    Xd: da.Array, params: list[g.GaussianParams], iters: int, dtype: str = "float64", workers: list[str] | None = None
+) -> dict:
+    """Seconds of each of ``iters`` EM iterations (pass + M-step) of the engine.
+
+    ``workers`` pins every task of the passes to those workers (the one-worker
+    comparison inside the two-worker cluster). With a distributed client, the
+    chunk tasks' compute seconds of every pass are recorded too.
+    """
     model = g.MixtureModel(dtype=dtype)
     runs = [engine.Run(p) for p in params]
     secs: list[float] = []
@@ -276,25 +290,65 @@ def daskem_s_per_iter(Xd: da.Array, params: list[g.GaussianParams], iters: int, 
         from distributed import get_task_stream
 
         stream = get_task_stream(client)
-    with warnings.catch_warnings(), stream as ts:
+    pin = dask.annotate(workers=workers, allow_other_workers=False) if workers else contextlib.nullcontext()
+    with warnings.catch_warnings(), stream as ts, pin:
         warnings.simplefilter("ignore", RuntimeWarning)
-        engine.run_em(Xd, model, runs, tol=-1.0, max_iter=iters + 1, callback=lambda info: secs.append(info.seconds))
-    out = {"s_per_iter": round(statistics.median(secs[1:]), 4), "all_s": [round(s, 4) for s in secs],
-           "loglik": runs[0].history[-1]}
+        engine.run_em(Xd, model, runs, tol=-1.0, max_iter=iters, callback=lambda info: secs.append(info.seconds))
+    out = {"all_s": secs, "loglik": runs[0].history[-1]}
     if ts is not None:
-        out["kernel_task_s_per_iter"] = kernel_task_seconds(ts.data)
+        out["kernel_task_s"] = kernel_task_seconds(ts.data)
     return out
 
 
-def kernel_task_seconds(records: list[dict]) -> float | None:
-    """Median over passes (after the first) of the summed compute seconds of the chunk tasks.
+def interleaved(variants: dict, rounds: int, pids: dict[str, int] | None = None) -> dict:
+    """Time several variants in turn, ``rounds`` times, so that a slow spell of a
+    shared machine falls on all of them alike (one warm-up call of each first).
+
+    Each variant is a callable returning :func:`em_iterations`' dict (or
+    ``{"all_s": [seconds]}``). Returns, per variant, the median and best
+    seconds over every sample, the samples, and the peak memory (MiB) of the
+    processes in ``pids`` over its calls.
+    """
+    samples: dict[str, dict] = {name: {"all_s": [], "kernel_task_s": [], "peak_MiB": {}} for name in variants}
+    for f in variants.values():
+        f()  # warm-up: caches, imports, the first graph
+    for _ in range(rounds):
+        for name, f in variants.items():
+            mem = PeakMemory(pids) if pids else contextlib.nullcontext()
+            with mem as m:
+                r = f()
+            acc = samples[name]
+            acc["all_s"] += r["all_s"]
+            acc["kernel_task_s"] += r.get("kernel_task_s") or []
+            if "loglik" in r:
+                acc["loglik"] = r["loglik"]
+            if m is not None:
+                for k, v in m.mib().items():
+                    acc["peak_MiB"][k] = max(acc["peak_MiB"].get(k, 0.0), v)
+    out = {}
+    for name, acc in samples.items():
+        row = {"s_per_iter": round(statistics.median(acc["all_s"]), 4),
+               "best_s_per_iter": round(min(acc["all_s"]), 4),
+               "all_s": [round(x, 4) for x in acc["all_s"]]}
+        if "loglik" in acc:
+            row["loglik"] = acc["loglik"]
+        if acc["kernel_task_s"]:
+            row["kernel_task_s_per_iter"] = round(statistics.median(acc["kernel_task_s"]), 4)
+        if acc["peak_MiB"]:
+            row["peak_MiB"] = acc["peak_MiB"]
+        out[name] = row
+    return out
+
+
+def kernel_task_seconds(records: list[dict]) -> list[float]:
+    """Per pass, the summed compute seconds of its chunk tasks.
 
     A chunk task is the kernel on one chunk (with the chunk's read when the
     data are streamed, and the first level of the ``sum``, which Dask fuses
     into it); the tree-reduction levels (``sum-partial``, ``sum-aggregate``)
     and the parameter task are left out.
     """
-    passes: dict[str, list[tuple[float, float]]] = {}
+    passes: dict[str, float] = {}
     for r in records:
         key = r["key"]
         name = key[0] if isinstance(key, tuple) else str(key)
@@ -302,14 +356,19 @@ def kernel_task_seconds(records: list[dict]) -> float | None:
             continue
         for ss in r["startstops"]:
             if ss["action"] == "compute":
-                passes.setdefault(name, []).append((ss["start"], ss["stop"] - ss["start"]))
-    per_pass = sorted((min(t for t, _ in v), sum(d for _, d in v)) for v in passes.values())
-    if len(per_pass) < 2:
-        return None
-    return round(statistics.median(d for _, d in per_pass[1:]), 4)
+                passes[name] = passes.get(name, 0.0) + ss["stop"] - ss["start"]
+    return list(passes.values())
 
 
 def sklearn_s_per_iter(X: np.ndarray, p: g.GaussianParams, iters: int) -> dict:
+    """Seconds of one iteration of scikit-learn's EM loop: its ``_e_step`` and ``_m_step``.
+
+    The estimator is initialised with the same parameters (one ``fit`` with
+    ``max_iter=1``, untimed); each timed iteration is exactly what the body of
+    its ``fit`` loop runs, without the input validation, the initialisation
+    and the final E-step of ``fit`` (which would be charged to the iterations
+    if ``fit`` itself were timed).
+    """
     from sklearn.mixture import GaussianMixture
 
     gm = GaussianMixture(
@@ -318,20 +377,21 @@ def sklearn_s_per_iter(X: np.ndarray, p: g.GaussianParams, iters: int) -> dict:
         weights_init=p.weights,
         means_init=p.means,
         precisions_init=p.precisions,
-        init_params="random_from_data",
         max_iter=1,
         tol=0.0,
-        warm_start=True,
         random_state=0,
     )
+    secs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm.fit(X)  # initialise + 1 iteration (warm-up)
-        gm.set_params(max_iter=iters)
-        t0 = time.perf_counter()
-        gm.fit(X)  # exactly `iters` iterations, no initialisation
-        dt = time.perf_counter() - t0
-    return {"s_per_iter": round(dt / iters, 4), "loglik": float(gm.lower_bound_)}
+        gm.fit(X)
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            log_prob_norm, log_resp = gm._e_step(X)
+            gm._m_step(X, log_resp)
+            secs.append(time.perf_counter() - t0)
+    return {"s_per_iter": round(statistics.median(secs), 4), "best_s_per_iter": round(min(secs), 4),
+            "all_s": [round(x, 4) for x in secs], "loglik": float(log_prob_norm)}
 
 
 # --------------------------------------------------------------------------
@@ -375,7 +435,6 @@ def main(argv: list[str] | None = None) -> dict:
     n_a, d_a, k_a = S["a"]
     n_c, d_c, k_c = S["c"]
     d_o, k_o = S["ooc_dk"]
-    iters = S["iters"]
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
     try:
@@ -418,17 +477,41 @@ def main(argv: list[str] | None = None) -> dict:
             ("b_diag", store_a, Xa, k_a, "diag"),
             ("c_full_D64", store_c, Xc, k_c, "full"),
         ]
+        rounds, per_call = S["rounds"], S["per_call"]
         with LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
             pids = cluster_pids(client)
             for name, store, X, k, ctype in cases:
                 log(f"case {name}: daskem ...")
                 Xd = open_persisted(store, client)
                 p = init_params(X, k, ctype, seed=0)
-                with PeakMemory(pids) as mem:
-                    r = daskem_s_per_iter(Xd, [p], iters)
+                variants = {"daskem": lambda Xd=Xd, p=p: em_iterations(Xd, [p], per_call)}
+                Xd1 = None
+                if name == "a_full":
+                    # float32, four restarts, and the same passes on one worker of the same
+                    # cluster (its own cached copy of the data, every task pinned to it),
+                    # each timed in turn with float64 on both workers
+                    ps = [init_params(X, k, ctype, seed=s) for s in range(4)]
+                    w0 = sorted(client.scheduler_info()["workers"])[0]
+                    from distributed import wait
+
+                    from daskem.io import open_array
+
+                    Xd1 = client.persist(open_array(str(store), chunk_bytes=S["chunk_bytes"]), workers=[w0])
+                    wait(Xd1)
+                    variants.update({
+                        "daskem_float32": lambda Xd=Xd, p=p: em_iterations(Xd, [p], per_call, dtype="float32"),
+                        "daskem_n_init4": lambda Xd=Xd, ps=ps: em_iterations(Xd, ps, per_call),
+                        "daskem_one_worker": lambda Xd1=Xd1, p=p, w0=w0: em_iterations(Xd1, [p], per_call, workers=[w0]),
+                    })
+                log(f"case {name}: " + ", ".join(variants) + f" in turn, {rounds} rounds ...")
+                timed = interleaved(variants, rounds, pids)
+                r = timed.pop("daskem")
+                mem = r.pop("peak_MiB")
                 row = {"N": X.shape[0], "D": X.shape[1], "K": k, "covariance_type": ctype,
-                       "daskem": r, "daskem_peak_MiB": mem.mib(), "chunks": len(Xd.chunks[0]),
-                       "workers": cores, "threads_per_worker": 1}
+                       "daskem": r, "daskem_peak_MiB": mem, "chunks": len(Xd.chunks[0]),
+                       "workers": cores, "threads_per_worker": 1, **timed}
+                if Xd1 is not None:
+                    row["daskem_peak_MiB_note"] = "workers hold a second, one-worker copy of the data"
                 fl = kernel_flops_per_row(ctype, X.shape[1], k) * X.shape[0]
                 row["kernel_GFLOP_per_iter"] = round(fl / 1e9, 3)
                 row["daskem_GFLOPs"] = round(fl / r["s_per_iter"] / 1e9, 2)
@@ -437,25 +520,13 @@ def main(argv: list[str] | None = None) -> dict:
                 kt = r.get("kernel_task_s_per_iter")
                 if kt:
                     row["kernel_GFLOPs"] = round(fl / (kt / cores) / 1e9, 2)
-                if name == "a_full":
-                    log("case a: float32, n_init=4 ...")
-                    row["daskem_float32"] = daskem_s_per_iter(Xd, [p], iters, dtype="float32")
-                    ps = [init_params(X, k, ctype, seed=s) for s in range(4)]
-                    row["daskem_n_init4"] = daskem_s_per_iter(Xd, ps, iters)
                 if not args.no_sklearn:
                     log(f"case {name}: scikit-learn ...")
                     with PeakMemory({"client": os.getpid()}) as mem_sk:
-                        row["sklearn"] = sklearn_s_per_iter(X, p, iters)
+                        row["sklearn"] = sklearn_s_per_iter(X, p, S["sklearn_iters"])
                     row["sklearn_peak_MiB"] = mem_sk.mib()["client"]
                 res["cases"][name] = row
-                del Xd
-
-        # ---- one worker on (a) ----------------------------------------------
-        log("case a on one worker ...")
-        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
-            Xd = open_persisted(store_a, client)
-            p = init_params(Xa, k_a, "full", seed=0)
-            res["cases"]["a_full"]["daskem_one_worker"] = daskem_s_per_iter(Xd, [p], iters)
+                del Xd, Xd1
 
         # ---- threaded scheduler: Dask threads x BLAS threads --------------------
         log("case a on the threaded scheduler ...")
@@ -463,18 +534,21 @@ def main(argv: list[str] | None = None) -> dict:
 
         Xn = open_array(Xa, chunk_bytes=S["chunk_bytes"])
         p = init_params(Xa, k_a, "full", seed=0)
-        thr = {}
-        with dask.config.set(scheduler="threads", num_workers=cores):
-            thr[f"{cores}_dask_x_1_blas"] = daskem_s_per_iter(Xn, [p], iters)
-        os.environ["DASKEM_BLAS_THREADS"] = "keep"
-        try:
-            with dask.config.set(scheduler="threads", num_workers=1):
-                thr[f"1_dask_x_{cores}_blas"] = daskem_s_per_iter(Xn, [p], iters)
-            with dask.config.set(scheduler="threads", num_workers=cores):
-                thr[f"{cores}_dask_x_{cores}_blas_oversubscribed"] = daskem_s_per_iter(Xn, [p], iters)
-        finally:
-            del os.environ["DASKEM_BLAS_THREADS"]
-        res["cases"]["a_full"]["threaded_scheduler"] = thr
+
+        def threaded(workers: int, keep_blas: bool) -> dict:
+            if keep_blas:
+                os.environ["DASKEM_BLAS_THREADS"] = "keep"
+            try:
+                with dask.config.set(scheduler="threads", num_workers=workers):
+                    return em_iterations(Xn, [p], per_call)
+            finally:
+                os.environ.pop("DASKEM_BLAS_THREADS", None)
+
+        res["cases"]["a_full"]["threaded_scheduler"] = interleaved({
+            f"{cores}_dask_x_1_blas": lambda: threaded(cores, False),
+            f"1_dask_x_{cores}_blas": lambda: threaded(1, True),
+            f"{cores}_dask_x_{cores}_blas_oversubscribed": lambda: threaded(cores, True),
+        }, rounds)
 
         # ---- out of core ------------------------------------------------------
         log("out-of-core cases ...")
@@ -483,7 +557,6 @@ def main(argv: list[str] | None = None) -> dict:
             memory_limit=S["ooc_memory_limit"],
         ) as cl, Client(cl) as client:
             pids = cluster_pids(client)
-            res["limits"]["zarr_read"] = read_rate(store_o)
             mem_total = engine._cluster_memory()
             Xo = open_array(str(store_o))
             # what cache='auto' decides (the full-size store must not fit); stream either way
@@ -494,19 +567,26 @@ def main(argv: list[str] | None = None) -> dict:
             ooc = {"N": S["ooc_n"], "D": d_o, "K": k_o, "store_bytes": int(Xo.nbytes),
                    "workers_memory_limit_total": int(mem_total), "chunks": len(Xo.chunks[0]),
                    "cache_auto_would_persist": auto_persist}
-            for ctype in ("diag", "full"):
-                p = init_params(sample, k_o, ctype, seed=0)
-                log(f"out of core {ctype} ...")
-                with PeakMemory(pids) as mem:
-                    r = daskem_s_per_iter(Xs, [p], iters)
-                ooc[ctype] = {**r, "peak_MiB": mem.mib()}
-            p = init_params(sample, k_o, "diag", seed=0)
+            pd = init_params(sample, k_o, "diag", seed=0)
+            pf = init_params(sample, k_o, "full", seed=0)
             ps = [init_params(sample, k_o, "diag", seed=s) for s in range(4)]
-            log("out of core diag n_init=4 ...")
-            ooc["diag_n_init4"] = daskem_s_per_iter(Xs, ps, iters)
+            log(f"out of core: the read bound, diag, diag n_init=4 and full in turn, {rounds} rounds ...")
+            timed = interleaved({
+                "read": lambda: {"all_s": [read_seconds(store_o)]},
+                "diag": lambda: em_iterations(Xs, [pd], per_call),
+                "diag_n_init4": lambda: em_iterations(Xs, ps, per_call),
+                "full": lambda: em_iterations(Xs, [pf], 1),
+            }, rounds, pids)
+            rd = timed.pop("read")
+            res["limits"]["zarr_read"] = {
+                "bytes": int(Xo.nbytes), "seconds": rd["s_per_iter"], "best_seconds": rd["best_s_per_iter"],
+                "all_s": rd["all_s"], "MB_per_s": round(Xo.nbytes / rd["s_per_iter"] / 1e6, 1),
+                "how": "da.from_zarr(store).sum() on the same cluster, timed in turn with the EM passes",
+            }
+            ooc.update(timed)
             log("out of core diag at N/4 ...")
             with PeakMemory(pids) as mem:
-                r = daskem_s_per_iter(Xq, [p], iters)
+                r = interleaved({"q": lambda: em_iterations(Xq, [pd], per_call)}, 1)["q"]
             ooc["diag_quarter_N"] = {**r, "N": S["ooc_n"] // 4, "peak_MiB": mem.mib()}
             res["cases"]["d_out_of_core"] = ooc
 
