@@ -744,7 +744,9 @@ def fit_runs(
             fingerprint["seed"] = seed
         checkpoint = engine.Checkpoint(opts["checkpoint"], fingerprint, model)
 
-    Xw, _ = engine.prepare_data(Xd, opts.get("cache", "auto"), in_memory=in_memory)
+    Xw, _ = engine.prepare_data(
+        Xd, opts.get("cache", "auto"), in_memory=in_memory, dtype=opts.get("dtype", "float64")
+    )
     cached: dict[str, np.ndarray] = {}
 
     def sample() -> np.ndarray:

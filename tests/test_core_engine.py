@@ -175,3 +175,20 @@ def test_balanced_row_chunks(chunks, threads, expected) -> None:
     if got is not None:
         assert sum(got) == sum(chunks) and len(got) % threads == 0
         assert max(got) - min(got) <= 1 and max(got) <= max(chunks)
+
+
+def test_float32_fit_caches_a_float32_copy() -> None:
+    """dtype='float32' on float64 data: the cached copy is cast once (half the
+    memory); the fit equals the streamed one, which casts block by block."""
+    X = make_blobs(n=4000, d=4, k=3, seed=3)
+    Xd = da.from_array(X, chunks=1000)
+    Xp, persisted = engine.prepare_data(Xd, True, dtype="float32")
+    assert persisted and Xp.dtype == np.float32
+    assert engine.prepare_data(Xd, False, dtype="float32")[0].dtype == np.float64  # streamed: untouched
+    assert engine.prepare_data(Xd, True)[0].dtype == np.float64
+    opts = dict(dtype="float32", tol=1e-6, max_iter=50, **sklearn_init(X, 3, "full"))
+    cached = daskem.GaussianMixture(3, cache=True, **opts).fit(Xd)
+    streamed = daskem.GaussianMixture(3, cache=False, **opts).fit(Xd)
+    assert cached.n_iter_ == streamed.n_iter_
+    np.testing.assert_allclose(cached.means_, streamed.means_, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cached.lower_bound_, streamed.lower_bound_, rtol=1e-6)
