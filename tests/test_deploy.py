@@ -9,15 +9,11 @@ import sys
 import time
 
 import pytest
+import yaml  # PyYAML: a dependency of dask itself, so always here
 from _cli_helpers import ROOT, daskem, env
 
 from daskem.datasets import generate_zarr
 from daskem.jobs import load_job, tomllib
-
-try:  # PyYAML parses the manifests when installed; else a minimal check of their keys
-    import yaml
-except ImportError:  # pragma: no cover - depends on the environment
-    yaml = None
 
 DEPLOY = ROOT / "deploy"
 
@@ -74,8 +70,6 @@ def _require_keys(path, keys):
 
 def test_docker_compose_is_valid():
     _require_keys(DEPLOY / "docker" / "compose.yaml", ["services", "scheduler", "worker", "job", "command"])
-    if yaml is None:
-        return
     doc = yaml.safe_load((DEPLOY / "docker" / "compose.yaml").read_text())
     services = doc["services"]
     assert {"scheduler", "worker", "job"} <= set(services)
@@ -92,8 +86,6 @@ def test_kubernetes_manifests_are_valid():
     _require_keys(DEPLOY / "kubernetes" / "job.yaml", ["apiVersion", "kind", "template", "containers", "command"])
     toml = tomllib.loads((DEPLOY / "kubernetes" / "job.toml").read_text())
     assert toml["cluster"]["scheduler"] == "tcp://daskem-scheduler:8786"
-    if yaml is None:
-        return
     cluster = yaml.safe_load((DEPLOY / "kubernetes" / "daskcluster.yaml").read_text())
     assert cluster["apiVersion"] == "kubernetes.dask.org/v1" and cluster["kind"] == "DaskCluster"
     name = cluster["metadata"]["name"]
