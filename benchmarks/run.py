@@ -468,13 +468,14 @@ def main(argv: list[str] | None = None) -> dict:
         res["limits"]["blas_scaling"] = blas_scaling(d_a, k_a, S["limit_rows"], cores, S["blas_seconds"])
 
         # ---- in-memory cases on a 2-worker cluster ---------------------------
-        def open_persisted(path: Path, client) -> da.Array:
+        def open_persisted(path: Path, client, ctype: str) -> da.Array:
             """The store, cached on the workers as ``GaussianMixture(cache=True)`` does."""
             from distributed import wait
 
             from daskem.io import open_array
 
-            x, _ = engine.prepare_data(open_array(str(path), chunk_bytes=S["chunk_bytes"]), True)
+            order = "F" if ctype in ("diag", "spherical") else "C"
+            x, _ = engine.prepare_data(open_array(str(path), chunk_bytes=S["chunk_bytes"]), True, order=order)
             wait(x)
             return x
 
@@ -488,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
             pids = cluster_pids(client)
             for name, store, X, k, ctype in cases:
                 log(f"case {name}: daskem ...")
-                Xd = open_persisted(store, client)
+                Xd = open_persisted(store, client, ctype)
                 p = init_params(X, k, ctype, seed=0)
                 variants = {"daskem": lambda Xd=Xd, p=p: em_iterations(Xd, [p], per_call)}
                 Xd1 = Xd32 = None

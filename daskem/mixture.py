@@ -745,7 +745,12 @@ def fit_runs(
         checkpoint = engine.Checkpoint(opts["checkpoint"], fingerprint, model)
 
     Xw, _ = engine.prepare_data(
-        Xd, opts.get("cache", "auto"), in_memory=in_memory, dtype=opts.get("dtype", "float64")
+        Xd,
+        opts.get("cache", "auto"),
+        in_memory=in_memory,
+        dtype=opts.get("dtype", "float64"),
+        # the diagonal kernels read column-major chunks faster, the full ones row-major
+        order="F" if opts["covariance_type"] in ("diag", "spherical") else "C",
     )
     cached: dict[str, np.ndarray] = {}
 
