@@ -485,7 +485,15 @@ def main(argv: list[str] | None = None) -> dict:
             ("c_full_D64", store_c, Xc, k_c, "full"),
         ]
         rounds, per_call = S["rounds"], S["per_call"]
-        with LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as client:
+        # the clusters are configured as the ones daskem starts (`daskem.cli.local_cluster_config`:
+        # distributed's worker profiler off unless DASKEM_WORKER_PROFILE=1)
+        from daskem.cli import local_cluster_config
+
+        cluster_config = local_cluster_config()
+        res["meta"]["cluster_config"] = cluster_config
+        with dask.config.set(cluster_config), LocalCluster(
+            n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cl, Client(cl) as client:
             pids = cluster_pids(client)
             for name, store, X, k, ctype in cases:
                 log(f"case {name}: daskem ...")
@@ -577,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # ---- out of core ------------------------------------------------------
         log("out-of-core cases ...")
-        with LocalCluster(
+        with dask.config.set(cluster_config), LocalCluster(
             n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=":0",
             memory_limit=S["ooc_memory_limit"],
         ) as cl, Client(cl) as client:

@@ -132,6 +132,19 @@ def _say(args: argparse.Namespace, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def local_cluster_config() -> dict:
+    """Dask settings of the clusters daskem starts (``LocalCluster``, ``deploy/``).
+
+    distributed's statistical profiler samples every thread every 10 ms; on
+    the chunk kernel (many short numpy calls, each giving up the GIL) it made
+    the chunk tasks 8-15% slower (``benchmarks/README.md``). It is off unless
+    ``DASKEM_WORKER_PROFILE=1``.
+    """
+    if os.environ.get("DASKEM_WORKER_PROFILE", "") not in ("", "0"):
+        return {}
+    return {"distributed.worker.profile.enabled": False}
+
+
 @contextlib.contextmanager
 def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> Iterator[Any]:
     """A ``distributed.Client`` for the command: an existing cluster, or a local one.
@@ -139,6 +152,7 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
     ``defaults`` (e.g. a job file's ``[cluster]`` table) fill in what the
     command line did not give.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     defaults = defaults or {}
@@ -163,7 +177,7 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
                 v = defaults.get(name) if v is None else v
                 if v is not None:
                     kw[name] = v
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), dask.config.set(local_cluster_config()):
                 warnings.simplefilter("ignore")
                 cluster = LocalCluster(**kw)
             client = Client(cluster)

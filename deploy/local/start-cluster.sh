@@ -63,6 +63,13 @@ if [[ ! -s "$SCHED_FILE" ]]; then
 fi
 ADDRESS=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['address'])" "$SCHED_FILE")
 
+# distributed's statistical profiler slows daskem's chunk kernel by 8-15%
+# (benchmarks/README.md); DASKEM_WORKER_PROFILE=1 keeps it
+prof_env=""
+if [ "${DASKEM_WORKER_PROFILE:-0}" = "0" ]; then
+    export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False
+    prof_env="DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"
+fi
 worker_cmd=("${DASK[@]}" worker --scheduler-file "$SCHED_FILE" --nthreads "$THREADS"
             --memory-limit "$MEMORY" --local-directory "$STATE_DIR/worker-space" "${host_args[@]}")
 : >"$STATE_DIR/workers.pid"
@@ -75,7 +82,7 @@ else
   for h in $HOSTS; do
     for i in $(seq 1 "$N_WORKERS"); do
       # the remote pid is recorded as host:pid; stop-cluster.sh kills it over ssh
-      pid=$(ssh "$h" "cd $(printf %q "$PWD") && nohup ${worker_cmd[*]} --name $h-$i >$STATE_DIR/worker-$h-$i.log 2>&1 & echo \$!")
+      pid=$(ssh "$h" "cd $(printf %q "$PWD") && $prof_env nohup ${worker_cmd[*]} --name $h-$i >$STATE_DIR/worker-$h-$i.log 2>&1 & echo \$!")
       echo "$h:$pid" >>"$STATE_DIR/workers.pid"
     done
   done
