@@ -2,7 +2,11 @@
 
 One pass over the data is one ``map_blocks`` (every chunk computes the packed
 statistics of every live run) followed by a tree ``sum`` with a configurable
-fan-in; only the small summed vector reaches the client. The engine knows
+fan-in, so that only the small summed vector reaches the client; on a
+distributed cluster, when the chunk vectors are few (16 MiB together at
+most), they are gathered and summed on the client instead, which saves the
+last reduction level (:func:`reduce_statistics`). Nothing per row ever
+reaches the client. The engine knows
 nothing of Gaussians: the *model* object (:class:`daskem._gaussian.MixtureModel`)
 supplies the per-chunk statistics, their packing, the M-step, the re-seeding
 of empty components and the (de)serialisation of parameters.
