@@ -117,14 +117,6 @@ INLINE_PARAMS_BYTES = 4 * 2**20
 GATHER_BYTES = 16 * 2**20
 
 
-def _params_nbytes(model: Model, params_list: Sequence[Params]) -> int:
-    total = 0
-    for p in params_list:
-        arrays, _ = model.params_state(p)
-        total += sum(np.asarray(a).nbytes for a in arrays.values())
-    return total
-
-
 def pass_parts(
     X: da.Array,
     model: Model,
@@ -135,11 +127,11 @@ def pass_parts(
     """The lazy statistics of one pass, one packed row per chunk: shape (chunks, size)."""
     size = sum(model.packed_size(p) for p in params_list)
     task = _PassTask(model, tuple(params_list), split)
-    key = "daskem-pass-params-" + dask.base.tokenize(
-        model, split, [model.params_state(p) for p in params_list]
-    )
+    states = [model.params_state(p) for p in params_list]
+    key = "daskem-pass-params-" + dask.base.tokenize(model, split, states)
+    nbytes = sum(np.asarray(a).nbytes for arrays, _ in states for a in arrays.values())
     arg: Any = task
-    if _params_nbytes(model, params_list) * X.numblocks[0] > INLINE_PARAMS_BYTES:
+    if nbytes * X.numblocks[0] > INLINE_PARAMS_BYTES:
         arg = dask.delayed(task, name=key, pure=True, traverse=False)
     return X.map_blocks(
         _apply_pass,
