@@ -90,9 +90,12 @@ def _cluster_passes(
             z = zarr.create_array(store=path, shape=A.shape, chunks=(args.chunk_rows, A.shape[1]), dtype="f8")
             z[:] = A
             arrays[id(A)] = open_array(path, chunk_bytes=args.chunk_rows * A.shape[1] * 8)
-        with LocalCluster(
-            n_workers=args.n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster, Client(cluster):
+        with (
+            LocalCluster(
+                n_workers=args.n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster),
+        ):
 
             def one_pass(model: MixtureModel, A: np.ndarray) -> float:
                 t = time.perf_counter()

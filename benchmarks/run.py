@@ -224,7 +224,9 @@ def machine_limits(shapes: list[tuple[int, int]], rows: int, threads: int, secon
     for d, k in shapes:
         for dtype in ("float64", "float32"):
             out[f"gemm_rows_x_{d}_at_{d}x{d}_{dtype}"] = round(blas_rate(rows, d, d, dtype, threads, seconds), 2)
-            out[f"gemm_rows_x_{d}_at_{d}x{k * d}_{dtype}"] = round(blas_rate(rows, d, k * d, dtype, threads, seconds), 2)
+            out[f"gemm_rows_x_{d}_at_{d}x{k * d}_{dtype}"] = round(
+                blas_rate(rows, d, k * d, dtype, threads, seconds), 2
+            )
     return out
 
 
@@ -237,8 +239,12 @@ def blas_scaling(d: int, k: int, rows: int, threads: int, seconds: float) -> dic
     for _ in range(3):
         one.append(blas_rate(rows, d, k * d, "float64", 1, seconds))
         every.append(blas_rate(rows, d, k * d, "float64", threads, seconds))
-    return {"shape": f"rows x {d} @ {d} x {k * d} float64", "one_core_GFLOPs": round(max(one), 2),
-            f"{threads}_cores_GFLOPs": round(max(every), 2), "speedup": round(max(every) / max(one), 2)}
+    return {
+        "shape": f"rows x {d} @ {d} x {k * d} float64",
+        "one_core_GFLOPs": round(max(one), 2),
+        f"{threads}_cores_GFLOPs": round(max(every), 2),
+        "speedup": round(max(every) / max(one), 2),
+    }
 
 
 def read_seconds(path: Path) -> float:
@@ -329,9 +335,11 @@ def interleaved(variants: dict, rounds: int, pids: dict[str, int] | None = None)
                     acc["peak_MiB"][k] = max(acc["peak_MiB"].get(k, 0.0), v)
     out = {}
     for name, acc in samples.items():
-        row = {"s_per_iter": round(statistics.median(acc["all_s"]), 4),
-               "best_s_per_iter": round(min(acc["all_s"]), 4),
-               "all_s": [round(x, 4) for x in acc["all_s"]]}
+        row = {
+            "s_per_iter": round(statistics.median(acc["all_s"]), 4),
+            "best_s_per_iter": round(min(acc["all_s"]), 4),
+            "all_s": [round(x, 4) for x in acc["all_s"]],
+        }
         for key in ("loglik", "loglik_m_steps"):
             if key in acc:
                 row[key] = acc[key]
@@ -396,8 +404,12 @@ def sklearn_s_per_iter(X: np.ndarray, p: g.GaussianParams, iters: int) -> dict:
             gm._m_step(X, log_resp)
             secs.append(time.perf_counter() - t0)
             by_steps.append(float(log_prob_norm))
-    return {"s_per_iter": round(statistics.median(secs), 4), "best_s_per_iter": round(min(secs), 4),
-            "all_s": [round(x, 4) for x in secs], "loglik_by_m_steps": by_steps}
+    return {
+        "s_per_iter": round(statistics.median(secs), 4),
+        "best_s_per_iter": round(min(secs), 4),
+        "all_s": [round(x, 4) for x in secs],
+        "loglik_by_m_steps": by_steps,
+    }
 
 
 # --------------------------------------------------------------------------
@@ -491,9 +503,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         cluster_config = local_cluster_config()
         res["meta"]["cluster_config"] = cluster_config
-        with dask.config.set(cluster_config), LocalCluster(
-            n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cl, Client(cl) as client:
+        with (
+            dask.config.set(cluster_config),
+            LocalCluster(n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=":0") as cl,
+            Client(cl) as client,
+        ):
             pids = cluster_pids(client)
             for name, store, X, k, ctype in cases:
                 log(f"case {name}: daskem ...")
@@ -504,9 +518,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "daskem": lambda Xd=Xd, p=p: em_iterations(Xd, [p], per_call),
                     # the BLAS limit of this case's E-step shape, measured in turn with the
                     # passes (as seconds per GFLOP, so that the median is taken like the others)
-                    "blas_limit": lambda d_=d_, k_=k_: {"all_s": [
-                        1.0 / blas_rate(S["limit_rows"], d_, k_ * d_, "float64", cores, S["blas_seconds"])
-                    ]},
+                    "blas_limit": lambda d_=d_, k_=k_: {
+                        "all_s": [1.0 / blas_rate(S["limit_rows"], d_, k_ * d_, "float64", cores, S["blas_seconds"])]
+                    },
                 }
                 Xd1 = Xd32 = None
                 if name == "a_full":
@@ -525,22 +539,40 @@ def main(argv: list[str] | None = None) -> dict:
                         open_array(str(store), chunk_bytes=S["chunk_bytes"]), True, dtype="float32"
                     )
                     wait([Xd1, Xd32])
-                    variants.update({
-                        "daskem_float32": lambda Xd32=Xd32, p=p: em_iterations(Xd32, [p], per_call, dtype="float32"),
-                        "daskem_n_init4": lambda Xd=Xd, ps=ps: em_iterations(Xd, ps, per_call),
-                        "daskem_one_worker": lambda Xd1=Xd1, p=p, w0=w0: em_iterations(Xd1, [p], per_call, workers=[w0]),
-                    })
+                    variants.update(
+                        {
+                            "daskem_float32": lambda Xd32=Xd32, p=p: em_iterations(
+                                Xd32, [p], per_call, dtype="float32"
+                            ),
+                            "daskem_n_init4": lambda Xd=Xd, ps=ps: em_iterations(Xd, ps, per_call),
+                            "daskem_one_worker": lambda Xd1=Xd1, p=p, w0=w0: em_iterations(
+                                Xd1, [p], per_call, workers=[w0]
+                            ),
+                        }
+                    )
                 log(f"case {name}: " + ", ".join(variants) + f" in turn, {rounds} rounds ...")
                 timed = interleaved(variants, rounds, pids)
                 r = timed.pop("daskem")
                 mem = r.pop("peak_MiB")
                 bl = timed.pop("blas_limit")
-                blas_in_turn = {"GFLOPs": round(1.0 / bl["s_per_iter"], 2),
-                                "all_GFLOPs": [round(1.0 / x, 2) for x in bl["all_s"]],
-                                "shape": f"rows x {d_} @ {d_} x {k_ * d_} float64"}
-                row = {"N": X.shape[0], "D": X.shape[1], "K": k, "covariance_type": ctype,
-                       "daskem": r, "daskem_peak_MiB": mem, "chunks": len(Xd.chunks[0]),
-                       "workers": cores, "threads_per_worker": 1, "blas_limit_in_turn": blas_in_turn, **timed}
+                blas_in_turn = {
+                    "GFLOPs": round(1.0 / bl["s_per_iter"], 2),
+                    "all_GFLOPs": [round(1.0 / x, 2) for x in bl["all_s"]],
+                    "shape": f"rows x {d_} @ {d_} x {k_ * d_} float64",
+                }
+                row = {
+                    "N": X.shape[0],
+                    "D": X.shape[1],
+                    "K": k,
+                    "covariance_type": ctype,
+                    "daskem": r,
+                    "daskem_peak_MiB": mem,
+                    "chunks": len(Xd.chunks[0]),
+                    "workers": cores,
+                    "threads_per_worker": 1,
+                    "blas_limit_in_turn": blas_in_turn,
+                    **timed,
+                }
                 if Xd1 is not None:
                     row["daskem_peak_MiB_note"] = (
                         "the workers also hold the one-worker copy and the float32 copy of the data"
@@ -577,18 +609,28 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 os.environ.pop("DASKEM_BLAS_THREADS", None)
 
-        res["cases"]["a_full"]["threaded_scheduler"] = interleaved({
-            f"{cores}_dask_x_1_blas": lambda: threaded(cores, False),
-            f"1_dask_x_{cores}_blas": lambda: threaded(1, True),
-            f"{cores}_dask_x_{cores}_blas_oversubscribed": lambda: threaded(cores, True),
-        }, rounds)
+        res["cases"]["a_full"]["threaded_scheduler"] = interleaved(
+            {
+                f"{cores}_dask_x_1_blas": lambda: threaded(cores, False),
+                f"1_dask_x_{cores}_blas": lambda: threaded(1, True),
+                f"{cores}_dask_x_{cores}_blas_oversubscribed": lambda: threaded(cores, True),
+            },
+            rounds,
+        )
 
         # ---- out of core ------------------------------------------------------
         log("out-of-core cases ...")
-        with dask.config.set(cluster_config), LocalCluster(
-            n_workers=cores, threads_per_worker=1, processes=True, dashboard_address=":0",
-            memory_limit=S["ooc_memory_limit"],
-        ) as cl, Client(cl) as client:
+        with (
+            dask.config.set(cluster_config),
+            LocalCluster(
+                n_workers=cores,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                memory_limit=S["ooc_memory_limit"],
+            ) as cl,
+            Client(cl) as client,
+        ):
             pids = cluster_pids(client)
             mem_total = engine._cluster_memory()
             Xo = open_array(str(store_o))
@@ -597,23 +639,36 @@ def main(argv: list[str] | None = None) -> dict:
             Xs, _ = engine.prepare_data(Xo, False)
             Xq = open_array(str(store_o4))
             sample = np.asarray(Xo[: min(200_000, S["ooc_n"])].compute())
-            ooc = {"N": S["ooc_n"], "D": d_o, "K": k_o, "store_bytes": int(Xo.nbytes),
-                   "workers_memory_limit_total": int(mem_total), "chunks": len(Xo.chunks[0]),
-                   "cache_auto_would_persist": auto_persist}
+            ooc = {
+                "N": S["ooc_n"],
+                "D": d_o,
+                "K": k_o,
+                "store_bytes": int(Xo.nbytes),
+                "workers_memory_limit_total": int(mem_total),
+                "chunks": len(Xo.chunks[0]),
+                "cache_auto_would_persist": auto_persist,
+            }
             pd = init_params(sample, k_o, "diag", seed=0)
             pf = init_params(sample, k_o, "full", seed=0)
             ps = [init_params(sample, k_o, "diag", seed=s) for s in range(4)]
             log(f"out of core: the read bound, diag, diag n_init=4 and full in turn, {rounds} rounds ...")
-            timed = interleaved({
-                "read": lambda: {"all_s": [read_seconds(store_o)]},
-                "diag": lambda: em_iterations(Xs, [pd], per_call),
-                "diag_n_init4": lambda: em_iterations(Xs, ps, per_call),
-                "full": lambda: em_iterations(Xs, [pf], 1),
-            }, rounds, pids)
+            timed = interleaved(
+                {
+                    "read": lambda: {"all_s": [read_seconds(store_o)]},
+                    "diag": lambda: em_iterations(Xs, [pd], per_call),
+                    "diag_n_init4": lambda: em_iterations(Xs, ps, per_call),
+                    "full": lambda: em_iterations(Xs, [pf], 1),
+                },
+                rounds,
+                pids,
+            )
             rd = timed.pop("read")
             res["limits"]["zarr_read"] = {
-                "bytes": int(Xo.nbytes), "seconds": rd["s_per_iter"], "best_seconds": rd["best_s_per_iter"],
-                "all_s": rd["all_s"], "MB_per_s": round(Xo.nbytes / rd["s_per_iter"] / 1e6, 1),
+                "bytes": int(Xo.nbytes),
+                "seconds": rd["s_per_iter"],
+                "best_seconds": rd["best_s_per_iter"],
+                "all_s": rd["all_s"],
+                "MB_per_s": round(Xo.nbytes / rd["s_per_iter"] / 1e6, 1),
                 "how": "da.from_zarr(store).sum() on the same cluster, timed in turn with the EM passes",
             }
             ooc.update(timed)
@@ -675,8 +730,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_table(res: dict) -> None:
     m = res["meta"]
-    print(f"daskem benchmark  {m['date']}  {m['machine']}  {m['cores']} cores  {m['ram_GiB']} GiB  "
-          f"load {m['load_avg_start'][0]:.2f}->{m.get('load_avg_end', [0])[0]:.2f}  quick={m['quick']}")
+    print(
+        f"daskem benchmark  {m['date']}  {m['machine']}  {m['cores']} cores  {m['ram_GiB']} GiB  "
+        f"load {m['load_avg_start'][0]:.2f}->{m.get('load_avg_end', [0])[0]:.2f}  quick={m['quick']}"
+    )
     print("\n[1] limits")
     for k, v in res["limits"]["blas_gflops"].items():
         print(f"  BLAS {k:40s} {v:8.2f} GFLOP/s")
@@ -689,24 +746,32 @@ def print_table(res: dict) -> None:
             b = r["blas_limit_in_turn"]
             print(f"  BLAS {b['shape']} in turn with case {name}'s passes: {b['GFLOPs']} GFLOP/s")
     print("\n[2] seconds per iteration")
-    print(f"  {'case':14s} {'N':>9s} {'D':>3s} {'K':>3s} {'daskem':>9s} {'sklearn':>9s} {'GFLOP/s':>8s} {'kernel':>8s} "
-          f"{'client MiB':>10s} {'worker MiB':>14s} {'sklearn MiB':>11s}")
+    print(
+        f"  {'case':14s} {'N':>9s} {'D':>3s} {'K':>3s} {'daskem':>9s} {'sklearn':>9s} {'GFLOP/s':>8s} {'kernel':>8s} "
+        f"{'client MiB':>10s} {'worker MiB':>14s} {'sklearn MiB':>11s}"
+    )
     for name, r in res["cases"].items():
         if name == "d_out_of_core":
             continue
         pk = r["daskem_peak_MiB"]
         wk = "/".join(f"{v:.0f}" for k, v in pk.items() if k.startswith("worker"))
         sk = r.get("sklearn", {}).get("s_per_iter", float("nan"))
-        print(f"  {name:14s} {r['N']:9d} {r['D']:3d} {r['K']:3d} {r['daskem']['s_per_iter']:9.3f} {sk:9.3f} "
-              f"{r['daskem_GFLOPs']:8.2f} {r.get('kernel_GFLOPs', float('nan')):8.2f} {pk['client']:10.0f} {wk:>14s} {r.get('sklearn_peak_MiB', float('nan')):11.0f}")
+        print(
+            f"  {name:14s} {r['N']:9d} {r['D']:3d} {r['K']:3d} {r['daskem']['s_per_iter']:9.3f} {sk:9.3f} "
+            f"{r['daskem_GFLOPs']:8.2f} {r.get('kernel_GFLOPs', float('nan')):8.2f} {pk['client']:10.0f} {wk:>14s} {r.get('sklearn_peak_MiB', float('nan')):11.0f}"
+        )
     a = res["cases"]["a_full"]
-    print(f"  a float32 {a['daskem_float32']['s_per_iter']:.3f}  n_init=4 {a['daskem_n_init4']['s_per_iter']:.3f}  "
-          f"one worker {a['daskem_one_worker']['s_per_iter']:.3f}")
+    print(
+        f"  a float32 {a['daskem_float32']['s_per_iter']:.3f}  n_init=4 {a['daskem_n_init4']['s_per_iter']:.3f}  "
+        f"one worker {a['daskem_one_worker']['s_per_iter']:.3f}"
+    )
     for k, v in a["threaded_scheduler"].items():
         print(f"  a threaded scheduler {k:32s} {v['s_per_iter']:.3f}")
     o = res["cases"]["d_out_of_core"]
-    print(f"  out of core: N={o['N']} store {o['store_bytes'] / 1e6:.0f} MB > workers' limits "
-          f"{o['workers_memory_limit_total'] / 1e6:.0f} MB, read bound {o['read_bound_s']} s")
+    print(
+        f"  out of core: N={o['N']} store {o['store_bytes'] / 1e6:.0f} MB > workers' limits "
+        f"{o['workers_memory_limit_total'] / 1e6:.0f} MB, read bound {o['read_bound_s']} s"
+    )
     for k in ("diag", "full", "diag_n_init4", "diag_quarter_N"):
         pk = o[k].get("peak_MiB", {})
         print(f"    {k:16s} {o[k]['s_per_iter']:8.3f} s/iter  peak MiB {pk}")

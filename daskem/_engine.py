@@ -562,8 +562,7 @@ def run_em(
             r.lower_bound = ll
             if not math.isfinite(ll):
                 raise FloatingPointError(
-                    f"the log-likelihood became {ll} at iteration {r.n_iter}; "
-                    "increase reg_covar or scale the data"
+                    f"the log-likelihood became {ll} at iteration {r.n_iter}; increase reg_covar or scale the data"
                 )
             new, empty = model.m_step(s, r.params)
             if empty.any():

@@ -75,6 +75,7 @@ def _matmul(w: np.ndarray, a: np.ndarray, out: np.ndarray) -> np.ndarray:
         np.matmul(w[i : i + step], a, out=out[i : i + step])
     return out
 
+
 _ILL_DEFINED = (
     "Fitting the mixture model failed because some components have ill-defined "
     "empirical covariance (for instance caused by singleton or collapsed "
@@ -95,9 +96,7 @@ def _cholesky_lower(matrix: np.ndarray) -> np.ndarray:
         raise ValueError(_ILL_DEFINED) from exc
 
 
-def precision_cholesky_from_covariances(
-    covariances: np.ndarray, covariance_type: str
-) -> np.ndarray:
+def precision_cholesky_from_covariances(covariances: np.ndarray, covariance_type: str) -> np.ndarray:
     """Cholesky factor of the precision matrices (scikit-learn's convention).
 
     Parameters
@@ -123,9 +122,7 @@ def precision_cholesky_from_covariances(
         return out
     if covariance_type == "tied":
         d = covariances.shape[-1]
-        return linalg.solve_triangular(
-            _cholesky_lower(covariances), np.eye(d), lower=True
-        ).T
+        return linalg.solve_triangular(_cholesky_lower(covariances), np.eye(d), lower=True).T
     if np.any(~(covariances > 0.0)):
         raise ValueError(_ILL_DEFINED)
     return 1.0 / np.sqrt(covariances)
@@ -135,9 +132,7 @@ def _flip(a: np.ndarray) -> np.ndarray:
     return a[..., ::-1, ::-1]
 
 
-def precision_cholesky_from_precisions(
-    precisions: np.ndarray, covariance_type: str
-) -> np.ndarray:
+def precision_cholesky_from_precisions(precisions: np.ndarray, covariance_type: str) -> np.ndarray:
     """Upper Cholesky factor ``U`` with ``precision = U @ U.T``.
 
     Uses the exchange-matrix identity (scikit-learn #26415): the lower Cholesky
@@ -153,9 +148,7 @@ def precision_cholesky_from_precisions(
     return np.sqrt(precisions)
 
 
-def covariances_from_precision_cholesky(
-    prec_chol: np.ndarray, covariance_type: str
-) -> np.ndarray:
+def covariances_from_precision_cholesky(prec_chol: np.ndarray, covariance_type: str) -> np.ndarray:
     """Covariances from the precision Cholesky factors, without a general inverse."""
     if covariance_type in ("full", "tied"):
         mats = prec_chol if covariance_type == "full" else prec_chol[None]
@@ -436,9 +429,7 @@ def _log_prob_block(a: np.ndarray, plan: _Plan, work: _Workspace | None = None) 
     return _matmul(plan.weight, a, out)
 
 
-def estimate_log_gaussian_prob(
-    X: np.ndarray, params: GaussianParams, dtype: np.dtype | None = None
-) -> np.ndarray:
+def estimate_log_gaussian_prob(X: np.ndarray, params: GaussianParams, dtype: np.dtype | None = None) -> np.ndarray:
     """``log N(x_n | mu_k, Sigma_k)`` for every row and component, shape (n, K).
 
     Computed through the precision Cholesky factor, with the data centred on
@@ -457,9 +448,7 @@ def estimate_log_gaussian_prob(
     return out
 
 
-def estimate_weighted_log_prob(
-    X: np.ndarray, params: GaussianParams, dtype: np.dtype | None = None
-) -> np.ndarray:
+def estimate_weighted_log_prob(X: np.ndarray, params: GaussianParams, dtype: np.dtype | None = None) -> np.ndarray:
     """``log pi_k + log N(x_n | mu_k, Sigma_k)``, shape (n, K)."""
     with np.errstate(divide="ignore"):
         log_w = np.log(params.weights)
@@ -938,9 +927,7 @@ def m_step(
     return GaussianParams.from_covariances(weights, means, cov, ctype), empty
 
 
-def reseed_empty(
-    params: GaussianParams, empty: np.ndarray, pool: np.ndarray
-) -> GaussianParams:
+def reseed_empty(params: GaussianParams, empty: np.ndarray, pool: np.ndarray) -> GaussianParams:
     """Move empty components onto the rows of ``pool`` the model explains worst.
 
     Deterministic: the pool (a sample of the data drawn at initialisation)
@@ -985,7 +972,9 @@ class MixtureModel:
     block_rows: int = DEFAULT_BLOCK_ROWS
     missing: str = "error"
 
-    def statistics(self, x: np.ndarray, params_list: Sequence[GaussianParams], train_mask: np.ndarray | None) -> list[Stats]:
+    def statistics(
+        self, x: np.ndarray, params_list: Sequence[GaussianParams], train_mask: np.ndarray | None
+    ) -> list[Stats]:
         kernel = chunk_statistics
         if self.missing == "marginalize":
             from ._missing import chunk_statistics_missing as kernel

@@ -148,10 +148,20 @@ def lloyd(
     hard = MixtureModel(
         reg_covar=model.reg_covar, hard=True, dtype=model.dtype, block_rows=model.block_rows, missing=model.missing
     )
-    runs = [engine.Run(_identity_params(np.asarray(c, float), "kmeans"), tag={"lloyd": i}) for i, c in enumerate(centers_list)]
+    runs = [
+        engine.Run(_identity_params(np.asarray(c, float), "kmeans"), tag={"lloyd": i})
+        for i, c in enumerate(centers_list)
+    ]
     return engine.run_em(
-        X, hard, runs, tol=tol, max_iter=max_iter, split=split, split_every=split_every,
-        reseed_pool=pool, stage="kmeans",
+        X,
+        hard,
+        runs,
+        tol=tol,
+        max_iter=max_iter,
+        split=split,
+        split_every=split_every,
+        reseed_pool=pool,
+        stage="kmeans",
     )
 
 
@@ -196,8 +206,14 @@ def initialize(
             seeds = [kmeans_plusplus(pts, k, rng) for k in components]
         if init_params == "kmeans":
             runs = lloyd(
-                X, seeds, max_iter=KMEANS_MAX_ITER, tol=tol * 0.1, model=model, pool=sample,
-                split=split, split_every=split_every,
+                X,
+                seeds,
+                max_iter=KMEANS_MAX_ITER,
+                tol=tol * 0.1,
+                model=model,
+                pool=sample,
+                split=split,
+                split_every=split_every,
             )
             seeds = [r.params.means for r in runs]
         runs_params = _hard_pass_params(X, seeds, covariance_type, model, sample, split, split_every)

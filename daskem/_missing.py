@@ -472,9 +472,7 @@ def chunk_statistics_missing(
     """
     X = np.asarray(X)
     if X.dtype.kind != "f" or np.isfinite(X).all():
-        return chunk_statistics(
-            X, params_list, hard=hard, train_mask=train_mask, dtype=dtype, block_rows=block_rows
-        )
+        return chunk_statistics(X, params_list, hard=hard, train_mask=train_mask, dtype=dtype, block_rows=block_rows)
     nan = check_no_inf(X)
     n, d = X.shape
     has_nan = nan.any(axis=1)

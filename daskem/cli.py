@@ -37,12 +37,21 @@ _MODEL_OPTIONS: list[tuple[str, dict]] = [
     ("algorithm", {"choices": ["soft", "hard"], "help": "soft EM or hard (classification) EM (default: soft)"}),
     ("n_init", {"type": int, "metavar": "N", "help": "restarts, sharing passes over the data (default: 1)"}),
     ("max_iter", {"type": int, "metavar": "N", "help": "maximum EM iterations (default: 100)"}),
-    ("tol", {"type": float, "metavar": "TOL", "help": "convergence threshold on the mean log-likelihood (default: 1e-3)"}),
+    (
+        "tol",
+        {"type": float, "metavar": "TOL", "help": "convergence threshold on the mean log-likelihood (default: 1e-3)"},
+    ),
     ("reg_covar", {"type": float, "metavar": "R", "help": "added to covariance diagonals (default: 1e-6)"}),
     ("random_state", {"type": int, "metavar": "SEED", "help": "random seed (default: none)"}),
-    ("init_params", {"choices": ["kmeans", "k-means++", "random_from_data", "random"], "help": "initialisation (default: kmeans)"}),
+    (
+        "init_params",
+        {"choices": ["kmeans", "k-means++", "random_from_data", "random"], "help": "initialisation (default: kmeans)"},
+    ),
     ("missing", {"choices": ["error", "marginalize"], "help": "what to do with NaN entries (default: error)"}),
-    ("checkpoint", {"metavar": "PATH", "help": "checkpoint folder: written every iteration, resumed from when present"}),
+    (
+        "checkpoint",
+        {"metavar": "PATH", "help": "checkpoint folder: written every iteration, resumed from when present"},
+    ),
     ("cache", {"choices": ["auto", "true", "false"], "help": "persist the data in cluster memory (default: auto)"}),
     ("dtype", {"choices": ["float64", "float32"], "help": "compute dtype of the chunk kernel (default: float64)"}),
     ("split_every", {"type": int, "metavar": "N", "help": "fan-in of the tree reduction (default: 8)"}),
@@ -78,7 +87,9 @@ def parse_k_values(text: str) -> list[int]:
         else:
             values = [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise InputError(f"cannot read K values from {text!r}; write a range 2:12 (or 2:12:2) or a list 2,4,8") from None
+        raise InputError(
+            f"cannot read K values from {text!r}; write a range 2:12 (or 2:12:2) or a list 2,4,8"
+        ) from None
     if not values or min(values) < 1:
         raise InputError(f"K values must be integers >= 1, got {text!r}")
     return sorted(set(values))
@@ -112,10 +123,14 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster (default: a local cluster sized to this machine)")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler, e.g. tcp://host:8786")
-    x.add_argument("--scheduler-file", metavar="FILE", help="scheduler file written by `dask scheduler --scheduler-file`")
+    x.add_argument(
+        "--scheduler-file", metavar="FILE", help="scheduler file written by `dask scheduler --scheduler-file`"
+    )
     g.add_argument("--n-workers", type=int, metavar="N", help="local cluster: worker processes")
     g.add_argument("--threads-per-worker", type=int, metavar="N", help="local cluster: threads per worker")
-    g.add_argument("--memory-limit", metavar="BYTES", help="local cluster: memory per worker, e.g. 4GiB (default: auto)")
+    g.add_argument(
+        "--memory-limit", metavar="BYTES", help="local cluster: memory per worker, e.g. 4GiB (default: auto)"
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -156,7 +171,9 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
     from distributed import Client, LocalCluster
 
     defaults = defaults or {}
-    scheduler = getattr(args, "scheduler", None) or (None if getattr(args, "scheduler_file", None) else defaults.get("scheduler"))
+    scheduler = getattr(args, "scheduler", None) or (
+        None if getattr(args, "scheduler_file", None) else defaults.get("scheduler")
+    )
     scheduler_file = getattr(args, "scheduler_file", None) or (None if scheduler else defaults.get("scheduler_file"))
     logging.getLogger("distributed").setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
     cluster = None
@@ -166,8 +183,9 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
             if scheduler_file and not Path(scheduler_file).exists():
                 raise InputError(f"no such scheduler file: {scheduler_file}")
             try:
-                client = Client(scheduler, scheduler_file=scheduler_file,
-                                timeout=os.environ.get("DASKEM_CONNECT_TIMEOUT", "20s"))
+                client = Client(
+                    scheduler, scheduler_file=scheduler_file, timeout=os.environ.get("DASKEM_CONNECT_TIMEOUT", "20s")
+                )
             except (OSError, TimeoutError) as exc:
                 raise InputError(f"cannot connect to the Dask scheduler at {target}: {exc}") from exc
         else:
@@ -279,7 +297,13 @@ def fit_and_report(
     tmp, commit = atomic_dir(out)
     try:
         summary = write_report(
-            tmp, gm, sample, table=table, best_k=best_k, criterion=criterion if table is not None else None, runs=runs,
+            tmp,
+            gm,
+            sample,
+            table=table,
+            best_k=best_k,
+            criterion=criterion if table is not None else None,
+            runs=runs,
             extra={"fit_seconds": seconds, "n_samples": int(X.shape[0]), **(extra or {})},
         )
         commit()
@@ -339,7 +363,11 @@ def write_predictions(
         raise
     n_anom = None
     if anomaly_threshold is not None:
-        n_anom = int(np.asarray(zarr.open_group(str(out), mode="r")["anomaly"][:]).sum()) if X.shape[0] <= 10_000_000 else None
+        n_anom = (
+            int(np.asarray(zarr.open_group(str(out), mode="r")["anomaly"][:]).sum())
+            if X.shape[0] <= 10_000_000
+            else None
+        )
     return {"path": str(out), "arrays": list(outputs), "chunk_rows": int(chunk), "n_anomalies": n_anom}
 
 
@@ -385,8 +413,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_output(args.out, "output store")
     t0 = time.perf_counter()
     generate_zarr(
-        args.out, args.n_samples, args.n_features, args.n_components, seed=args.seed, chunk_rows=args.chunk_rows,
-        dtype=args.dtype, separation=args.separation,
+        args.out,
+        args.n_samples,
+        args.n_features,
+        args.n_components,
+        seed=args.seed,
+        chunk_rows=args.chunk_rows,
+        dtype=args.dtype,
+        separation=args.separation,
     )
     _say(args, f"wrote {args.n_samples:,} x {args.n_features} rows in {time.perf_counter() - t0:.1f} s")
     print(f"{args.out}\t(true parameters: {truth_path(args.out)})")
@@ -402,12 +436,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     X = open_data(args.data, args.array, opts.get("chunk_bytes"))
     with cluster_client(args):
         summary = fit_and_report(
-            X, out, k=args.k, options=opts, verbose=0 if args.quiet else 1,
+            X,
+            out,
+            k=args.k,
+            options=opts,
+            verbose=0 if args.quiet else 1,
             extra={"command": "fit", "input": {"path": args.data, "array": args.array}},
         )
     m = summary["model"]
-    _say(args, f"K={m['n_components']}: mean log-likelihood {m['lower_bound']:.6f} after {m['n_iter']} iterations"
-               f" ({'converged' if m['converged'] else 'NOT converged'})")
+    _say(
+        args,
+        f"K={m['n_components']}: mean log-likelihood {m['lower_bound']:.6f} after {m['n_iter']} iterations"
+        f" ({'converged' if m['converged'] else 'NOT converged'})",
+    )
     print(out)
     return 0
 
@@ -424,8 +465,13 @@ def cmd_select_k(args: argparse.Namespace) -> int:
     X = open_data(args.data, args.array, opts.get("chunk_bytes"))
     with cluster_client(args):
         summary = fit_and_report(
-            X, out, k_values=ks, criterion=args.criterion, validation_fraction=args.validation_fraction,
-            options=opts, verbose=0 if args.quiet else 1,
+            X,
+            out,
+            k_values=ks,
+            criterion=args.criterion,
+            validation_fraction=args.validation_fraction,
+            options=opts,
+            verbose=0 if args.quiet else 1,
             extra={"command": "select-k", "input": {"path": args.data, "array": args.array}},
         )
     if not args.quiet:
@@ -453,15 +499,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with cluster_client(args):
         t0 = time.perf_counter()
         res = write_predictions(
-            gm, X, out, proba=args.proba, anomaly_threshold=threshold,
+            gm,
+            X,
+            out,
+            proba=args.proba,
+            anomaly_threshold=threshold,
             store_rows=store_chunk_rows(args.data, args.array),
-            attrs={"model": str(args.model_dir), "input": args.data, "anomaly_quantile": args.anomaly_quantile,
-                   "anomaly_threshold": threshold},
+            attrs={
+                "model": str(args.model_dir),
+                "input": args.data,
+                "anomaly_quantile": args.anomaly_quantile,
+                "anomaly_threshold": threshold,
+            },
         )
     _say(args, f"wrote {', '.join(res['arrays'])} for {X.shape[0]:,} rows in {time.perf_counter() - t0:.1f} s")
     if threshold is not None and res["n_anomalies"] is not None:
-        _say(args, f"{res['n_anomalies']:,} rows below the training log-density quantile {args.anomaly_quantile}"
-                   f" (log p(x) < {threshold:.4f})")
+        _say(
+            args,
+            f"{res['n_anomalies']:,} rows below the training log-density quantile {args.anomaly_quantile}"
+            f" (log p(x) < {threshold:.4f})",
+        )
     print(out)
     return 0
 
@@ -477,10 +534,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     n = int(X.shape[0])
     p = gm.params_.n_parameters()
     total = mean * n
-    print(json.dumps({
-        "n_samples": n, "mean_loglik": mean, "total_loglik": total,
-        "bic": -2.0 * total + p * math.log(n), "aic": -2.0 * total + 2.0 * p, "n_parameters": p,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "n_samples": n,
+                "mean_loglik": mean,
+                "total_loglik": total,
+                "bic": -2.0 * total + p * math.log(n),
+                "aic": -2.0 * total + 2.0 * p,
+                "n_parameters": p,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -496,15 +562,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         data = tmp / "data.zarr"
         _say(args, f"generating {args.n_samples:,} rows, {args.n_features} features, {args.n_components} components")
-        truth = generate_zarr(data, args.n_samples, args.n_features, args.n_components, seed=args.seed,
-                              chunk_rows=max(1, args.n_samples // 8), separation=args.separation)
+        truth = generate_zarr(
+            data,
+            args.n_samples,
+            args.n_features,
+            args.n_components,
+            seed=args.seed,
+            chunk_rows=max(1, args.n_samples // 8),
+            separation=args.separation,
+        )
         X = open_data(str(data), chunk_bytes=max(4096, args.n_samples * args.n_features * 8 // 8))
-        opts = {"covariance_type": "full", "n_init": args.n_init, "random_state": args.seed, "max_iter": 200,
-                "init_params": "k-means++"}
+        opts = {
+            "covariance_type": "full",
+            "n_init": args.n_init,
+            "random_state": args.seed,
+            "max_iter": 200,
+            "init_params": "k-means++",
+        }
         t0 = time.perf_counter()
         with cluster_client(args):
             summary = fit_and_report(
-                X, tmp / "report", k_values=ks, criterion="validation", options=opts, verbose=0 if args.quiet else 1,
+                X,
+                tmp / "report",
+                k_values=ks,
+                criterion="validation",
+                options=opts,
+                verbose=0 if args.quiet else 1,
                 extra={"command": "demo", "truth": truth.to_json()},
             )
             gm, _ = load_model_dir(tmp / "report")
@@ -518,8 +601,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         pred = gm.predict(xs)
         agreement = _matched_agreement(ys, pred)
         elapsed = time.perf_counter() - t0
-        summary["demo"] = {"true_k": args.n_components, "chosen_k": summary["best_k"], "label_agreement": agreement,
-                           "seconds": elapsed}
+        summary["demo"] = {
+            "true_k": args.n_components,
+            "chosen_k": summary["best_k"],
+            "label_agreement": agreement,
+            "seconds": elapsed,
+        }
         from .report import write_summary
 
         write_summary(tmp / "report" / "summary.json", summary)
@@ -528,8 +615,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _say(args, f"true K = {args.n_components}, chosen K = {summary['best_k']}, "
-               f"label agreement with the truth {100 * agreement:.1f}% ({elapsed:.0f} s)")
+    _say(
+        args,
+        f"true K = {args.n_components}, chosen K = {summary['best_k']}, "
+        f"label agreement with the truth {100 * agreement:.1f}% ({elapsed:.0f} s)",
+    )
     _say(args, f"report: {out / 'report'} (summary.json, loglik.png, select_k.png, projection.png)")
     print(out)
     return 0
@@ -623,9 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("demo", help="generate data, choose K, fit and report, on embedded defaults",
-                       description="The main job on embedded defaults: generate a synthetic mixture, choose K by "
-                                   "held-out log-likelihood, fit, predict, and write a report.")
+    p = sub.add_parser(
+        "demo",
+        help="generate data, choose K, fit and report, on embedded defaults",
+        description="The main job on embedded defaults: generate a synthetic mixture, choose K by "
+        "held-out log-likelihood, fit, predict, and write a report.",
+    )
     p.add_argument("--out", default="daskem-demo", metavar="DIR", help="output folder (default: ./daskem-demo)")
     p.add_argument("--n-samples", type=int, default=300_000, metavar="N", help="rows (default: 300000)")
     p.add_argument("--n-features", type=int, default=4, metavar="D", help="features (default: 4)")
@@ -633,15 +726,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="2:8", metavar="RANGE", help="candidate K values (default: 2:8)")
     p.add_argument("--n-init", type=int, default=2, metavar="N", help="restarts per K (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--separation", type=float, default=DEMO_SEPARATION, metavar="S",
-                   help=f"spread of the true means relative to the component widths (default: {DEMO_SEPARATION})")
+    p.add_argument(
+        "--separation",
+        type=float,
+        default=DEMO_SEPARATION,
+        metavar="S",
+        help=f"spread of the true means relative to the component widths (default: {DEMO_SEPARATION})",
+    )
     _add_cluster_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("generate", help="write a synthetic Gaussian mixture to a Zarr store",
-                       description="Write rows of a random Gaussian mixture to a Zarr array, chunk by chunk "
-                                   "(out-of-core); the true parameters go to OUT.truth.json.")
+    p = sub.add_parser(
+        "generate",
+        help="write a synthetic Gaussian mixture to a Zarr store",
+        description="Write rows of a random Gaussian mixture to a Zarr array, chunk by chunk "
+        "(out-of-core); the true parameters go to OUT.truth.json.",
+    )
     p.add_argument("out", metavar="OUT.zarr")
     p.add_argument("--n-samples", type=int, required=True, metavar="N")
     p.add_argument("--n-features", type=int, required=True, metavar="D")
@@ -649,13 +750,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-rows", type=int, default=100_000, metavar="N", help="rows per Zarr chunk (default: 100000)")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    p.add_argument("--separation", type=float, default=6.0, metavar="S",
-                   help="spread of the means relative to the component widths (default: 6)")
+    p.add_argument(
+        "--separation",
+        type=float,
+        default=6.0,
+        metavar="S",
+        help="spread of the means relative to the component widths (default: 6)",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("fit", help="fit a mixture with K components", description="Fit a Gaussian mixture by EM and "
-                       "write DIR/model/, DIR/summary.json and plots.")
+    p = sub.add_parser(
+        "fit",
+        help="fit a mixture with K components",
+        description="Fit a Gaussian mixture by EM and write DIR/model/, DIR/summary.json and plots.",
+    )
     _add_data_options(p)
     p.add_argument("--k", type=int, required=True, metavar="K", help="number of components (n_components)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
@@ -664,8 +773,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("select-k", help="choose the number of components", description="Fit every K (sharing passes "
-                       "over the data) and keep the best by held-out log-likelihood, BIC or AIC.")
+    p = sub.add_parser(
+        "select-k",
+        help="choose the number of components",
+        description="Fit every K (sharing passes "
+        "over the data) and keep the best by held-out log-likelihood, BIC or AIC.",
+    )
     _add_data_options(p)
     p.add_argument("--k", required=True, metavar="RANGE", help="K values: a range 2:12 (inclusive) or a list 2,4,8")
     p.add_argument("--criterion", choices=["validation", "bic", "aic"], default="validation")
@@ -676,36 +789,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_select_k)
 
-    p = sub.add_parser("predict", help="write labels (and responsibilities, anomaly flags) to Zarr",
-                       description="Write per-row outputs as a Zarr group chunked like the input: `labels`; with "
-                                   "--proba `proba`; with --anomaly-quantile `log_density` and `anomaly` (log p(x) "
-                                   "below that quantile of the training log-density).")
+    p = sub.add_parser(
+        "predict",
+        help="write labels (and responsibilities, anomaly flags) to Zarr",
+        description="Write per-row outputs as a Zarr group chunked like the input: `labels`; with "
+        "--proba `proba`; with --anomaly-quantile `log_density` and `anomaly` (log p(x) "
+        "below that quantile of the training log-density).",
+    )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `daskem fit --out` (or its model/)")
     _add_data_options(p)
     p.add_argument("--out", required=True, metavar="LABELS.zarr")
     p.add_argument("--proba", action="store_true", help="also write responsibilities")
-    p.add_argument("--anomaly-quantile", type=float, metavar="Q", help="flag rows below quantile Q of the training log-density")
+    p.add_argument(
+        "--anomaly-quantile", type=float, metavar="Q", help="flag rows below quantile Q of the training log-density"
+    )
     _add_cluster_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("score", help="mean log-likelihood, BIC and AIC of a model on data",
-                       description="Print the mean log-likelihood per row, BIC and AIC of a model on DATA as JSON.")
+    p = sub.add_parser(
+        "score",
+        help="mean log-likelihood, BIC and AIC of a model on data",
+        description="Print the mean log-likelihood per row, BIC and AIC of a model on DATA as JSON.",
+    )
     p.add_argument("model_dir", metavar="MODEL_DIR")
     _add_data_options(p)
     _add_cluster_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("run", help="run a batch job file in the foreground", description="Run a TOML job file in the "
-                       "foreground, with checkpoints in its output folder (a job run again resumes).")
+    p = sub.add_parser(
+        "run",
+        help="run a batch job file in the foreground",
+        description="Run a TOML job file in the "
+        "foreground, with checkpoints in its output folder (a job run again resumes).",
+    )
     p.add_argument("job", metavar="JOB.toml")
     _add_cluster_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("submit", help="hand a job file to a running cluster", description="Hand a TOML job file to a "
-                       "running Dask cluster: it keeps running after this command exits. Prints the job id.")
+    p = sub.add_parser(
+        "submit",
+        help="hand a job file to a running cluster",
+        description="Hand a TOML job file to a "
+        "running Dask cluster: it keeps running after this command exits. Prints the job id.",
+    )
     p.add_argument("job", metavar="JOB.toml")
     x = p.add_mutually_exclusive_group()
     x.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler")
@@ -713,15 +842,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="state of a job, or of all recorded jobs",
-                       description="State (queued, running, done, failed) of a job, or a list of all recorded jobs "
-                                   "(registry: $DASKEM_HOME/jobs, default ~/.daskem/jobs).")
+    p = sub.add_parser(
+        "status",
+        help="state of a job, or of all recorded jobs",
+        description="State (queued, running, done, failed) of a job, or a list of all recorded jobs "
+        "(registry: $DASKEM_HOME/jobs, default ~/.daskem/jobs).",
+    )
     p.add_argument("job_id", nargs="?", metavar="JOB_ID")
     _add_common(p)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("result", help="the result of a finished job", description="Print the result of a finished job "
-                       "(output folder, summary). Exit 1 if it failed or has not finished.")
+    p = sub.add_parser(
+        "result",
+        help="the result of a finished job",
+        description="Print the result of a finished job "
+        "(output folder, summary). Exit 1 if it failed or has not finished.",
+    )
     p.add_argument("job_id", metavar="JOB_ID")
     p.add_argument("--wait", action="store_true", help="wait until the job has finished")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long")

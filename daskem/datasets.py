@@ -116,7 +116,10 @@ def generate_zarr(
     tmp, commit = atomic_dir(path)
     try:
         arr = zarr.create_array(
-            store=str(tmp), shape=(n_samples, n_features), chunks=(chunk_rows, n_features), dtype=dtype,
+            store=str(tmp),
+            shape=(n_samples, n_features),
+            chunks=(chunk_rows, n_features),
+            dtype=dtype,
             overwrite=True,
         )
         for i, start in enumerate(range(0, n_samples, chunk_rows)):

@@ -19,16 +19,14 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from .errors import InputError
+
 #: target bytes per row chunk: big enough that the scheduler overhead is
 #: small, small enough that a worker holds a few of them comfortably.
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 
 MODEL_FORMAT = "daskem-gmm"
 MODEL_FORMAT_VERSION = 1
-
-
-class InputError(ValueError):
-    """Bad input refused before any work starts (exit status 2 on the CLI)."""
 
 
 def _is_url(path: str) -> bool:
@@ -65,9 +63,7 @@ def _open_zarr(path: str, array: str | None, storage_options: dict | None) -> An
         names = sorted(name for name, _ in node.arrays())
         if array is None:
             if len(names) != 1:
-                raise InputError(
-                    f"{path} is a Zarr group with arrays {names}; choose one with --array/array="
-                )
+                raise InputError(f"{path} is a Zarr group with arrays {names}; choose one with --array/array=")
             array = names[0]
         if array not in names:
             raise InputError(f"{path} has no array {array!r}; arrays: {names}")

@@ -147,7 +147,7 @@ def load_job(path: str | Path) -> dict:
     select = doc.get("select")
     if select is not None:
         if "k" not in select:
-            raise InputError(f"{path}: [select] needs k (a list [2, 4, 8] or a range \"2:12\")")
+            raise InputError(f'{path}: [select] needs k (a list [2, 4, 8] or a range "2:12")')
         k = select["k"]
         ks = parse_k_values(k) if isinstance(k, str) else parse_k_values(",".join(str(int(v)) for v in k))
         select = {
@@ -202,16 +202,30 @@ def write_state(job: dict, job_id: str, state: str, **fields: Any) -> dict:
     old = _read_json(out / "job.json") or {}
     if old.get("id") != job_id:
         old = {}
-    doc = {**old, "id": job_id, "state": state, "output": str(out), "job_file": job.get("job_file"),
-           "updated": _now(), **fields}
+    doc = {
+        **old,
+        "id": job_id,
+        "state": state,
+        "output": str(out),
+        "job_file": job.get("job_file"),
+        "updated": _now(),
+        **fields,
+    }
     atomic_write_text(out / "job.json", json.dumps(doc, indent=2, default=str) + "\n")
     return doc
 
 
 def register(job_id: str, job: dict, mode: str, **fields: Any) -> None:
     """Record ``job_id`` → output folder in the registry (``$DASKEM_HOME/jobs``)."""
-    doc = {"id": job_id, "mode": mode, "output": job["output"]["path"], "job_file": job.get("job_file"),
-           "submitted": _now(), "host": socket.gethostname(), **fields}
+    doc = {
+        "id": job_id,
+        "mode": mode,
+        "output": job["output"]["path"],
+        "job_file": job.get("job_file"),
+        "submitted": _now(),
+        "host": socket.gethostname(),
+        **fields,
+    }
     atomic_write_text(registry_dir() / f"{job_id}.json", json.dumps(doc, indent=2, default=str) + "\n")
 
 
@@ -219,7 +233,9 @@ def job_status(job_id: str) -> dict:
     """The registry entry merged with the state recorded in the output folder."""
     reg = _read_json(registry_dir() / f"{job_id}.json")
     if reg is None:
-        raise InputError(f"no job {job_id!r} in {registry_dir()} (set DASKEM_HOME to the registry the job was submitted to)")
+        raise InputError(
+            f"no job {job_id!r} in {registry_dir()} (set DASKEM_HOME to the registry the job was submitted to)"
+        )
     state = _read_json(Path(reg["output"]) / "job.json")
     if state is None or state.get("id") != job_id:
         if state is not None and state.get("id") != job_id:
@@ -312,18 +328,29 @@ def run_job(job: dict, job_id: str, *, verbose: int = 0) -> dict:
             extra = {"command": "job", "job_id": job_id, "job": job}
             sel = job["select"]
             if sel is not None:
-                fit_and_report(X, work / "report", k_values=sel["k"], criterion=sel["criterion"],
-                               validation_fraction=sel["validation_fraction"], options=options, verbose=verbose,
-                               extra=extra)
+                fit_and_report(
+                    X,
+                    work / "report",
+                    k_values=sel["k"],
+                    criterion=sel["criterion"],
+                    validation_fraction=sel["validation_fraction"],
+                    options=options,
+                    verbose=verbose,
+                    extra=extra,
+                )
             else:
                 opts = {k: v for k, v in options.items() if k != "n_components"}
-                fit_and_report(X, work / "report", k=int(options["n_components"]), options=opts, verbose=verbose,
-                               extra=extra)
+                fit_and_report(
+                    X, work / "report", k=int(options["n_components"]), options=opts, verbose=verbose, extra=extra
+                )
             if job["output"]["predict"]:
                 gm, summary = load_model_dir(work / "report")
                 q = job["output"]["anomaly_quantile"]
                 write_predictions(
-                    gm, X, work / "report" / "labels.zarr", proba=job["output"]["proba"],
+                    gm,
+                    X,
+                    work / "report" / "labels.zarr",
+                    proba=job["output"]["proba"],
                     anomaly_threshold=None if q is None else anomaly_threshold(summary, q),
                     store_rows=store_chunk_rows(job["input"]["path"], job["input"]["array"]),
                     attrs={"job_id": job_id, "anomaly_quantile": q},
@@ -333,8 +360,14 @@ def run_job(job: dict, job_id: str, *, verbose: int = 0) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     except BaseException as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        write_state(job, job_id, "failed", finished=_now(), error=f"{type(exc).__name__}: {msg}",
-                    seconds=time.perf_counter() - t0)
+        write_state(
+            job,
+            job_id,
+            "failed",
+            finished=_now(),
+            error=f"{type(exc).__name__}: {msg}",
+            seconds=time.perf_counter() - t0,
+        )
         raise
     write_state(job, job_id, "done", finished=_now(), seconds=time.perf_counter() - t0, result=str(out))
     return job_result_from_folder(job_id, out)

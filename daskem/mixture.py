@@ -25,18 +25,11 @@ from . import _engine as engine
 from . import _gaussian as g
 from . import _missing
 from ._init import INIT_METHODS, initialize
+from .errors import ConvergenceWarning, NotFittedError
 from .io import InputError, open_array, read_model, write_model
 
 #: rows of the init sample (k-means++ seeding, re-seeding of empty components)
 SAMPLE_ROWS = 20_000
-
-
-class ConvergenceWarning(UserWarning):
-    """The best run did not converge within ``max_iter``."""
-
-
-class NotFittedError(ValueError, AttributeError):
-    """A method that needs a fitted model was called before ``fit``."""
 
 
 def _is_int(x: Any) -> bool:
@@ -357,8 +350,14 @@ class GaussianMixture:
         self.history_ = [float(v) for v in best.history]
         self.n_features_in_ = int(n_features)
         self.runs_ = [
-            {"tag": r.tag, "history": list(r.history), "n_iter": r.n_iter, "converged": r.converged,
-             "lower_bound": r.lower_bound, "n_reseeds": r.n_reseeds}
+            {
+                "tag": r.tag,
+                "history": list(r.history),
+                "n_iter": r.n_iter,
+                "converged": r.converged,
+                "lower_bound": r.lower_bound,
+                "n_reseeds": r.n_reseeds,
+            }
             for r in runs
         ]
 
@@ -433,8 +432,7 @@ class GaussianMixture:
             n_empty = int(np.isnan(lp[:, 0]).sum()) if lp.size else 0
             if n_empty:
                 warnings.warn(
-                    f"{n_empty} row(s) have every entry missing: their score is NaN "
-                    "and their predicted label -1",
+                    f"{n_empty} row(s) have every entry missing: their score is NaN and their predicted label -1",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -694,6 +692,7 @@ def load(path: str | Path) -> GaussianMixture:
 def _progress_printer(verbose: int) -> Callable[[engine.IterationInfo], None] | None:
     if not verbose:
         return None
+
     def show(info: engine.IterationInfo) -> None:
         # the leading run among those this pass advanced
         best = max((r for r in info.advanced if r.history), key=lambda r: r.history[-1], default=None)

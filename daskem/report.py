@@ -151,16 +151,28 @@ def plot_loglik(runs: Sequence[dict], path: str | Path, *, title: str | None = N
             if not is_best:
                 seen.add("other")
         ax.plot(
-            it, h, color=color, lw=2.2 if is_best else 1.0, alpha=1.0 if is_best else 0.7,
-            marker="o" if h.size <= 30 else None, ms=3.5 if is_best else 2, label=label, zorder=3 if is_best else 2,
+            it,
+            h,
+            color=color,
+            lw=2.2 if is_best else 1.0,
+            alpha=1.0 if is_best else 0.7,
+            marker="o" if h.size <= 30 else None,
+            ms=3.5 if is_best else 2,
+            label=label,
+            zorder=3 if is_best else 2,
         )
     if best is not None:
         h = best["history"]
         k = best["tag"].get("k")
         ax.annotate(
             f"kept run{f' (K = {k})' if len(ks) > 1 else ''}: {h[-1]:.4f}",
-            xy=(len(h), h[-1]), xytext=(4, -16), textcoords="offset points", ha="left", fontsize=8,
-            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8}, zorder=6,
+            xy=(len(h), h[-1]),
+            xytext=(4, -16),
+            textcoords="offset points",
+            ha="left",
+            fontsize=8,
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
+            zorder=6,
         )
     # the first iterations often sit far below: zoom on the informative range
     if runs:
@@ -180,7 +192,9 @@ def plot_loglik(runs: Sequence[dict], path: str | Path, *, title: str | None = N
     ax.set_ylabel("mean log-likelihood per row")
     n_k = len(ks)
     n_r = len(runs)
-    ax.set_title(title or f"Convergence of {n_r} run{'s' if n_r != 1 else ''}" + (f" over {n_k} values of K" if n_k > 1 else ""))
+    ax.set_title(
+        title or f"Convergence of {n_r} run{'s' if n_r != 1 else ''}" + (f" over {n_k} values of K" if n_k > 1 else "")
+    )
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(loc="lower right", ncols=2 if len(ks) > 6 else 1, frameon=False)
     path = Path(path)
@@ -189,7 +203,9 @@ def plot_loglik(runs: Sequence[dict], path: str | Path, *, title: str | None = N
     return path
 
 
-def plot_select_k(table: Sequence[dict], path: str | Path, *, best_k: int | None = None, criterion: str = "validation") -> Path:
+def plot_select_k(
+    table: Sequence[dict], path: str | Path, *, best_k: int | None = None, criterion: str = "validation"
+) -> Path:
     """The K-selection curve: log-likelihoods (left) and BIC/AIC (right) against K."""
     plt = _plt()
     rows = sorted(table, key=lambda r: r["k"])
@@ -219,8 +235,13 @@ def plot_select_k(table: Sequence[dict], path: str | Path, *, best_k: int | None
             ax.axvline(best_k, color="0.35", ls="--", lw=1.0, zorder=1)
     if best_k is not None:
         ax1.annotate(
-            f"chosen K = {best_k}\n({criterion})", xy=(best_k, 0.5), xycoords=("data", "axes fraction"),
-            xytext=(6, 0), textcoords="offset points", fontsize=8, color="0.25",
+            f"chosen K = {best_k}\n({criterion})",
+            xy=(best_k, 0.5),
+            xycoords=("data", "axes fraction"),
+            xytext=(6, 0),
+            textcoords="offset points",
+            fontsize=8,
+            color="0.25",
         )
     path = Path(path)
     fig.savefig(path)
@@ -287,7 +308,13 @@ def plot_projection(gm: Any, sample: np.ndarray, path: str | Path, *, max_points
     size = 3 if len(z) > 5000 else 6
     order = np.random.default_rng(0).permutation(len(z))  # no colour drawn entirely on top
     ax.scatter(
-        z[order, 0], z[order, 1], c=[colors[i] for i in labels[order]], s=size, alpha=0.25, linewidths=0, rasterized=True
+        z[order, 0],
+        z[order, 1],
+        c=[colors[i] for i in labels[order]],
+        s=size,
+        alpha=0.25,
+        linewidths=0,
+        rasterized=True,
     )
     for j in range(k):
         vals, vecs = np.linalg.eigh(covs[j])
@@ -296,19 +323,33 @@ def plot_projection(gm: Any, sample: np.ndarray, path: str | Path, *, max_points
         for nsig, ls in ((1, "-"), (2, "--")):
             ax.add_patch(
                 Ellipse(
-                    mu[j], 2 * nsig * math.sqrt(vals[-1]), 2 * nsig * math.sqrt(vals[0]), angle=angle,
-                    fill=False, ec=colors[j], lw=1.8 if nsig == 1 else 1.3, ls=ls, zorder=4,
+                    mu[j],
+                    2 * nsig * math.sqrt(vals[-1]),
+                    2 * nsig * math.sqrt(vals[0]),
+                    angle=angle,
+                    fill=False,
+                    ec=colors[j],
+                    lw=1.8 if nsig == 1 else 1.3,
+                    ls=ls,
+                    zorder=4,
                     path_effects=[patheffects.withStroke(linewidth=3.6 if nsig == 1 else 3.0, foreground="white")],
                 )
             )
         ax.plot(*mu[j], marker="x", color="k", ms=7, mew=1.8, zorder=5)
         ax.annotate(
-            f"{j}  (π={gm.weights_[j]:.2f})", mu[j], xytext=(6, 6), textcoords="offset points", fontsize=8,
-            zorder=6, bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.75},
+            f"{j}  (π={gm.weights_[j]:.2f})",
+            mu[j],
+            xytext=(6, 6),
+            textcoords="offset points",
+            fontsize=8,
+            zorder=6,
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.75},
         )
     ax.set_xlabel(f"PC 1 ({100 * explained[0]:.1f}% of variance)")
     ax.set_ylabel(f"PC 2 ({100 * explained[1]:.1f}% of variance)")
-    ax.set_title(f"{len(z):,} sampled rows, K = {k} ({gm.covariance_type} covariances)\nellipses: 1σ (solid), 2σ (dashed)")
+    ax.set_title(
+        f"{len(z):,} sampled rows, K = {k} ({gm.covariance_type} covariances)\nellipses: 1σ (solid), 2σ (dashed)"
+    )
     ax.set_aspect("equal", adjustable="datalim")
     path = Path(path)
     fig.savefig(path)
@@ -378,7 +419,9 @@ def write_report(
         runs = getattr(gm, "runs_", None) or [{"tag": {}, "history": gm.history_, "lower_bound": gm.lower_bound_}]
     plots = {"loglik": plot_loglik(runs, folder / "loglik.png", kept_k=best_k).name}
     if table:
-        plots["select_k"] = plot_select_k(table, folder / "select_k.png", best_k=best_k, criterion=criterion or "validation").name
+        plots["select_k"] = plot_select_k(
+            table, folder / "select_k.png", best_k=best_k, criterion=criterion or "validation"
+        ).name
     plots["projection"] = plot_projection(gm, sample, folder / "projection.png").name
     summary: dict = {
         "model": model_summary(gm),

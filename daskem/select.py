@@ -130,7 +130,9 @@ def select_k(
     for name in ("n_components", "weights_init", "means_init", "precisions_init"):
         if gm_params.get(name) is not None:
             raise InputError(f"select_k chooses the number of components; {name} cannot be given")
-    gm_params = {k: v for k, v in gm_params.items() if k not in ("n_components", "weights_init", "means_init", "precisions_init")}
+    gm_params = {
+        k: v for k, v in gm_params.items() if k not in ("n_components", "weights_init", "means_init", "precisions_init")
+    }
 
     seed = _seed_from(random_state)
     models = {k: GaussianMixture(n_components=k, random_state=seed, **gm_params) for k in ks}

@@ -1,6 +1,6 @@
 """Anomaly detection: flag rows whose log-density is below a training quantile.
 
-    python examples/anomaly_detection.py [WORKDIR]
+python examples/anomaly_detection.py [WORKDIR]
 """
 
 import numpy as np

@@ -28,8 +28,13 @@ def main() -> None:
         X = daskem.open_array(out / "data.zarr", chunk_bytes=max(8 * 6 * 500, N_SAMPLES * 6 * 8 // 8))
         print(f"{X.numblocks[0]} row chunks on {len(client.scheduler_info()['workers'])} worker(s)")
         gm = daskem.GaussianMixture(
-            n_components=5, covariance_type="diag", n_init=3, random_state=0, cache=False,  # stream from Zarr
-            checkpoint=out / "checkpoint", verbose=1,
+            n_components=5,
+            covariance_type="diag",
+            n_init=3,
+            random_state=0,
+            cache=False,  # stream from Zarr
+            checkpoint=out / "checkpoint",
+            verbose=1,
         ).fit(X)
         print("BIC:", gm.bic(X), "mean log-likelihood:", gm.score(X))
         gm.save(out / "model")

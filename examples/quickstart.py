@@ -1,6 +1,6 @@
 """Quick start: fit a Gaussian mixture on a Zarr store, out-of-core.
 
-    python examples/quickstart.py [WORKDIR]
+python examples/quickstart.py [WORKDIR]
 """
 
 import dask.array as da

@@ -1,6 +1,6 @@
 """Choose the number of components by held-out log-likelihood (and BIC/AIC).
 
-    python examples/select_k.py [WORKDIR]
+python examples/select_k.py [WORKDIR]
 """
 
 from _common import N_SAMPLES, local_client, workdir
@@ -16,8 +16,15 @@ def main() -> None:
     client, cluster = local_client()
     with client, cluster:
         X = daskem.open_array(out / "data.zarr")
-        res = daskem.select_k(X, [2, 3, 4, 5, 6], criterion="validation", validation_fraction=0.2,
-                              random_state=0, n_init=2, init_params="k-means++")
+        res = daskem.select_k(
+            X,
+            [2, 3, 4, 5, 6],
+            criterion="validation",
+            validation_fraction=0.2,
+            random_state=0,
+            n_init=2,
+            init_params="k-means++",
+        )
         print(f"{'K':>3} {'validation':>11} {'BIC':>12}")
         for row in res.table:
             print(f"{row['k']:>3} {row['validation_loglik']:>11.4f} {row['bic']:>12.1f}")

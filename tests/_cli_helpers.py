@@ -24,7 +24,11 @@ def daskem(*args: str, cwd: Path | None = None, timeout: float = 240, **extra_en
     """Run ``python -m daskem ARGS`` and return the completed process (text output)."""
     return subprocess.run(
         [sys.executable, "-m", "daskem", *map(str, args)],
-        cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -52,22 +56,54 @@ class DaskCluster:
     def __enter__(self) -> DaskCluster:
         dask = [sys.executable, "-m", "dask"]
         log = open(self.folder / "cluster.log", "w")
-        self.procs.append(subprocess.Popen(
-            [*dask, "scheduler", "--scheduler-file", str(self.scheduler_file), "--port", "0",
-             "--dashboard-address", ":0", "--host", "127.0.0.1"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        ))
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    *dask,
+                    "scheduler",
+                    "--scheduler-file",
+                    str(self.scheduler_file),
+                    "--port",
+                    "0",
+                    "--dashboard-address",
+                    ":0",
+                    "--host",
+                    "127.0.0.1",
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         deadline = time.monotonic() + 60
         while not self.scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert self.scheduler_file.exists(), (self.folder / "cluster.log").read_text()
         self.address = json.loads(self.scheduler_file.read_text())["address"]
         for i in range(self.n_workers):
-            self.procs.append(subprocess.Popen(
-                [*dask, "worker", "--scheduler-file", str(self.scheduler_file), "--nthreads", str(self.nthreads),
-                 "--memory-limit", "2GiB", "--name", f"w{i}", "--host", "127.0.0.1"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            ))
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        *dask,
+                        "worker",
+                        "--scheduler-file",
+                        str(self.scheduler_file),
+                        "--nthreads",
+                        str(self.nthreads),
+                        "--memory-limit",
+                        "2GiB",
+                        "--name",
+                        f"w{i}",
+                        "--host",
+                        "127.0.0.1",
+                    ],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         from distributed import Client
 
         with Client(self.address, timeout="30s") as c:

@@ -72,8 +72,17 @@ def start_scheduler(workdir: Path, timeout: float = 60.0) -> Cluster:
     sfile = workdir / "scheduler.json"
     log = open(workdir / "scheduler.log", "wb")
     proc = subprocess.Popen(
-        [*_dask_cli(), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-         "--scheduler-file", str(sfile)],
+        [
+            *_dask_cli(),
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(sfile),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=repo_env(),
@@ -107,9 +116,21 @@ def start_worker(
     log = open(cluster.workdir / f"{name}.log", "wb")
     cluster.logs.append(log)
     cmd = [
-        *_dask_cli(), "worker", cluster.address, "--nworkers", "1", "--nthreads", "1",
-        "--memory-limit", str(memory_limit), "--no-dashboard", "--name", name,
-        "--local-directory", str(wdir), "--nanny" if nanny else "--no-nanny",
+        *_dask_cli(),
+        "worker",
+        cluster.address,
+        "--nworkers",
+        "1",
+        "--nthreads",
+        "1",
+        "--memory-limit",
+        str(memory_limit),
+        "--no-dashboard",
+        "--name",
+        name,
+        "--local-directory",
+        str(wdir),
+        "--nanny" if nanny else "--no-nanny",
     ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=repo_env(), cwd=wdir)
     cluster.workers[name] = proc

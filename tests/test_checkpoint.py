@@ -18,8 +18,15 @@ from _cluster import repo_env, write_blob_store
 import daskem
 
 FIT_OPTIONS = dict(
-    n_components=4, covariance_type="full", tol=0.0, max_iter=30, n_init=2,
-    init_params="k-means++", random_state=7, cache=False, chunk_bytes=200_000,
+    n_components=4,
+    covariance_type="full",
+    tol=0.0,
+    max_iter=30,
+    n_init=2,
+    init_params="k-means++",
+    random_state=7,
+    cache=False,
+    chunk_bytes=200_000,
 )
 
 # a fit in its own process: streamed from Zarr, checkpointed, verbose; saves the model
@@ -89,7 +96,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(store, tmp_path):
     assert resumed.lower_bound_ == pytest.approx(ref.lower_bound_, rel=1e-12)
     # one state file left beside the JSON: nothing half-written accumulates
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "checkpoint.json", json.loads((ckpt / "checkpoint.json").read_text())["arrays"]
+        "checkpoint.json",
+        json.loads((ckpt / "checkpoint.json").read_text())["arrays"],
     ]
 
 

@@ -22,8 +22,20 @@ SUBCOMMANDS = ["demo", "generate", "fit", "select-k", "predict", "score", "run",
 def data(tmp_path_factory):
     """A small generated store: 4,000 rows, 3 features, 3 components, chunks of 500 rows."""
     d = tmp_path_factory.mktemp("cli")
-    p = daskem("generate", d / "data.zarr", "--n-samples", 4000, "--n-features", 3, "--n-components", 3,
-               "--chunk-rows", 500, "--seed", 1)
+    p = daskem(
+        "generate",
+        d / "data.zarr",
+        "--n-samples",
+        4000,
+        "--n-features",
+        3,
+        "--n-components",
+        3,
+        "--chunk-rows",
+        500,
+        "--seed",
+        1,
+    )
     assert p.returncode == 0, p.stderr
     return d
 
@@ -33,8 +45,10 @@ def _log_density(model_dir, x):
     import daskem
 
     gm = daskem.load(model_dir)
-    comps = [multivariate_normal(gm.means_[k], gm.covariances_[k]).logpdf(x) + np.log(gm.weights_[k])
-             for k in range(gm.n_components)]
+    comps = [
+        multivariate_normal(gm.means_[k], gm.covariances_[k]).logpdf(x) + np.log(gm.weights_[k])
+        for k in range(gm.n_components)
+    ]
     return logsumexp(np.stack(comps, axis=1), axis=1), np.argmax(np.stack(comps, axis=1), axis=1)
 
 
@@ -52,8 +66,17 @@ def test_model_options_are_the_estimator_keywords():
 
     fit = build_parser()._subparsers._group_actions[0].choices["fit"]
     flags = {s for a in fit._actions for s in a.option_strings}
-    for name in ["covariance_type", "n_init", "max_iter", "tol", "reg_covar", "random_state", "init_params",
-                 "missing", "checkpoint"]:
+    for name in [
+        "covariance_type",
+        "n_init",
+        "max_iter",
+        "tol",
+        "reg_covar",
+        "random_state",
+        "init_params",
+        "missing",
+        "checkpoint",
+    ]:
         assert name in GaussianMixture._param_names()
         assert "--" + name.replace("_", "-") in flags
 
@@ -119,14 +142,34 @@ def test_generate_fit_predict_score(data, tmp_path):
 
 def test_select_k_cli(data, tmp_path):
     out = tmp_path / "sk"
-    p = daskem("select-k", data / "data.zarr", "--k", "2:4", "--random-state", 0, "--init-params", "k-means++",
-               "--criterion", "bic", "--out", out, *LOCAL)
+    p = daskem(
+        "select-k",
+        data / "data.zarr",
+        "--k",
+        "2:4",
+        "--random-state",
+        0,
+        "--init-params",
+        "k-means++",
+        "--criterion",
+        "bic",
+        "--out",
+        out,
+        *LOCAL,
+    )
     assert p.returncode == 0, p.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_k"] == 3
     assert [r["k"] for r in summary["select_k"]["table"]] == [2, 3, 4]
-    assert set(summary["select_k"]["table"][0]) >= {"k", "train_loglik", "validation_loglik", "bic", "aic",
-                                                   "n_iter", "converged"}
+    assert set(summary["select_k"]["table"][0]) >= {
+        "k",
+        "train_loglik",
+        "validation_loglik",
+        "bic",
+        "aic",
+        "n_iter",
+        "converged",
+    }
     assert (out / "select_k.png").is_file() and (out / "model" / "model.json").is_file()
 
 
@@ -139,8 +182,19 @@ def test_bad_input_exits_2_with_one_line(data, tmp_path):
     assert_one_line_error(daskem("select-k", store, "--k", "9:2", "--out", tmp_path / "o"))
     assert_one_line_error(daskem("predict", tmp_path / "nomodel", store, "--out", tmp_path / "l.zarr"))
     assert_one_line_error(daskem("status", "no-such-job", DASKEM_HOME=str(tmp_path / "home")))
-    assert_one_line_error(daskem("fit", store, "--k", 2, "--out", tmp_path / "o", "--scheduler", "tcp://127.0.0.1:1",
-                                 DASKEM_CONNECT_TIMEOUT="3s"))
+    assert_one_line_error(
+        daskem(
+            "fit",
+            store,
+            "--k",
+            2,
+            "--out",
+            tmp_path / "o",
+            "--scheduler",
+            "tcp://127.0.0.1:1",
+            DASKEM_CONNECT_TIMEOUT="3s",
+        )
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -173,8 +227,22 @@ def test_failure_leaves_existing_output_in_place(data, tmp_path):
 
 def test_demo_small(tmp_path):
     out = tmp_path / "demo"
-    p = daskem("demo", "--out", out, "--n-samples", 20000, "--n-features", 2, "--n-components", 3, "--k", "2:4",
-               "--separation", 8, *LOCAL)
+    p = daskem(
+        "demo",
+        "--out",
+        out,
+        "--n-samples",
+        20000,
+        "--n-features",
+        2,
+        "--n-components",
+        3,
+        "--k",
+        "2:4",
+        "--separation",
+        8,
+        *LOCAL,
+    )
     assert p.returncode == 0, p.stderr
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary["demo"]["chosen_k"] == 3

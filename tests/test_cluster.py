@@ -178,8 +178,9 @@ WORKER_LIMIT = 300 * 2**20  # two workers: 600 MiB together, the store is 3.05x 
 
 def _write_big_store(client: Client, path: str) -> None:
     """Each worker task draws and writes one store chunk: never the whole array in memory."""
-    zarr.create_array(path, shape=(BIG_ROWS, BIG_D), chunks=(STORE_CHUNK_ROWS, BIG_D), dtype="float32",
-                      compressors=None)
+    zarr.create_array(
+        path, shape=(BIG_ROWS, BIG_D), chunks=(STORE_CHUNK_ROWS, BIG_D), dtype="float32", compressors=None
+    )
     means = blob_means(BIG_K, BIG_D, 0).astype(np.float32)
 
     def write(i: int) -> int:
@@ -214,8 +215,13 @@ def test_larger_than_memory_streams_with_bounded_memory(tmp_path):
             reads0 = {name: read_chars(pid) for name, pid in compute_pids.items()}
             pids["client"] = lambda: [os.getpid()]
             gm = daskem.GaussianMixture(
-                BIG_K, covariance_type="diag", cache="auto", max_iter=max_iter, tol=1e-3,
-                means_init=blob_means(BIG_K, BIG_D, 0) + 0.3, chunk_bytes=8 * 2**20,
+                BIG_K,
+                covariance_type="diag",
+                cache="auto",
+                max_iter=max_iter,
+                tol=1e-3,
+                means_init=blob_means(BIG_K, BIG_D, 0) + 0.3,
+                chunk_bytes=8 * 2**20,
             )
             with PeakRSS(pids) as rss:
                 t0 = time.perf_counter()

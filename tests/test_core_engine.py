@@ -66,11 +66,17 @@ def test_converged_restart_stops_costing_compute() -> None:
     rough_means = X[:3] * 0.1  # far from the solution: many iterations to go
     runs = [
         engine.Run(g.GaussianParams(done.weights_, done.means_, done.covariances_, done.precisions_cholesky_, "full")),
-        engine.Run(g.GaussianParams.from_covariances(np.full(3, 1 / 3), rough_means, np.stack([np.eye(3) * 50] * 3), "full")),
+        engine.Run(
+            g.GaussianParams.from_covariances(np.full(3, 1 / 3), rough_means, np.stack([np.eye(3) * 50] * 3), "full")
+        ),
     ]
     seen = []
     engine.run_em(
-        da.from_array(X, chunks=1000), g.MixtureModel(), runs, tol=1e-6, max_iter=100,
+        da.from_array(X, chunks=1000),
+        g.MixtureModel(),
+        runs,
+        tol=1e-6,
+        max_iter=100,
         callback=lambda info: seen.append(info.n_live),
     )
     assert runs[0].n_iter == 2 and runs[1].n_iter > 4
@@ -132,8 +138,14 @@ def test_hard_em_with_shared_spherical_covariance_is_lloyd() -> None:
 def test_hard_em_never_decreases_classification_likelihood(covariance_type: str) -> None:
     X = make_blobs(n=5000, d=3, k=4, seed=10)
     gm = daskem.GaussianMixture(
-        4, algorithm="hard", covariance_type=covariance_type, n_init=3, init_params="random_from_data",
-        random_state=1, tol=1e-10, max_iter=200,
+        4,
+        algorithm="hard",
+        covariance_type=covariance_type,
+        n_init=3,
+        init_params="random_from_data",
+        random_state=1,
+        tol=1e-10,
+        max_iter=200,
     ).fit(da.from_array(X, chunks=900))
     assert gm.converged_
     for run in gm.runs_:
@@ -150,9 +162,15 @@ def test_empty_component_is_reseeded_with_a_warning() -> None:
     means = init["means_init"].copy()
     means[1] = 1e4  # a component nowhere near the data
     with pytest.warns(RuntimeWarning, match="re-seeded"):
-        gm = daskem.GaussianMixture(3, tol=1e-6, max_iter=200, means_init=means,
-                                    weights_init=init["weights_init"], precisions_init=init["precisions_init"],
-                                    random_state=0).fit(X)
+        gm = daskem.GaussianMixture(
+            3,
+            tol=1e-6,
+            max_iter=200,
+            means_init=means,
+            weights_init=init["weights_init"],
+            precisions_init=init["precisions_init"],
+            random_state=0,
+        ).fit(X)
     assert np.all(np.isfinite(gm.covariances_))
     assert np.abs(gm.means_).max() < 100
     assert gm.weights_.min() > 0.05  # the re-seeded component found rows of its own

@@ -23,8 +23,24 @@ def test_local_cluster_script_runs_a_job_on_loopback(tmp_path):
     state = tmp_path / "cluster"
     e = env(DASK=f"{sys.executable} -m dask", PYTHON=sys.executable, DASKEM_HOME=str(tmp_path / "home"))
     start = subprocess.run(
-        ["bash", str(DEPLOY / "local" / "start-cluster.sh"), "-n", "2", "-t", "1", "-m", "1GiB", "-d", str(state),
-         "-h", "127.0.0.1"], env=e, capture_output=True, text=True, timeout=120,
+        [
+            "bash",
+            str(DEPLOY / "local" / "start-cluster.sh"),
+            "-n",
+            "2",
+            "-t",
+            "1",
+            "-m",
+            "1GiB",
+            "-d",
+            str(state),
+            "-h",
+            "127.0.0.1",
+        ],
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     pids = []
     try:
@@ -47,8 +63,13 @@ def test_local_cluster_script_runs_a_job_on_loopback(tmp_path):
         summary = json.loads((tmp_path / "results" / "summary.json").read_text())
         assert summary["best_k"] == 3
     finally:
-        stop = subprocess.run(["bash", str(DEPLOY / "local" / "stop-cluster.sh"), "-d", str(state)], env=e,
-                              capture_output=True, text=True, timeout=60)
+        stop = subprocess.run(
+            ["bash", str(DEPLOY / "local" / "stop-cluster.sh"), "-d", str(state)],
+            env=e,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         for pid in pids:  # the recorded processes are gone (or going)
             for _ in range(100):
                 try:
@@ -81,8 +102,10 @@ def test_docker_compose_is_valid():
 
 
 def test_kubernetes_manifests_are_valid():
-    _require_keys(DEPLOY / "kubernetes" / "daskcluster.yaml", ["apiVersion", "kind", "metadata", "spec", "worker",
-                                                               "scheduler", "replicas", "service"])
+    _require_keys(
+        DEPLOY / "kubernetes" / "daskcluster.yaml",
+        ["apiVersion", "kind", "metadata", "spec", "worker", "scheduler", "replicas", "service"],
+    )
     _require_keys(DEPLOY / "kubernetes" / "job.yaml", ["apiVersion", "kind", "template", "containers", "command"])
     toml = tomllib.loads((DEPLOY / "kubernetes" / "job.toml").read_text())
     assert toml["cluster"]["scheduler"] == "tcp://daskem-scheduler:8786"
@@ -101,8 +124,13 @@ def test_kubernetes_manifests_are_valid():
 
 
 def test_hpc_script_parses_its_arguments():
-    p = subprocess.run([sys.executable, str(DEPLOY / "hpc" / "jobqueue_cluster.py"), "--help"], env=env(),
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, str(DEPLOY / "hpc" / "jobqueue_cluster.py"), "--help"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     for flag in ["--system", "--jobs", "--cores", "--memory", "--walltime", "--queue"]:
         assert flag in p.stdout

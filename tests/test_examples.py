@@ -19,7 +19,11 @@ def test_examples_are_found():
 def test_example_runs(name, tmp_path):
     p = subprocess.run(
         [sys.executable, str(ROOT / "examples" / name), str(tmp_path)],
-        cwd=ROOT / "examples", env=env(DASKEM_EXAMPLE_SMALL="1"), capture_output=True, text=True, timeout=300,
+        cwd=ROOT / "examples",
+        env=env(DASKEM_EXAMPLE_SMALL="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert " ok:" in p.stdout

@@ -188,8 +188,13 @@ def test_tiny_loglik_and_em_step_match_brute_force(ct):
 
     # the estimator reports the same numbers, and scores on observed entries
     gm = daskem.GaussianMixture(
-        2, covariance_type=ct, missing="marginalize", tol=0.0, max_iter=10,
-        weights_init=_tiny_params(ct).weights, means_init=_tiny_params(ct).means,
+        2,
+        covariance_type=ct,
+        missing="marginalize",
+        tol=0.0,
+        max_iter=10,
+        weights_init=_tiny_params(ct).weights,
+        means_init=_tiny_params(ct).means,
         precisions_init=_tiny_params(ct).precisions,
     )
     with warnings.catch_warnings():
@@ -351,7 +356,8 @@ def test_impute_is_the_conditional_mean(ct):
         lp = _brute_row_logp(x, p)
         q = np.exp(lp - np.logaddexp.reduce(lp))
         cm = sum(
-            q[k] * (p.means[k][m] + covs[k][np.ix_(m, o)] @ np.linalg.solve(covs[k][np.ix_(o, o)], x[o] - p.means[k][o]))
+            q[k]
+            * (p.means[k][m] + covs[k][np.ix_(m, o)] @ np.linalg.solve(covs[k][np.ix_(o, o)], x[o] - p.means[k][o]))
             for k in range(2)
         )
         np.testing.assert_allclose(y[m], cm, rtol=1e-10)
@@ -417,9 +423,12 @@ def test_zarr_store_with_nan_on_local_cluster(tmp_path):
     local = daskem.GaussianMixture(3, missing="marginalize", tol=1e-8, max_iter=30, **init).fit(X)
 
     os.environ.setdefault("PYTHONPATH", os.getcwd())
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="1GiB"
-    ) as cluster, Client(cluster):
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="1GiB"
+        ) as cluster,
+        Client(cluster),
+    ):
         chunk_bytes = 250 * 4 * 8  # the store's chunks: 12 row chunks
         Xd = daskem.open_array(str(path), chunk_bytes=chunk_bytes)
         assert Xd.numblocks[0] == 12
@@ -449,7 +458,12 @@ def test_statistics_do_not_depend_on_chunking_or_block_size(ct):
     rng = np.random.default_rng(2)
     X = _blobs(700, seed=2)
     X[rng.random(X.shape) < 0.25] = np.nan
-    cov = {"full": np.stack([np.eye(3) + 0.2] * 3), "tied": np.eye(3) + 0.2, "diag": np.ones((3, 3)), "spherical": np.ones(3)}
+    cov = {
+        "full": np.stack([np.eye(3) + 0.2] * 3),
+        "tied": np.eye(3) + 0.2,
+        "diag": np.ones((3, 3)),
+        "spherical": np.ones(3),
+    }
     p = GaussianParams.from_covariances(np.full(3, 1 / 3), _blobs(3, seed=9), cov[ct], ct)
     whole = _missing.chunk_statistics_missing(X, [p])[0]
     parts = [_missing.chunk_statistics_missing(X[i : i + 123], [p], block_rows=50)[0] for i in range(0, 700, 123)]

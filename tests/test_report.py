@@ -50,9 +50,20 @@ def test_plots_are_pngs(tmp_path, fitted):
         plot_loglik(gm.runs_, tmp_path / "a.png"),
         plot_projection(gm, x, tmp_path / "b.png"),
         plot_select_k(
-            [{"k": k, "train_loglik": -5.0 + k / 10, "validation_loglik": -5.1 + k / 20, "bic": 100.0 - k,
-              "aic": 90.0 - k, "n_iter": 3, "converged": True} for k in (2, 3, 4)],
-            tmp_path / "c.png", best_k=3,
+            [
+                {
+                    "k": k,
+                    "train_loglik": -5.0 + k / 10,
+                    "validation_loglik": -5.1 + k / 20,
+                    "bic": 100.0 - k,
+                    "aic": 90.0 - k,
+                    "n_iter": 3,
+                    "converged": True,
+                }
+                for k in (2, 3, 4)
+            ],
+            tmp_path / "c.png",
+            best_k=3,
         ),
     ):
         data = p.read_bytes()

@@ -49,8 +49,9 @@ def test_finds_five_components(results, stores, criterion):
     assert res.best_k == 5
     assert res.criterion == criterion
     assert [row["k"] for row in res.table] == KS
-    assert all(set(row) == {"k", "train_loglik", "validation_loglik", "bic", "aic", "n_iter", "converged"}
-               for row in res.table)
+    assert all(
+        set(row) == {"k", "train_loglik", "validation_loglik", "bic", "aic", "n_iter", "converged"} for row in res.table
+    )
     gm = res.best_model
     assert isinstance(gm, daskem.GaussianMixture) and gm.n_components == 5
     # the right components: every true mean has a fitted mean next to it
@@ -90,8 +91,9 @@ def test_same_seed_same_table_and_chunking_does_not_matter(results):
         assert (a["k"], a["n_iter"], a["converged"]) == (b["k"], b["n_iter"], b["converged"])
         for key in ("train_loglik", "validation_loglik", "bic", "aic"):
             assert b[key] == pytest.approx(a[key], rel=1e-9), (a["k"], key)
-    np.testing.assert_allclose(results["rechunked"].best_model.means_, results["validation"].best_model.means_,
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        results["rechunked"].best_model.means_, results["validation"].best_model.means_, rtol=1e-9
+    )
 
 
 class _CountGraphs(Callback):
@@ -111,8 +113,9 @@ def test_all_k_share_the_passes(stores, init_params, init_passes):
     counts = {}
     for ks in ([4], [3, 4, 5]):
         with _CountGraphs() as cb:
-            res = daskem.select_k(stores[0], ks, init_params=init_params, tol=0.0, max_iter=4, n_init=2,
-                                  random_state=0, cache=False)
+            res = daskem.select_k(
+                stores[0], ks, init_params=init_params, tol=0.0, max_iter=4, n_init=2, random_state=0, cache=False
+            )
         assert all(row["n_iter"] == 4 for row in res.table)
         counts[len(ks)] = cb.n
     # the init (a sample; for k-means++ also one hard pass), four EM passes, one scoring pass
