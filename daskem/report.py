@@ -303,8 +303,13 @@ def _plain_formatter() -> Any:
     from matplotlib.ticker import Formatter
 
     class Plain(Formatter):
+        ticks: Sequence[float] = ()
+
+        def set_locs(self, locs: Sequence[float]) -> None:
+            self.ticks = list(locs)
+
         def __call__(self, x: float, pos: int | None = None) -> str:
-            locs = np.sort(np.asarray(self.locs, dtype=float))
+            locs = np.sort(np.asarray(self.ticks, dtype=float))
             step = float(np.min(np.diff(locs))) if locs.size > 1 else (abs(x) or 1.0)
             dec = int(max(0, -math.floor(math.log10(step) + 1e-9))) if step > 0 else 0
             return f"{x:,.{dec}f}".replace("-", "\u2212")
@@ -839,9 +844,9 @@ def plot_classification(
     k, m = mu.shape
     colors = component_colors(k)
     markers = component_markers(k)
-    cell = 2.1 if m <= 3 else 1.75 if m <= 6 else 1.4
+    cell = 3.0 if m == 1 else 2.6 if m == 2 else 2.1 if m <= 3 else 1.75 if m <= 6 else 1.4
     fig, axes = plt.subplots(
-        m, m, figsize=(cell * m + (1.6 if m <= 2 else 0.3), cell * m + 0.6), layout="constrained", squeeze=False
+        m, m, figsize=(cell * m + (3.2 if m == 1 else 0.4), cell * m + 0.8), layout="constrained", squeeze=False
     )
     limits = [_view_limits(z[:, i], mu[:, i]) for i in range(m)]
     n = len(z)
@@ -881,10 +886,10 @@ def plot_classification(
                 ax.tick_params(labelleft=False)
             if i == j:
                 ax.set_title(names[i], fontsize=8, pad=2)
+    keys = "ellipses: 1σ (solid), 2σ (dashed); diagonal: " if m > 1 else ""
     fig.suptitle(
         f"Classification of {n:,} sampled rows, K = {k} ({gm.covariance_type} covariances)\n"
-        f"on the {how}\n"
-        "ellipses: 1σ (solid), 2σ (dashed); diagonal: mixture (black), weighted components (colours)",
+        f"on the {how}\n{keys}mixture (black), weighted components (colours)",
         fontsize=9 if m > 2 else 8,
     )
     handles = [
@@ -893,8 +898,8 @@ def plot_classification(
     fig.legend(
         handles,
         [f"{c}  (π = {weights[c]:.2f})" for c in range(k)],
-        loc="upper right" if m > 2 else "outside right upper",
-        bbox_to_anchor=(0.98, 0.9) if m > 2 else None,
+        loc="outside right center" if m == 1 else "upper right",
+        bbox_to_anchor=None if m == 1 else (0.98, 0.86 if m == 2 else 0.9),
         ncols=1 if k <= 12 else 2 if k <= 30 else 3,
         frameon=False,
         title="component (weight)",
