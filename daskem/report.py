@@ -470,7 +470,7 @@ def plot_select_k(
     for ax in axes[:n_panels]:
         ks = sorted({r["k"] for r in rows})
         ax.set_xlabel("number of components K")
-        if len(ks) <= 16:
+        if len(ks) <= 10:
             ax.set_xticks(ks)
         else:
             ax.xaxis.get_major_locator().set_params(integer=True)
