@@ -227,7 +227,7 @@ def plot_loglik(
         ax.plot(it, g, **style)
     ax.set_yscale("log")
     lo = floor / 1.6
-    top = max([floor * 10] + [float(np.nanmax(g)) for g in gaps if np.isfinite(g).any()])
+    top = max([floor * 10] + [float(np.max(g[np.isfinite(g)])) for g in gaps if np.isfinite(g).any()])
     ax.set_ylim(lo, top * 2.0)
     ax.set_xlim(0.5, n_iter_max + 0.5)
     ax.axhline(floor, color="0.5", lw=0.7, ls=":", zorder=1)
@@ -556,34 +556,58 @@ def pca_basis(sample: np.ndarray, n: int = 2) -> tuple[np.ndarray, np.ndarray, n
     return mean, basis, explained
 
 
-def _draw_ellipses(ax: Any, mu: np.ndarray, cov: np.ndarray, color: Any, *, lw: float = 1.6, halo: bool = True) -> None:
-    """The 1σ (solid) and 2σ (dashed) contours of a 2-D Gaussian, in data coordinates.
+def _draw_ellipses(
+    ax: Any, mu: np.ndarray, covs: np.ndarray, colors: Sequence[Any], *, lw: float = 1.6, halo: bool = True
+) -> None:
+    """Every component's 1σ (solid) and 2σ (dashed) contour in 2-D, as two line collections.
 
-    The patch is a unit circle scaled, rotated and moved in data space before
-    the axes' transform, so the contour stays exact on axes of unequal scale.
+    Contour ``c`` of ``N(μ, Σ)`` is ``μ + c·L·(cos t, sin t)`` with ``L Lᵀ = Σ``
+    (``L = V Λ^½`` from the eigendecomposition): points in data coordinates, so
+    the contours stay exact on axes of unequal scale. One artist per contour
+    level keeps the drawing fast for hundreds of components.
     """
     from matplotlib import patheffects
-    from matplotlib.patches import Ellipse
+    from matplotlib.collections import LineCollection
 
-    vals, vecs = np.linalg.eigh(np.asarray(cov, dtype=np.float64))
-    vals = np.clip(vals, 0, None)
-    angle = math.degrees(math.atan2(vecs[1, -1], vecs[0, -1]))
-    for nsig, ls in ((1, "-"), (2, "--")):
-        width = lw if nsig == 1 else 0.75 * lw
-        ax.add_patch(
-            Ellipse(
-                mu,
-                2 * nsig * math.sqrt(vals[-1]),
-                2 * nsig * math.sqrt(vals[0]),
-                angle=angle,
-                fill=False,
-                ec=color,
-                lw=width,
-                ls=ls,
-                zorder=4,
-                path_effects=[patheffects.withStroke(linewidth=width + 1.8, foreground="white")] if halo else None,
-            )
+    t = np.linspace(0.0, 2.0 * np.pi, 73)
+    circle = np.stack([np.cos(t), np.sin(t)])  # (2, T)
+    vals, vecs = np.linalg.eigh(np.asarray(covs, dtype=np.float64))
+    factor = vecs * np.sqrt(np.clip(vals, 0.0, None))[:, None, :]  # (K, 2, 2): L = V Λ^½
+    unit = np.einsum("kij,jt->kti", factor, circle)  # (K, T, 2)
+    for nsig, ls, width in ((1, "-", lw), (2, (0, (4, 2.5)), 0.75 * lw)):
+        lines = LineCollection(
+            list(np.asarray(mu)[:, None, :] + nsig * unit),
+            colors=list(colors),
+            linewidths=width,
+            linestyles=ls,
+            zorder=4,
         )
+        if halo:
+            lines.set_path_effects([patheffects.withStroke(linewidth=width + 1.8, foreground="white")])
+        ax.add_collection(lines, autolim=False)
+
+
+def _mean_markers(
+    ax: Any, mu: np.ndarray, colors: Sequence[Any], markers: Sequence[str], *, size: float = 60.0, outline: bool = True
+) -> None:
+    """The components' means: their colour, a white ring and a dark outline (visible on any colour and on the points)."""
+    from matplotlib import patheffects
+
+    colors = np.array(list(colors), dtype=object)
+    for shape in sorted(set(markers)):
+        sel = np.array([mk == shape for mk in markers])
+        art = ax.scatter(
+            mu[sel, 0],
+            mu[sel, 1],
+            s=size,
+            marker=shape,
+            c=list(colors[sel]),
+            edgecolors="white" if outline else "0.1",
+            linewidths=1.0 if outline else 0.6,
+            zorder=6,
+        )
+        if outline:
+            art.set_path_effects([patheffects.Stroke(linewidth=1.8, foreground="0.1"), patheffects.Normal()])
 
 
 def _view_limits(z: np.ndarray, extra: np.ndarray | None = None, q: float = 0.002, pad: float = 0.06) -> tuple:
@@ -681,23 +705,6 @@ def component_markers(k: int) -> list[str]:
     return [shapes[(j // len(_PALETTE)) % len(shapes)] for j in range(k)]
 
 
-def _mean_marker(ax: Any, xy: np.ndarray, color: Any, marker: str, size: float = 7.5) -> None:
-    """A component's mean: its colour, a white ring and a dark outline (visible on any colour and on the points)."""
-    from matplotlib import patheffects
-
-    ax.plot(
-        *xy,
-        marker=marker,
-        ls="none",
-        ms=size,
-        mfc=color,
-        mec="white",
-        mew=1.0,
-        zorder=6,
-        path_effects=[patheffects.Stroke(linewidth=1.8, foreground="0.1"), patheffects.Normal()],
-    )
-
-
 def _scatter_by_component(ax: Any, z: np.ndarray, labels: np.ndarray, k: int, size: float, alpha: float) -> None:
     """Rows coloured by component, in a random order (no colour drawn entirely on top of another)."""
     colors = np.array(component_colors(k), dtype=object)
@@ -716,6 +723,10 @@ def _scatter_by_component(ax: Any, z: np.ndarray, labels: np.ndarray, k: int, si
             linewidths=0,
             rasterized=True,
         )
+
+
+#: past this many components the plots have no legend (it would not fit)
+_LEGEND_MAX = 60
 
 
 def plot_projection(
@@ -744,15 +755,13 @@ def plot_projection(
     k = mu.shape[0]
     colors = component_colors(k)
     markers = component_markers(k)
-    ncol = 1 if k <= 24 else 2 if k <= 48 else 3
+    ncol = 1 if k <= 24 else 2 if k <= 48 else 3 if k <= _LEGEND_MAX else 0
     fig, ax = plt.subplots(figsize=(6.6 + 1.1 * ncol, 5.0), layout="constrained")
     ax.grid(False)
     n = len(z)
     _scatter_by_component(ax, z, labels, k, size=2.5 if n > 5000 else 6, alpha=0.3 if n > 5000 else 0.45)
-    for j in range(k):
-        _draw_ellipses(ax, mu[j], covs[j], colors[j])
-    for j in range(k):
-        _mean_marker(ax, mu[j], colors[j], markers[j])
+    _draw_ellipses(ax, mu, covs, colors)
+    _mean_markers(ax, mu, colors, markers, size=60.0 if k <= 20 else 36.0 if k <= 60 else 16.0)
     ax.set_xlim(*_view_limits(z[:, 0], mu[:, 0]))
     ax.set_ylim(*_view_limits(z[:, 1], mu[:, 1]))
     ax.set_xlabel(f"PC 1 ({100 * explained[0]:.1f}% of variance)")
@@ -761,21 +770,22 @@ def plot_projection(
         f"{n:,} sampled rows, K = {k} ({gm.covariance_type} covariances)\n"
         "coloured by most likely component; ellipses: 1σ (solid), 2σ (dashed)"
     )
-    handles = [
-        Line2D([], [], ls="none", marker=markers[j], ms=6, mfc=colors[j], mec="white", mew=0.6) for j in range(k)
-    ]
-    fig.legend(
-        handles,
-        [f"{j}  (π = {weights[j]:.2f})" for j in range(k)],
-        loc="outside right upper",
-        ncols=ncol,
-        frameon=False,
-        title="component (weight)",
-        fontsize=7 if k > 12 else 8,
-        handletextpad=0.3,
-        columnspacing=0.8,
-        labelspacing=0.35 if k > 12 else 0.5,
-    )
+    if k <= _LEGEND_MAX:  # past that a legend would not fit: the heaviest components are labelled in the plot
+        handles = [
+            Line2D([], [], ls="none", marker=markers[j], ms=6, mfc=colors[j], mec="white", mew=0.6) for j in range(k)
+        ]
+        fig.legend(
+            handles,
+            [f"{j}  (π = {weights[j]:.2f})" for j in range(k)],
+            loc="outside right upper",
+            ncols=ncol,
+            frameon=False,
+            title="component (weight)",
+            fontsize=7 if k > 12 else 8,
+            handletextpad=0.3,
+            columnspacing=0.8,
+            labelspacing=0.35 if k > 12 else 0.5,
+        )
     by_weight = list(np.argsort(-weights, kind="stable")[:max_labels])
     _place_labels(ax, mu, [str(j) for j in range(k)], colors, order=by_weight)
     path = Path(path)
@@ -868,11 +878,9 @@ def plot_classification(
                 _marginal(ax, z[:, i], mu[:, i], covs[:, i, i], weights, colors, limits[i])
             else:
                 _scatter_by_component(ax, z[:, [j, i]], labels, k, size=size, alpha=0.4)
-                for c in range(k):
-                    _draw_ellipses(ax, mu[c, [j, i]], covs[c][np.ix_([j, i], [j, i])], colors[c], lw=1.2)
-                    ax.plot(
-                        *mu[c, [j, i]], marker=markers[c], ls="none", ms=4, mfc=colors[c], mec="0.1", mew=0.6, zorder=6
-                    )
+                pair = np.ix_(range(k), [j, i], [j, i])
+                _draw_ellipses(ax, mu[:, [j, i]], covs[pair], colors, lw=1.2, halo=k <= 20)
+                _mean_markers(ax, mu[:, [j, i]], colors, markers, size=16.0, outline=False)
                 ax.set_ylim(*limits[i])
             if i == m - 1:
                 ax.set_xlabel(names[j], fontsize=8)
@@ -892,19 +900,20 @@ def plot_classification(
         f"on the {how}\n{keys}mixture (black), weighted components (colours)",
         fontsize=9 if m > 2 else 8,
     )
-    handles = [
-        Line2D([], [], ls="none", marker=markers[c], ms=6, mfc=colors[c], mec="white", mew=0.6) for c in range(k)
-    ]
-    fig.legend(
-        handles,
-        [f"{c}  (π = {weights[c]:.2f})" for c in range(k)],
-        loc="outside right center" if m == 1 else "upper right",
-        bbox_to_anchor=None if m == 1 else (0.98, 0.86 if m == 2 else 0.9),
-        ncols=1 if k <= 12 else 2 if k <= 30 else 3,
-        frameon=False,
-        title="component (weight)",
-        fontsize=7,
-    )
+    if k <= _LEGEND_MAX:  # past that a legend would not fit
+        handles = [
+            Line2D([], [], ls="none", marker=markers[c], ms=6, mfc=colors[c], mec="white", mew=0.6) for c in range(k)
+        ]
+        fig.legend(
+            handles,
+            [f"{c}  (π = {weights[c]:.2f})" for c in range(k)],
+            loc="outside right center" if m == 1 else "upper right",
+            bbox_to_anchor=None if m == 1 else (0.98, 0.86 if m == 2 else 0.9),
+            ncols=1 if k <= 12 else 2 if k <= 30 else 3,
+            frameon=False,
+            title="component (weight)",
+            fontsize=7,
+        )
     path = Path(path)
     fig.savefig(path, dpi=150 if m <= 6 else 110)
     plt.close(fig)
