@@ -217,7 +217,7 @@ def plot_loglik(
         style = {
             "color": color,
             "lw": 2.4 if kept else 1.0,
-            "alpha": 1.0 if kept else (0.85 if several_k else 0.75),
+            "alpha": 1.0 if (kept or several_k) else 0.75,
             "zorder": 4 if kept else 2,
             "marker": "o" if (kept and g.size <= 60) else None,
             "ms": 3.5,
