@@ -88,7 +88,13 @@ def test_summary_is_standard_json(tmp_path):
 def test_write_report(tmp_path, fitted):
     gm, x = fitted
     summary = write_report(tmp_path, gm, x, extra={"note": "x"})
-    assert summary["plots"] == {"loglik": "loglik.png", "projection": "projection.png"}
+    assert summary["plots"] == {
+        "loglik": "loglik.png",
+        "projection": "projection.png",
+        "classification": "classification.png",
+    }
+    for name in summary["plots"].values():
+        assert (tmp_path / name).read_bytes()[:8] == PNG
     again = daskem.load(tmp_path / "model")
     np.testing.assert_array_equal(again.means_, gm.means_)
     doc = json.loads((tmp_path / "summary.json").read_text())
