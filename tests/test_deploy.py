@@ -255,14 +255,15 @@ def _try_clients(address: str, ca: str, cert: Path, key: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_tls_cluster_refuses_a_client_without_its_certificate_and_daskem_uses_it(tmp_path):
+def test_tls_cluster_refuses_a_client_without_its_certificate_and_daskem_uses_it(tmp_path, monkeypatch):
     from distributed import Client
 
     from daskem.errors import InputError
+    from daskem.jobs import job_status
     from daskem.security import find_security, load_security
 
-    state = tmp_path / "cluster"
-    e = _script_env(tmp_path / "home")
+    state, home = tmp_path / "cluster state", tmp_path / "home"  # a space: paths are quoted
+    e = _script_env(home)
     generate_zarr(tmp_path / "data.zarr", 3000, 2, 2, seed=3, chunk_rows=1000)
     stranger_cert, stranger_key = _stranger_certificate(tmp_path / "stranger")
     with script_cluster(state, ["--tls", "-n", "1", "-t", "1", "-m", "1GiB"], e) as c:
@@ -289,6 +290,16 @@ def test_tls_cluster_refuses_a_client_without_its_certificate_and_daskem_uses_it
              "--scheduler-file", str(sched_file)],
             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
+        # and `daskem submit` too: the job then runs on the worker, which has the cluster's certificate
+        job = tmp_path / "job.toml"
+        job.write_text(
+            f'[input]\npath = "data.zarr"\n[model]\nn_components = 2\nrandom_state = 0\n'
+            f'[output]\npath = "submitted"\n[cluster]\nscheduler_file = "{sched_file}"\n'
+        )
+        submit = subprocess.Popen(
+            [sys.executable, "-m", "daskem", "submit", str(job)],
+            env=env(DASKEM_HOME=str(home)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
         try:
             # a plain client, and one with a certificate of another CA, are refused (in a process of
             # their own: a Client that failed to start can hang the next one in the same process)
@@ -302,13 +313,21 @@ def test_tls_cluster_refuses_a_client_without_its_certificate_and_daskem_uses_it
                 assert client.submit(sum, [1, 2]).result(timeout=30) == 3
 
             _, err = fit.communicate(timeout=240)
+            job_id, submit_err = submit.communicate(timeout=240)
         finally:
-            if fit.poll() is None:
-                fit.kill()
-                fit.wait()
+            for p in (fit, submit):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
         assert fit.returncode == 0, err
         assert f"cluster at {address}" in err
         assert (out / "summary.json").is_file() or (out / "model").is_dir()
+        assert submit.returncode == 0, submit_err
+        monkeypatch.setenv("DASKEM_HOME", str(home))
+        deadline = time.monotonic() + 180
+        while (status := job_status(job_id.strip()))["state"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert status["state"] == "done", status
 
         # the address alone: daskem says what to pass, before any work
         with pytest.raises(InputError, match="--security"):

@@ -142,6 +142,7 @@ if [[ $TLS == 1 ]]; then
   tls_args=(--tls-ca-file "$TLS_DIR/ca.pem" --tls-cert "$TLS_DIR/cluster.pem" --tls-key "$TLS_DIR/cluster-key.pem")
   # the scheduler and the workers refuse unencrypted connections
   export DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True
+  yaml_str() { local q="'"; printf "'%s'" "${1//$q/$q$q}"; } # a YAML single-quoted string
   (
     umask 077
     cat >"$SEC_FILE" <<EOF
@@ -151,10 +152,10 @@ distributed:
   comm:
     require-encryption: true
     tls:
-      ca-file: $TLS_DIR/ca.pem
+      ca-file: $(yaml_str "$TLS_DIR/ca.pem")
       client:
-        cert: $TLS_DIR/client.pem
-        key: $TLS_DIR/client-key.pem
+        cert: $(yaml_str "$TLS_DIR/client.pem")
+        key: $(yaml_str "$TLS_DIR/client-key.pem")
 EOF
   )
 fi
@@ -162,7 +163,7 @@ PROTOCOL=tcp
 [[ $TLS == 1 ]] && PROTOCOL=tls
 
 nohup "${DASK[@]}" scheduler --scheduler-file "$SCHED_FILE" --host "$LISTEN" --port "$PORT" \
-  --protocol "$PROTOCOL" --dashboard-address "$DASHBOARD" "${tls_args[@]}" \
+  --protocol "$PROTOCOL" --dashboard-address "$DASHBOARD" ${tls_args[@]+"${tls_args[@]}"} \
   >"$STATE_DIR/scheduler.log" 2>&1 &
 echo $! >"$STATE_DIR/scheduler.pid"
 
@@ -187,7 +188,7 @@ if [ "${DASKEM_WORKER_PROFILE:-0}" = "0" ]; then
 fi
 # workers' dashboards on their host's loopback only
 worker_cmd=("${DASK[@]}" worker --scheduler-file "$SCHED_FILE" --nthreads "$THREADS" --memory-limit "$MEMORY"
-  --local-directory "$STATE_DIR/worker-space" --dashboard-address 127.0.0.1:0 "${tls_args[@]}")
+  --local-directory "$STATE_DIR/worker-space" --dashboard-address 127.0.0.1:0 ${tls_args[@]+"${tls_args[@]}"})
 : >"$STATE_DIR/workers.pid"
 if [[ -z "$HOSTS" ]]; then
   for i in $(seq 1 "$N_WORKERS"); do
