@@ -126,6 +126,12 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     x.add_argument(
         "--scheduler-file", metavar="FILE", help="scheduler file written by `dask scheduler --scheduler-file`"
     )
+    g.add_argument(
+        "--security",
+        metavar="FILE",
+        help="TLS: a Dask config file with the client's certificates (default: security.yaml beside "
+        "--scheduler-file, as deploy/local/start-cluster.sh writes it)",
+    )
     g.add_argument("--n-workers", type=int, metavar="N", help="local cluster: worker processes")
     g.add_argument("--threads-per-worker", type=int, metavar="N", help="local cluster: threads per worker")
     g.add_argument(
@@ -165,10 +171,15 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
     """A ``distributed.Client`` for the command: an existing cluster, or a local one.
 
     ``defaults`` (e.g. a job file's ``[cluster]`` table) fill in what the
-    command line did not give.
+    command line did not give. A TLS cluster's certificates come from
+    ``--security FILE`` or the ``security.yaml`` beside the scheduler file
+    (:func:`daskem.security.find_security`). The local cluster listens on
+    127.0.0.1 only, its dashboard too.
     """
     import dask
     from distributed import Client, LocalCluster
+
+    from .security import find_security
 
     defaults = defaults or {}
     scheduler = getattr(args, "scheduler", None) or (
@@ -182,14 +193,21 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
             target = scheduler or f"scheduler file {scheduler_file}"
             if scheduler_file and not Path(scheduler_file).exists():
                 raise InputError(f"no such scheduler file: {scheduler_file}")
+            security = find_security(scheduler, scheduler_file, getattr(args, "security", None))
             try:
                 client = Client(
-                    scheduler, scheduler_file=scheduler_file, timeout=os.environ.get("DASKEM_CONNECT_TIMEOUT", "20s")
+                    scheduler,
+                    scheduler_file=scheduler_file,
+                    security=security,
+                    timeout=os.environ.get("DASKEM_CONNECT_TIMEOUT", "20s"),
                 )
             except (OSError, TimeoutError) as exc:
                 raise InputError(f"cannot connect to the Dask scheduler at {target}: {exc}") from exc
         else:
-            kw: dict = {"processes": True, "dashboard_address": ":0"}
+            if getattr(args, "security", None):
+                raise InputError("--security is for a running cluster: give --scheduler or --scheduler-file too")
+            # this host only: anyone who reaches a scheduler can run code on its workers
+            kw: dict = {"processes": True, "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
             for name in ("n_workers", "threads_per_worker", "memory_limit"):
                 v = getattr(args, name, None)
                 v = defaults.get(name) if v is None else v

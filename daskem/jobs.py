@@ -417,6 +417,8 @@ def submit(job: dict, *, connect_timeout: str = "20s") -> str:
     """
     from distributed import Client, fire_and_forget
 
+    from .security import find_security
+
     c = job["cluster"]
     if not (c.get("scheduler") or c.get("scheduler_file")):
         raise InputError(
@@ -426,7 +428,13 @@ def submit(job: dict, *, connect_timeout: str = "20s") -> str:
     if c.get("scheduler_file") and not Path(c["scheduler_file"]).exists():
         raise InputError(f"no such scheduler file: {c['scheduler_file']}")
     try:
-        client = Client(c.get("scheduler"), scheduler_file=c.get("scheduler_file"), timeout=connect_timeout)
+        client = Client(
+            c.get("scheduler"),
+            scheduler_file=c.get("scheduler_file"),
+            # TLS: the security.yaml beside the scheduler file (deploy/local/start-cluster.sh)
+            security=find_security(c.get("scheduler"), c.get("scheduler_file")),
+            timeout=connect_timeout,
+        )
     except (OSError, TimeoutError) as exc:
         raise InputError(f"cannot connect to the Dask scheduler: {exc}") from exc
     try:

@@ -2,7 +2,7 @@
 
     pip install dask-jobqueue
     python deploy/hpc/jobqueue_cluster.py job.toml --system slurm --jobs 8 \
-        --cores 8 --memory 32GiB --walltime 02:00:00 --queue normal --account myproj
+        --cores 8 --memory 32GiB --walltime 02:00:00 --queue normal --account myproj --tls
 
 The script submits the workers as batch jobs, runs the job in this process
 (run it from a login node inside `tmux`, or in its own small batch job), and
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -34,9 +35,25 @@ def make_cluster(args: argparse.Namespace):
         log_directory="dask-logs",
         # distributed's statistical profiler slows daskem's chunk kernel by 8-15%
         job_script_prologue=["export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"],
+        # the dashboard on the login node's loopback only: ssh -L 8787:127.0.0.1:PORT LOGIN_NODE
+        scheduler_options={"dashboard_address": "127.0.0.1:0"},
     )
     if args.account:
         kw["account"] = args.account
+    if args.tls:
+        # the scheduler in this process listens on the login node's network, reachable by
+        # every user of the machine: with TLS only holders of this run's certificates get in
+        try:
+            from distributed import Security
+
+            kw["security"] = Security.temporary()  # a new CA and certificate for this run
+        except ImportError:
+            sys.exit("--tls needs the cryptography package: pip install cryptography")
+        kw["protocol"] = "tls://"
+        # dask-jobqueue writes the certificates for the workers' batch scripts here
+        shared = os.path.expanduser(args.shared_temp_directory)
+        os.makedirs(shared, mode=0o700, exist_ok=True)
+        kw["shared_temp_directory"] = shared
     return cls(**kw)
 
 
@@ -52,6 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--local-directory", default="$TMPDIR", help="node-local scratch for spilling")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="encrypt and authenticate every connection with certificates made for this run "
+        "(security=Security.temporary(), protocol tls://; needs the cryptography package)",
+    )
+    p.add_argument(
+        "--shared-temp-directory",
+        default="~/.daskem/jobqueue",
+        metavar="DIR",
+        help="with --tls: a folder on a file system the nodes share, for the certificates (mode 0700)",
+    )
     args = p.parse_args(argv)
 
     from distributed import Client
@@ -61,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     job = jobs.load_job(args.job)  # refuse a bad job file before asking for nodes
     with make_cluster(args) as cluster, Client(cluster) as client:
         cluster.scale(jobs=args.jobs)
-        print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
+        port = client.scheduler_info().get("services", {}).get("dashboard")
+        print(f"dashboard on this node's 127.0.0.1:{port} (ssh -L 8787:127.0.0.1:{port} NODE)", file=sys.stderr)
         client.wait_for_workers(1, timeout=3600)
         job_id = jobs.new_job_id()
         jobs.register(job_id, job, mode="jobqueue")
