@@ -88,7 +88,13 @@ def _tied(s2: np.ndarray, delta: np.ndarray, nk: np.ndarray, reg_covar: float) -
 
 
 def _diag(s2: np.ndarray, delta: np.ndarray, nk: np.ndarray, reg_covar: float) -> np.ndarray:
-    return s2 / nk[:, None] - delta**2 + reg_covar
+    second = s2 / nk[:, None]
+    var = second - delta**2
+    # a variance within round-off of zero is zero: a collapsed component then
+    # fails as scikit-learn's does with reg_covar=0 (ill-defined covariance)
+    # instead of "converging" to a variance of 1e-16
+    var[var <= 16 * np.finfo(np.float64).eps * second] = 0.0
+    return var + reg_covar
 
 
 def _spherical(s2: np.ndarray, delta: np.ndarray, nk: np.ndarray, reg_covar: float) -> np.ndarray:

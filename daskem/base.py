@@ -191,9 +191,13 @@ class BaseMixture(DensityMixin, BaseEstimator):
         if _is_in_memory(X):
             if isinstance(X, np.ndarray):
                 if X.ndim != 2:
-                    open_array(X)  # daskem's message for the shape
+                    raise InputError(
+                        f"expected a 2-D array (n_samples, n_features), got {X.ndim}-D with shape {X.shape}; "
+                        "Reshape your data with x.reshape(-1, 1) if it has a single feature or "
+                        "x.reshape(1, -1) if it is a single sample"
+                    )
                 if X.dtype.kind in "USV" or X.shape[0] == 0:
-                    open_array(X)  # ... for the dtype and for no rows
+                    open_array(X)  # daskem's message for the dtype and for no rows
             try:
                 a = validate_data(
                     self,
