@@ -38,7 +38,6 @@ from ._model import MixtureModel
 
 DEFAULT_SPLIT_EVERY = 8
 
-Model = MixtureModel
 Params = Any
 
 
@@ -99,7 +98,7 @@ class RowSplit:
 
 @dataclass(frozen=True)
 class _PassTask:
-    model: Model
+    model: MixtureModel
     params_list: tuple
     split: RowSplit | None
 
@@ -133,7 +132,7 @@ GATHER_BYTES = 16 * 2**20
 
 def pass_parts(
     X: da.Array,
-    model: Model,
+    model: MixtureModel,
     params_list: Sequence[Params],
     *,
     split: RowSplit | None = None,
@@ -161,7 +160,7 @@ def pass_parts(
 
 def pass_graph(
     X: da.Array,
-    model: Model,
+    model: MixtureModel,
     params_list: Sequence[Params],
     *,
     split: RowSplit | None = None,
@@ -173,7 +172,7 @@ def pass_graph(
 
 def reduce_statistics(
     X: da.Array,
-    model: Model,
+    model: MixtureModel,
     params_list: Sequence[Params],
     *,
     split: RowSplit | None = None,

@@ -552,10 +552,6 @@ class Stats:
         """Mean log-likelihood per training row."""
         return self.loglik / self.n if self.n else float("nan")
 
-    @property
-    def mean_loglik_heldout(self) -> float:
-        return self.loglik_heldout / self.n_heldout if self.n_heldout else float("nan")
-
 
 def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float]:
     """Responsibilities (in place of ``logp``, shape (K, n)) and the summed log-likelihood.

@@ -249,6 +249,3 @@ class GaussianModel:
     def conditional_mean(self, x: np.ndarray, params: GaussianParams) -> np.ndarray:
         """``x`` with NaN replaced by their conditional mean (see :meth:`GaussianMixture.impute`)."""
         return _missing.conditional_mean(x, params)
-
-    def precision_shape(self, k: int, d: int) -> tuple[int, ...]:
-        return cov_.covariance_shape(self.covariance_type, k, d)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -93,23 +93,6 @@ def fill_nan(X: np.ndarray) -> np.ndarray:
         counts = (~nan).sum(axis=0)
         col = np.where(counts > 0, np.where(nan, 0.0, X).sum(axis=0) / np.maximum(counts, 1), 0.0)
     return np.where(nan, col, X)
-
-
-def seeding_sample(sample: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
-    """Wrap a sampler of data rows so that it gives them with NaN filled (cached).
-
-    Seeding (k-means++, random rows, random responsibilities, re-seeding of
-    empty components) works on this; the passes over the data (Lloyd, the
-    hard pass, EM) marginalise properly.
-    """
-    cache: dict[str, np.ndarray] = {}
-
-    def filled() -> np.ndarray:
-        if "rows" not in cache:
-            cache["rows"] = fill_nan(sample())
-        return cache["rows"]
-
-    return filled
 
 
 # --------------------------------------------------------------------------
