@@ -194,9 +194,10 @@ def warn_if_not_converged(run: Run, max_iter: int, stacklevel: int = 3) -> None:
 class Checkpoint:
     """Atomic per-iteration state of every run, refused for other data or options."""
 
-    def __init__(self, path: str | Path, fingerprint: dict, model: MixtureModel):
+    def __init__(self, path: str | Path, fingerprint: dict, model: MixtureModel, run_class: type[Run] | None = None):
         self.path = Path(path)
         self.model = model
+        self.run_class = run_class or Run
         self.fingerprint = fingerprint
         self.digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -257,7 +258,7 @@ class Checkpoint:
             for i, m in enumerate(doc["runs"]):
                 arrays = {k: npz[f"run{i}_{k}"] for k in m["arrays"]}
                 runs.append(
-                    Run(
+                    self.run_class(
                         params=self.model.params_from_state(arrays, m["params"]),
                         tag=m["tag"],
                         history=list(m["history"]),
@@ -388,7 +389,10 @@ class Candidate:
 class Settings:
     """The loop's options (shared by every candidate of one fit).
 
-    ``init`` is handed to the model's initialisation hook as it is.
+    ``init`` is handed to the model's initialisation hook as it is;
+    ``run_class`` is the run strategy (:class:`Run`: plain EM; an
+    accelerated strategy subclasses it and overrides ``proposal`` and
+    ``receive``).
     """
 
     tol: float = 1e-3
@@ -402,6 +406,7 @@ class Settings:
     verbose: int = 0
     verbose_interval: int = 1
     init: Mapping[str, Any] = field(default_factory=dict)
+    run_class: type[Run] = Run
 
 
 @dataclass
@@ -482,7 +487,7 @@ def fit(
         }
         if settings.random_state is not None:
             fingerprint["seed"] = seed
-        checkpoint = Checkpoint(settings.checkpoint, fingerprint, model)
+        checkpoint = Checkpoint(settings.checkpoint, fingerprint, model, settings.run_class)
 
     Xw, _ = engine.prepare_data(X, settings.cache, in_memory=in_memory, dtype=settings.dtype, order=settings.order)
     verbose = settings.verbose
@@ -503,7 +508,7 @@ def fit(
             print(f"resuming from checkpoint {checkpoint.path} at iteration {done}", file=sys.stderr)
     elif start is not None:
         params, lower_bound = start
-        runs = [Run(params, tag={"k": model.n_components(params), "init": 0}, lower_bound=lower_bound)]
+        runs = [settings.run_class(params, tag={"k": model.n_components(params), "init": 0}, lower_bound=lower_bound)]
     else:
         rng = np.random.default_rng(seed)
         t0 = time.perf_counter()
@@ -513,7 +518,7 @@ def fit(
         runs = []
         for p in params_list:
             k = model.n_components(p)
-            runs.append(Run(p, tag={"k": k, "init": sum(r.tag["k"] == k for r in runs)}))
+            runs.append(settings.run_class(p, tag={"k": k, "init": sum(r.tag["k"] == k for r in runs)}))
         if verbose:
             print(f"initialised {len(runs)} run(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
         if checkpoint is not None:

@@ -31,6 +31,9 @@ loop itself (k-means initialisation is hard EM with a shared spherical
 covariance), so that a model can initialise out-of-core without importing
 the engine.
 
+Optional: a ``chunk_order`` attribute (``"C"`` or ``"F"``), the memory order
+in which persisted chunks are laid out for the kernel (default ``"C"``).
+
 A minimal complete implementation (a 1-D two-component mean model) lives in
 ``tests/test_seam.py``; :class:`daskem._gaussian_model.GaussianModel` is the
 Gaussian one.
@@ -150,6 +153,9 @@ class MixtureModel(Protocol[Params, Stats]):
 
     def from_vector(self, vec: np.ndarray, like: Params) -> Params:
         """Inverse of :meth:`to_vector`; ``like`` gives the shapes and the structure."""
+
+    def sample(self, params: Params, n_samples: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+        """``n_samples`` rows drawn from the mixture and their components (``sample``)."""
 
     def scoring_model(self) -> MixtureModel:
         """The model that scores fitted parameters (soft E-step, whatever the fit used)."""

@@ -336,8 +336,14 @@ class BaseMixture(DensityMixin, BaseEstimator):
             every estimator's ``n_passes_``).
         """
         first = estimators[0]
+        shared = {k: v for k, v in first._candidate().options.items() if k != "n_components"}
         for est in estimators:
             est._validate_params()
+            if (
+                type(est) is not type(first)
+                or {k: v for k, v in est._candidate().options.items() if k != "n_components"} != shared
+            ):
+                raise InputError("fit_together fits estimators that differ only in n_components")
         data, in_memory = first._data(X, reset=True)
         Xd = first._dask(data)
         n, d = Xd.shape

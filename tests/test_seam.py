@@ -139,3 +139,28 @@ def test_the_toy_scores_held_out_rows_out_of_core(data) -> None:
         assert s["n"] == train.sum() and s["heldout_n"] == (~train).sum()
     # two components explain the held-out rows better than one
     assert scores[1]["heldout_loglik"] > scores[0]["heldout_loglik"]
+
+
+class _EchoRun(_fitloop.Run):
+    """A strategy that asks for two parameter sets per pass (what an extrapolating run does)."""
+
+    received: list
+
+    def proposal(self) -> list:
+        return [self.params, self.params + 1.0]
+
+    def receive(self, stats, step) -> None:
+        assert len(stats) == 2 and step.model.objective(stats[1]) < step.model.objective(stats[0]) + 1.0
+        super().receive(stats[:1], step)
+
+
+def test_a_run_strategy_proposes_several_points_in_one_pass(data) -> None:
+    X = da.from_array(data, chunks=900)
+    plain = _fitloop.fit(X, MeansOnly(), [_fitloop.Candidate(2)], _fitloop.Settings(tol=1e-9, random_state=4))
+    echo = _fitloop.fit(
+        X, MeansOnly(), [_fitloop.Candidate(2)], _fitloop.Settings(tol=1e-9, random_state=4, run_class=_EchoRun)
+    )
+    (a,), (b,) = plain.runs, echo.runs
+    assert isinstance(b, _EchoRun) and a.n_iter == b.n_iter
+    np.testing.assert_allclose(b.params, a.params, rtol=1e-12)
+    assert echo.n_passes == plain.n_passes  # both points came from the same pass
