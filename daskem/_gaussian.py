@@ -11,6 +11,11 @@ The numerics of :class:`daskem._gaussian_model.GaussianModel`:
   statistics of every parameter set at once (soft or hard EM);
 * :func:`m_step` -- parameters from summed statistics.
 
+The kernels branch on the storage *layout* of the covariances
+(:attr:`GaussianParams.layout`: full, tied, diag, spherical), never on the
+covariance structure, whose M-step formula and parameter count come from
+:mod:`daskem._covariance`.
+
 Second moments are accumulated in float64 about a reference point that comes
 from the current parameters (the component means for ``full``, the mixture
 mean for the other types), so that the M-step matches a centred computation
@@ -109,15 +114,15 @@ def precision_cholesky_from_covariances(covariances: np.ndarray, covariance_type
         ``1 / sqrt(variance)`` (diag, spherical).
     """
     covariances = np.asarray(covariances, dtype=np.float64)
-    covariance_type = cov_.layout(covariance_type)
-    if covariance_type == "full":
+    layout = cov_.layout(covariance_type)
+    if layout == "full":
         d = covariances.shape[-1]
         eye = np.eye(d)
         out = np.empty_like(covariances)
         for k, cov in enumerate(covariances):
             out[k] = linalg.solve_triangular(_cholesky_lower(cov), eye, lower=True).T
         return out
-    if covariance_type == "tied":
+    if layout == "tied":
         d = covariances.shape[-1]
         return linalg.solve_triangular(_cholesky_lower(covariances), np.eye(d), lower=True).T
     if np.any(~(covariances > 0.0)):
@@ -136,10 +141,10 @@ def precision_cholesky_from_precisions(precisions: np.ndarray, covariance_type: 
     factor of the flipped precision, flipped back, is upper triangular.
     """
     precisions = np.asarray(precisions, dtype=np.float64)
-    covariance_type = cov_.layout(covariance_type)
-    if covariance_type == "full":
+    layout = cov_.layout(covariance_type)
+    if layout == "full":
         return np.stack([_flip(_cholesky_lower(_flip(p))) for p in precisions])
-    if covariance_type == "tied":
+    if layout == "tied":
         return _flip(_cholesky_lower(_flip(precisions)))
     if np.any(~(precisions > 0.0)):
         raise ValueError("precisions must be positive")
@@ -148,9 +153,9 @@ def precision_cholesky_from_precisions(precisions: np.ndarray, covariance_type: 
 
 def covariances_from_precision_cholesky(prec_chol: np.ndarray, covariance_type: str) -> np.ndarray:
     """Covariances from the precision Cholesky factors, without a general inverse."""
-    covariance_type = cov_.layout(covariance_type)
-    if covariance_type in ("full", "tied"):
-        mats = prec_chol if covariance_type == "full" else prec_chol[None]
+    layout = cov_.layout(covariance_type)
+    if layout in ("full", "tied"):
+        mats = prec_chol if layout == "full" else prec_chol[None]
         d = mats.shape[-1]
         eye = np.eye(d)
         out = np.empty_like(mats)
@@ -158,26 +163,26 @@ def covariances_from_precision_cholesky(prec_chol: np.ndarray, covariance_type: 
             # precision = U U^T, so covariance = U^-T U^-1 = W^T W with W = U^-1
             w = linalg.solve_triangular(u, eye, lower=False)
             out[k] = w.T @ w
-        return out if covariance_type == "full" else out[0]
+        return out if layout == "full" else out[0]
     return 1.0 / prec_chol**2
 
 
 def precisions_from_cholesky(prec_chol: np.ndarray, covariance_type: str) -> np.ndarray:
     """``U @ U.T`` (full, tied) or ``U**2`` (diag, spherical)."""
-    covariance_type = cov_.layout(covariance_type)
-    if covariance_type == "full":
+    layout = cov_.layout(covariance_type)
+    if layout == "full":
         return np.einsum("kij,klj->kil", prec_chol, prec_chol)
-    if covariance_type == "tied":
+    if layout == "tied":
         return prec_chol @ prec_chol.T
     return prec_chol**2
 
 
-def _log_det_cholesky(prec_chol: np.ndarray, covariance_type: str, d: int) -> np.ndarray:
-    if covariance_type == "full":
+def _log_det_cholesky(prec_chol: np.ndarray, layout: str, d: int) -> np.ndarray:
+    if layout == "full":
         return np.log(np.diagonal(prec_chol, axis1=1, axis2=2)).sum(axis=1)
-    if covariance_type == "tied":
+    if layout == "tied":
         return np.log(np.diag(prec_chol)).sum()
-    if covariance_type == "diag":
+    if layout == "diag":
         return np.log(prec_chol).sum(axis=1)
     return d * np.log(prec_chol)
 

@@ -39,6 +39,9 @@ NAN_MESSAGE = (
 
 MISSING_POLICIES = ("error", "marginalize")
 
+#: missing policy -> whether NaN may be passed in (scikit-learn's ``allow_nan`` tag)
+ALLOWS_NAN = {"error": False, "marginalize": True}
+
 # missing policy -> (chunk kernel, row-wise weighted log-probabilities, rows for seeding)
 _KERNELS = {
     "error": (chunk_statistics, estimate_weighted_log_prob, lambda rows: rows),

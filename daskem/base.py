@@ -132,7 +132,6 @@ class BaseMixture(DensityMixin, BaseEstimator):
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = getattr(self, "missing", "error") == "marginalize"
         tags.input_tags.sparse = False
         return tags
 

@@ -17,7 +17,7 @@ import numpy as np
 from . import _covariance as cov_
 from . import _engine as engine
 from ._gaussian import GaussianParams, precision_cholesky_from_precisions
-from ._gaussian_model import MISSING_POLICIES, GaussianModel
+from ._gaussian_model import ALLOWS_NAN, MISSING_POLICIES, GaussianModel
 from ._init import INIT_METHODS
 from .base import BaseMixture
 from .errors import InputError
@@ -172,6 +172,11 @@ class GaussianMixture(BaseMixture):
         "init_params": (lambda v: v in INIT_METHODS, f"one of {INIT_METHODS}"),
         "missing": (lambda v: v in MISSING_POLICIES, "'error' or 'marginalize'"),
     }
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = ALLOWS_NAN.get(self.missing, False)
+        return tags
 
     def _make_model(self, hard: bool | None = None) -> GaussianModel:
         return GaussianModel(
