@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dask.array as da
 import numpy as np
 import pytest
 from conftest import make_blobs, sklearn_init
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
+import daskem
 from daskem import _covariance as cov_
 from daskem import _missing
 from daskem._gaussian import GaussianParams, chunk_statistics, m_step
@@ -78,3 +80,23 @@ def test_random_init_from_responsibilities_matches_a_centred_computation() -> No
         cov = (resp[:, j] * diff.T) @ diff / nk[j] + 1e-6 * np.eye(3)
         np.testing.assert_allclose(p.covariances[j], cov, rtol=1e-9)
     np.testing.assert_allclose(p.means, means, rtol=1e-12)
+
+
+def test_bic_counts_the_rows_actually_used() -> None:
+    """With missing='marginalize', rows with every entry missing are in no score: BIC's n leaves them out."""
+    X = make_blobs(n=1200, d=3, k=2, seed=8)
+    X[:50] = np.nan
+    X[50:300, 1] = np.nan
+    with pytest.warns(RuntimeWarning, match="every entry missing"):
+        gm = daskem.GaussianMixture(2, missing="marginalize", random_state=0).fit(X)
+        s = gm.score_samples(X)
+    total, n = gm.log_likelihood(X)
+    assert n == 1150 and total == pytest.approx(np.nansum(s), rel=1e-12)
+    p = gm.params_.n_parameters()
+    info = gm.information_criteria(X)
+    assert info["n_samples"] == 1150 and info["n_parameters"] == p
+    assert gm.bic(X) == pytest.approx(-2.0 * total + p * np.log(1150), rel=1e-12)
+    assert gm.aic(X) == pytest.approx(-2.0 * total + 2.0 * p, rel=1e-12)
+    lazy = da.from_array(X, chunks=300)
+    assert gm.log_likelihood(lazy)[1] == 1150
+    assert gm.bic(lazy) == pytest.approx(gm.bic(X), rel=1e-10)

@@ -25,7 +25,14 @@ from daskem.base import expected_failed_checks
 FITTED = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
 
 
-@parametrize_with_checks([daskem.GaussianMixture()], expected_failed_checks=expected_failed_checks)
+@parametrize_with_checks(
+    [
+        daskem.GaussianMixture(),
+        daskem.GaussianMixture(missing="marginalize"),
+        daskem.GaussianMixture(covariance_type="diag", algorithm="hard", n_init=2),
+    ],
+    expected_failed_checks=expected_failed_checks,
+)
 def test_scikit_learn_estimator_checks(estimator, check) -> None:
     check(estimator)
 
