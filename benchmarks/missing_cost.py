@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from daskem._gaussian import GaussianParams, MixtureModel
+from daskem._gaussian import GaussianParams
+from daskem._gaussian_model import GaussianModel as MixtureModel
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from daskem import _engine as engine  # noqa: E402
 from daskem import _gaussian as g  # noqa: E402
 from daskem._blas import single_threaded_blas  # noqa: E402
+from daskem._gaussian_model import GaussianModel  # noqa: E402
 
 
 def _best_us(f, repeats: int = 300) -> float:
@@ -96,7 +97,7 @@ def pass_timeline(X: np.ndarray, p: g.GaussianParams, dtype: str, passes: int) -
             warnings.simplefilter("ignore", UserWarning)  # "sending large graph": the numpy rows, once
             Xd, _ = engine.prepare_data(da.from_array(X, chunks=(262_144, X.shape[1])), True, dtype=dtype)
             wait(Xd)
-        model = g.MixtureModel(dtype=dtype)
+        model = GaussianModel(dtype=dtype)
         params = p
         for i in range(passes + 1):
             t0 = time.time()

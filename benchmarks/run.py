@@ -64,9 +64,10 @@ import dask.array as da  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from daskem import _blas  # noqa: E402
+from daskem import _blas, _fitloop  # noqa: E402
 from daskem import _engine as engine  # noqa: E402
 from daskem import _gaussian as g  # noqa: E402
+from daskem._gaussian_model import GaussianModel  # noqa: E402
 
 BLOCK = g.DEFAULT_BLOCK_ROWS
 
@@ -287,8 +288,8 @@ def em_iterations(
     comparison inside the two-worker cluster). With a distributed client, the
     chunk tasks' compute seconds of every pass are recorded too.
     """
-    model = g.MixtureModel(dtype=dtype)
-    runs = [engine.Run(p) for p in params]
+    model = GaussianModel(dtype=dtype)
+    runs = [_fitloop.Run(p) for p in params]
     secs: list[float] = []
     client = engine._active_client()
     stream = contextlib.nullcontext(None)
@@ -299,7 +300,14 @@ def em_iterations(
     pin = dask.annotate(workers=workers, allow_other_workers=False) if workers else contextlib.nullcontext()
     with warnings.catch_warnings(), stream as ts, pin:
         warnings.simplefilter("ignore", RuntimeWarning)
-        engine.run_em(Xd, model, runs, tol=-1.0, max_iter=iters, callback=lambda info: secs.append(info.seconds))
+        _fitloop.iterate(
+            _fitloop.Passes(Xd, model),
+            model,
+            runs,
+            tol=-1.0,
+            max_iter=iters,
+            callback=lambda info: secs.append(info.seconds),
+        )
     # history[-1] is the log-likelihood of the parameters after iters - 1 M-steps
     out = {"all_s": secs, "loglik": runs[0].history[-1], "loglik_m_steps": iters - 1}
     if ts is not None:

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .io import InputError, open_array
-from .mixture import ConvergenceWarning, GaussianMixture, NotFittedError, load
+from ._version import __version__
+from .errors import ConvergenceWarning, InputError, NotFittedError
+from .io import open_array
+from .mixture import GaussianMixture, load
 from .select import SelectKResult, select_k
 
 __all__ = [

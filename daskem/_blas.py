@@ -25,14 +25,14 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy  # noqa: F401  (numpy's BLAS must be loaded before it is looked up)
+
 _lock = threading.Lock()
 _setters: list[Callable[[int], int]] | None = None
 
 
 def _find_setters() -> list[Callable[[int], int]]:
     """``openblas_set_num_threads_local`` of every OpenBLAS numpy has loaded."""
-    import numpy  # noqa: F401  (make sure numpy's BLAS is loaded)
-
     found: list[Callable[[int], int]] = []
     try:
         with open("/proc/self/maps") as f:

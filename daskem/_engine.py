@@ -7,37 +7,50 @@ distributed cluster, when the chunk vectors are few (16 MiB together at
 most), they are gathered and summed on the client instead, which saves the
 last reduction level (:func:`reduce_statistics`). Nothing per row ever
 reaches the client. The engine knows
-nothing of Gaussians: the *model* object (:class:`daskem._gaussian.MixtureModel`)
-supplies the per-chunk statistics, their packing, the M-step, the re-seeding
-of empty components and the (de)serialisation of parameters.
+nothing of Gaussians: it talks to a *model* (:class:`daskem._model.MixtureModel`)
+that supplies the per-chunk statistics and their packing. The EM loop itself
+lives in :mod:`daskem._fitloop`.
 
-The EM loop advances every run (restarts, candidate K values) together, so
-one read of each chunk per iteration serves all of them; a run that has
-converged drops out of the next pass.
+Every read of the data (a pass of statistics, a sample of rows) is counted
+here, on the :class:`PassCounter` the caller hands in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
+import inspect
 import math
-import time
-import warnings
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import dask
 import dask.array as da
+import distributed
 import numpy as np
+import psutil
+from dask.diagnostics import ProgressBar
+from distributed.diagnostics.progressbar import TextProgressBar
 
-from .io import InputError, atomic_savez, atomic_write_text
+from ._model import MixtureModel
 
 DEFAULT_SPLIT_EVERY = 8
 
-Model = Any  # daskem._gaussian.MixtureModel or anything with the same hooks
 Params = Any
+
+
+@dataclass
+class PassCounter:
+    """Passes over the data made so far (statistics passes and row samples)."""
+
+    n: int = 0
+
+
+def _count(counter: PassCounter | None) -> None:
+    if counter is not None:
+        counter.n += 1
 
 
 # --------------------------------------------------------------------------
@@ -85,7 +98,7 @@ class RowSplit:
 
 @dataclass(frozen=True)
 class _PassTask:
-    model: Model
+    model: MixtureModel
     params_list: tuple
     split: RowSplit | None
 
@@ -95,7 +108,7 @@ class _PassTask:
             start, stop = block_info[0]["array-location"][0]
             mask = self.split.train_mask(start, stop)
         stats = self.model.statistics(x, self.params_list, mask)
-        out = np.concatenate([s.pack() for s in stats]) if stats else np.zeros(0)
+        out = np.concatenate([self.model.pack(s) for s in stats]) if stats else np.zeros(0)
         return out[None, :]
 
 
@@ -119,7 +132,7 @@ GATHER_BYTES = 16 * 2**20
 
 def pass_parts(
     X: da.Array,
-    model: Model,
+    model: MixtureModel,
     params_list: Sequence[Params],
     *,
     split: RowSplit | None = None,
@@ -147,7 +160,7 @@ def pass_parts(
 
 def pass_graph(
     X: da.Array,
-    model: Model,
+    model: MixtureModel,
     params_list: Sequence[Params],
     *,
     split: RowSplit | None = None,
@@ -159,12 +172,13 @@ def pass_graph(
 
 def reduce_statistics(
     X: da.Array,
-    model: Model,
+    model: MixtureModel,
     params_list: Sequence[Params],
     *,
     split: RowSplit | None = None,
     split_every: int = DEFAULT_SPLIT_EVERY,
     progress: bool = False,
+    counter: PassCounter | None = None,
 ) -> list:
     """One pass over ``X``: the summed statistics of every parameter set.
 
@@ -174,16 +188,16 @@ def reduce_statistics(
     ``split_every``. Both orders are fixed, so that a re-run chunk (a lost
     worker) gives the same bits. With ``progress``, a progress bar is shown on
     stderr for passes that take more than a second (distributed's bar when a
-    ``Client`` is active).
+    ``Client`` is active). The pass is counted on ``counter``.
 
     Raises
     ------
     InputError
-        If the data hold NaN or infinite values and ``model.missing`` is
-        ``"error"``.
+        From ``model.check_statistics``: rows the model's NaN policy refuses.
     """
     if not params_list:
         return []
+    _count(counter)
     parts = pass_parts(X, model, params_list, split=split)
     client = _active_client() if _uses_distributed() else None
     if client is not None and parts.shape[0] * parts.shape[1] * 8 <= GATHER_BYTES:
@@ -201,20 +215,15 @@ def reduce_statistics(
         size = model.packed_size(p)
         out.append(model.unpack(vec[pos : pos + size], p))
         pos += size
-    if out and out[0].n_bad and model.missing == "error":
-        raise InputError(
-            f"the data hold NaN or infinite values in {int(out[0].n_bad)} rows; "
-            "clean them, or fit with missing='marginalize' to use the observed entries"
-        )
+    if out:
+        model.check_statistics(out[0])
     return out
 
 
 def _active_client() -> Any:
     try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
+        return distributed.default_client()
+    except ValueError:
         return None
 
 
@@ -224,26 +233,17 @@ def _uses_distributed() -> bool:
 
 
 def _progress(client: Any, futures: list) -> None:
-    import contextlib
-    import sys
-
-    from distributed.diagnostics.progressbar import TextProgressBar
-
     with contextlib.redirect_stdout(sys.stderr):
         TextProgressBar(futures, scheduler=client.scheduler.address, complete=True)
 
 
 def _compute(graph: da.Array, progress: bool) -> np.ndarray:
     """Compute on the active scheduler, with a progress bar on stderr."""
-    import sys
-
     client = _active_client()
     if client is not None and _uses_distributed():
         fut = client.compute(graph)
         _progress(client, [fut])
         return fut.result()
-    from dask.diagnostics import ProgressBar
-
     with ProgressBar(minimum=1.0, out=sys.stderr):
         return dask.compute(graph)[0]
 
@@ -253,12 +253,16 @@ def _compute(graph: da.Array, progress: bool) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def sample_rows(X: da.Array, n: int, seed: int, split: RowSplit | None = None) -> np.ndarray:
+def sample_rows(
+    X: da.Array, n: int, seed: int, split: RowSplit | None = None, counter: PassCounter | None = None
+) -> np.ndarray:
     """``n`` rows drawn without replacement, the same rows whatever the chunking.
 
     With a ``split``, the held-out rows among them are dropped (so slightly
     fewer than ``n`` come back): initialisation never sees validation rows.
+    The read is counted on ``counter``.
     """
+    _count(counter)
     N = X.shape[0]
     n = min(n, N)
     rng = np.random.default_rng(seed)
@@ -283,14 +287,10 @@ def _cluster_memory() -> float:
         total = float(sum(limits))
         if total > 0:
             return total
-    import psutil
-
     return float(psutil.virtual_memory().available)
 
 
 def _accepts_n_workers(client: Any) -> bool:
-    import inspect
-
     try:
         return "n_workers" in inspect.signature(client.scheduler_info).parameters
     except (TypeError, ValueError):
@@ -409,185 +409,8 @@ def prepare_data(
 
 
 # --------------------------------------------------------------------------
-# the EM loop
+# row-wise maps and fingerprints
 # --------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One EM run (a restart, for one K). Mutable bookkeeping on the client."""
-
-    params: Params
-    tag: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)
-    n_iter: int = 0
-    converged: bool = False
-    done: bool = False
-    lower_bound: float = -math.inf
-    n_reseeds: int = 0
-
-
-@dataclass
-class IterationInfo:
-    """What a progress callback receives after each pass."""
-
-    iteration: int
-    runs: list
-    seconds: float
-    n_live: int
-    advanced: list = field(default_factory=list)
-
-
-class Checkpoint:
-    """Atomic per-iteration state of every run, refused for other data or options."""
-
-    def __init__(self, path: str | Path, fingerprint: dict, model: Model):
-        self.path = Path(path)
-        self.model = model
-        self.fingerprint = fingerprint
-        self.digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
-
-    def save(self, runs: Sequence[Run], stage: str) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, np.ndarray] = {}
-        meta_runs = []
-        for i, r in enumerate(runs):
-            p_arrays, p_meta = self.model.params_state(r.params)
-            for name, a in p_arrays.items():
-                arrays[f"run{i}_{name}"] = a
-            meta_runs.append(
-                {
-                    "params": p_meta,
-                    "arrays": sorted(p_arrays),
-                    "tag": r.tag,
-                    "history": r.history,
-                    "n_iter": r.n_iter,
-                    "converged": r.converged,
-                    "done": r.done,
-                    "lower_bound": r.lower_bound if math.isfinite(r.lower_bound) else None,
-                    "n_reseeds": r.n_reseeds,
-                }
-            )
-        # arrays first, then the JSON that names them: a reader sees the old
-        # pair or the new pair, never a JSON pointing at missing arrays
-        token = hashlib.sha256(repr(time.time_ns()).encode()).hexdigest()[:12]
-        atomic_savez(self.path / f"state-{token}.npz", **arrays)
-        doc = {
-            "digest": self.digest,
-            "fingerprint": self.fingerprint,
-            "stage": stage,
-            "arrays": f"state-{token}.npz",
-            "runs": meta_runs,
-        }
-        atomic_write_text(self.path / "checkpoint.json", json.dumps(doc, default=str))
-        # the previous state, and any left by a process killed between the two writes
-        for f in [*self.path.glob("state-*.npz"), *self.path.glob(".state-*.tmp-*")]:
-            if f.name != doc["arrays"]:
-                f.unlink(missing_ok=True)
-
-    def load(self) -> tuple[str, list[Run]] | None:
-        """The saved stage and runs, or None when there is no checkpoint yet."""
-        f = self.path / "checkpoint.json"
-        if not f.exists():
-            return None
-        doc = json.loads(f.read_text())
-        if doc.get("digest") != self.digest:
-            theirs = doc.get("fingerprint", {})
-            diff = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
-            raise InputError(
-                f"the checkpoint at {self.path} was written for other data or options "
-                f"(differs in: {', '.join(diff) or 'format'}); use another checkpoint path "
-                "or delete it"
-            )
-        runs = []
-        with np.load(self.path / doc["arrays"], allow_pickle=False) as npz:
-            for i, m in enumerate(doc["runs"]):
-                arrays = {k: npz[f"run{i}_{k}"] for k in m["arrays"]}
-                runs.append(
-                    Run(
-                        params=self.model.params_from_state(arrays, m["params"]),
-                        tag=m["tag"],
-                        history=list(m["history"]),
-                        n_iter=m["n_iter"],
-                        converged=m["converged"],
-                        done=m["done"],
-                        lower_bound=-math.inf if m["lower_bound"] is None else m["lower_bound"],
-                        n_reseeds=m.get("n_reseeds", 0),
-                    )
-                )
-        return doc["stage"], runs
-
-
-def run_em(
-    X: da.Array,
-    model: Model,
-    runs: Sequence[Run],
-    *,
-    tol: float,
-    max_iter: int,
-    split: RowSplit | None = None,
-    split_every: int = DEFAULT_SPLIT_EVERY,
-    reseed_pool: np.ndarray | Callable[[], np.ndarray] | None = None,
-    callback: Callable[[IterationInfo], None] | None = None,
-    checkpoint: Checkpoint | None = None,
-    stage: str = "em",
-    progress: bool = False,
-) -> list[Run]:
-    """Advance every run until it converges or reaches ``max_iter``.
-
-    Convergence follows scikit-learn: after the E-step of iteration ``t`` the
-    mean log-likelihood per row ``L_t`` (of the parameters before that M-step)
-    is recorded; the run stops when ``|L_t - L_{t-1}| < tol``. The parameters
-    kept are those after the last M-step, and ``lower_bound`` is ``L_t``.
-    """
-    runs = list(runs)
-    while True:
-        live = [r for r in runs if not r.done and r.n_iter < max_iter]
-        for r in runs:
-            if not r.done and r.n_iter >= max_iter:
-                r.done = True
-        if not live:
-            break
-        t0 = time.perf_counter()
-        stats = reduce_statistics(
-            X, model, [r.params for r in live], split=split, split_every=split_every, progress=progress
-        )
-        for r, s in zip(live, stats):
-            if s.n == 0:
-                raise InputError("no training rows to fit on")
-            ll = s.mean_loglik
-            prev = r.lower_bound
-            r.n_iter += 1
-            r.history.append(ll)
-            r.lower_bound = ll
-            if not math.isfinite(ll):
-                raise FloatingPointError(
-                    f"the log-likelihood became {ll} at iteration {r.n_iter}; increase reg_covar or scale the data"
-                )
-            new, empty = model.m_step(s, r.params)
-            if empty.any():
-                if reseed_pool is None:
-                    raise ValueError("a component lost all its rows and no rows are at hand to re-seed it")
-                warnings.warn(
-                    f"{int(empty.sum())} component(s) of run {r.tag} received no rows at "
-                    f"iteration {r.n_iter} and were re-seeded on poorly explained rows",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                pool = reseed_pool() if callable(reseed_pool) else reseed_pool
-                new = model.reseed(new, empty, pool)
-                r.n_reseeds += 1
-            r.params = new
-            if abs(ll - prev) < tol:
-                r.converged = True
-                r.done = True
-            elif r.n_iter >= max_iter:
-                r.done = True
-        if checkpoint is not None:
-            checkpoint.save(runs, stage)
-        if callback is not None:
-            callback(IterationInfo(max(r.n_iter for r in live), runs, time.perf_counter() - t0, len(live), live))
-    return runs
 
 
 def map_rows(X: da.Array, func: Callable, n_out: int | None, dtype: Any) -> da.Array:
@@ -599,8 +422,13 @@ def map_rows(X: da.Array, func: Callable, n_out: int | None, dtype: Any) -> da.A
     )
 
 
-def data_fingerprint(X: da.Array, sample: np.ndarray) -> dict:
-    """What identifies the data for a checkpoint: shape, dtype and a sample's hash."""
+def data_fingerprint(X: da.Array) -> dict:
+    """What identifies the data for a checkpoint: shape, dtype and the hash of a few
+    fixed rows (first, last and evenly spaced; not counted as a pass)."""
+    n = X.shape[0]
+    idx = np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(np.int64))
+    (rows,) = dask.compute(X[idx])
+    sample = np.asarray(rows)
     return {
         "shape": list(X.shape),
         "dtype": str(X.dtype),

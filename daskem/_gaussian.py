@@ -1,6 +1,6 @@
-"""Gaussian mixture mathematics on in-memory blocks: no Dask in this module.
+"""Gaussian mixture mathematics on in-memory blocks (complete data): no Dask in this module.
 
-Everything the EM engine needs from the model lives here:
+The numerics of :class:`daskem._gaussian_model.GaussianModel`:
 
 * :class:`GaussianParams` -- the parameters of one mixture (one restart, one K);
 * :func:`estimate_weighted_log_prob` -- ``log pi_k + log N(x | mu_k, Sigma_k)``
@@ -11,6 +11,11 @@ Everything the EM engine needs from the model lives here:
   statistics of every parameter set at once (soft or hard EM);
 * :func:`m_step` -- parameters from summed statistics.
 
+The kernels branch on the storage *layout* of the covariances
+(:attr:`GaussianParams.layout`: full, tied, diag, spherical), never on the
+covariance structure, whose M-step formula and parameter count come from
+:mod:`daskem._covariance`.
+
 Second moments are accumulated in float64 about a reference point that comes
 from the current parameters (the component means for ``full``, the mixture
 mean for the other types), so that the M-step matches a centred computation
@@ -20,18 +25,14 @@ to round-off even when the data sit far from the origin.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg
 
+from . import _covariance as cov_
 from ._blas import single_threaded_blas
-
-COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
-#: ``kmeans`` is internal: a shared spherical covariance and equal weights,
-#: for which hard EM is exactly Lloyd's algorithm.
-_ALL_TYPES = COVARIANCE_TYPES + ("kmeans",)
+from ._numeric import logsumexp_rows
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -113,14 +114,15 @@ def precision_cholesky_from_covariances(covariances: np.ndarray, covariance_type
         ``1 / sqrt(variance)`` (diag, spherical).
     """
     covariances = np.asarray(covariances, dtype=np.float64)
-    if covariance_type == "full":
+    layout = cov_.layout(covariance_type)
+    if layout == "full":
         d = covariances.shape[-1]
         eye = np.eye(d)
         out = np.empty_like(covariances)
         for k, cov in enumerate(covariances):
             out[k] = linalg.solve_triangular(_cholesky_lower(cov), eye, lower=True).T
         return out
-    if covariance_type == "tied":
+    if layout == "tied":
         d = covariances.shape[-1]
         return linalg.solve_triangular(_cholesky_lower(covariances), np.eye(d), lower=True).T
     if np.any(~(covariances > 0.0)):
@@ -139,9 +141,10 @@ def precision_cholesky_from_precisions(precisions: np.ndarray, covariance_type: 
     factor of the flipped precision, flipped back, is upper triangular.
     """
     precisions = np.asarray(precisions, dtype=np.float64)
-    if covariance_type == "full":
+    layout = cov_.layout(covariance_type)
+    if layout == "full":
         return np.stack([_flip(_cholesky_lower(_flip(p))) for p in precisions])
-    if covariance_type == "tied":
+    if layout == "tied":
         return _flip(_cholesky_lower(_flip(precisions)))
     if np.any(~(precisions > 0.0)):
         raise ValueError("precisions must be positive")
@@ -150,8 +153,9 @@ def precision_cholesky_from_precisions(precisions: np.ndarray, covariance_type: 
 
 def covariances_from_precision_cholesky(prec_chol: np.ndarray, covariance_type: str) -> np.ndarray:
     """Covariances from the precision Cholesky factors, without a general inverse."""
-    if covariance_type in ("full", "tied"):
-        mats = prec_chol if covariance_type == "full" else prec_chol[None]
+    layout = cov_.layout(covariance_type)
+    if layout in ("full", "tied"):
+        mats = prec_chol if layout == "full" else prec_chol[None]
         d = mats.shape[-1]
         eye = np.eye(d)
         out = np.empty_like(mats)
@@ -159,25 +163,26 @@ def covariances_from_precision_cholesky(prec_chol: np.ndarray, covariance_type: 
             # precision = U U^T, so covariance = U^-T U^-1 = W^T W with W = U^-1
             w = linalg.solve_triangular(u, eye, lower=False)
             out[k] = w.T @ w
-        return out if covariance_type == "full" else out[0]
+        return out if layout == "full" else out[0]
     return 1.0 / prec_chol**2
 
 
 def precisions_from_cholesky(prec_chol: np.ndarray, covariance_type: str) -> np.ndarray:
     """``U @ U.T`` (full, tied) or ``U**2`` (diag, spherical)."""
-    if covariance_type == "full":
+    layout = cov_.layout(covariance_type)
+    if layout == "full":
         return np.einsum("kij,klj->kil", prec_chol, prec_chol)
-    if covariance_type == "tied":
+    if layout == "tied":
         return prec_chol @ prec_chol.T
     return prec_chol**2
 
 
-def _log_det_cholesky(prec_chol: np.ndarray, covariance_type: str, d: int) -> np.ndarray:
-    if covariance_type == "full":
+def _log_det_cholesky(prec_chol: np.ndarray, layout: str, d: int) -> np.ndarray:
+    if layout == "full":
         return np.log(np.diagonal(prec_chol, axis1=1, axis2=2)).sum(axis=1)
-    if covariance_type == "tied":
+    if layout == "tied":
         return np.log(np.diag(prec_chol)).sum()
-    if covariance_type == "diag":
+    if layout == "diag":
         return np.log(prec_chol).sum(axis=1)
     return d * np.log(prec_chol)
 
@@ -195,6 +200,8 @@ class GaussianParams:
     precisions_cholesky : ndarray
         Same shape as ``covariances``.
     covariance_type : str
+        The structure (:data:`daskem._covariance.STRUCTURES`); the arrays are
+        stored in its :attr:`layout`.
     """
 
     weights: np.ndarray
@@ -246,12 +253,17 @@ class GaussianParams:
         return self.means.shape[1]
 
     @property
+    def layout(self) -> str:
+        """Storage layout of the covariances: ``full``, ``tied``, ``diag`` or ``spherical``."""
+        return cov_.layout(self.covariance_type)
+
+    @property
     def precisions(self) -> np.ndarray:
         return precisions_from_cholesky(self.precisions_cholesky, self.covariance_type)
 
     def reference(self) -> np.ndarray:
         """Per-component points, shape (K, D), about which statistics are taken."""
-        if self.covariance_type == "full":
+        if self.layout == "full":
             return self.means
         centre = self.weights @ self.means
         return np.broadcast_to(centre, self.means.shape)
@@ -277,13 +289,7 @@ class GaussianParams:
     def n_parameters(self) -> int:
         """Free parameters, as scikit-learn counts them (for BIC and AIC)."""
         k, d = self.means.shape
-        cov = {
-            "full": k * d * (d + 1) / 2.0,
-            "tied": d * (d + 1) / 2.0,
-            "diag": k * d,
-            "spherical": k,
-            "kmeans": 1,
-        }[self.covariance_type]
+        cov = cov_.structure(self.covariance_type).n_covariance_parameters(k, d)
         return int(cov + k * d + k - 1)
 
 
@@ -311,7 +317,7 @@ class _Plan:
     * full / tied: ``weight.T`` is ``[[U_1 ... U_K], [-(mu_k - c) U_k ...]]``
       of shape ``(D + 1, K*D)``, so that ``weight @ [z, 1].T`` gives every
       ``((x - mu_k) U_k).T`` in one GEMM;
-    * diag / spherical / kmeans: ``weight`` has shape ``(K, 2D + 1)`` and
+    * diag / spherical: ``weight`` has shape ``(K, 2D + 1)`` and
       ``weight @ [z*z, z, 1].T`` is ``log pi_k + log N(x | k)`` directly.
 
     ``const`` is ``log pi_k + log det U_k - D/2 log 2 pi`` (float64).
@@ -334,7 +340,7 @@ def _make_plan(
     with_weights: bool = True,
     centre: np.ndarray | None = None,
 ) -> _Plan:
-    ctype = params.covariance_type
+    ctype = params.layout
     means = params.means
     k, d = means.shape
     pc = params.precisions_cholesky
@@ -455,27 +461,12 @@ def estimate_weighted_log_prob(X: np.ndarray, params: GaussianParams, dtype: np.
     return estimate_log_gaussian_prob(X, params, dtype) + log_w
 
 
-def logsumexp_rows(a: np.ndarray) -> np.ndarray:
-    """Row-wise log-sum-exp, stable, for a 2-D array."""
-    amax = a.max(axis=1)
-    amax = np.where(np.isfinite(amax), amax, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.log(np.exp(a - amax[:, None]).sum(axis=1)) + amax
-
-
 # --------------------------------------------------------------------------
 # sufficient statistics
 # --------------------------------------------------------------------------
 
 
-def _s2_shape(covariance_type: str, k: int, d: int) -> tuple[int, ...]:
-    return {
-        "full": (k, d, d),
-        "tied": (d, d),
-        "diag": (k, d),
-        "spherical": (k, d),
-        "kmeans": (k, d),
-    }[covariance_type]
+_s2_shape = cov_.s2_shape
 
 
 @dataclass(frozen=True, eq=False)
@@ -565,10 +556,6 @@ class Stats:
     def mean_loglik(self) -> float:
         """Mean log-likelihood per training row."""
         return self.loglik / self.n if self.n else float("nan")
-
-    @property
-    def mean_loglik_heldout(self) -> float:
-        return self.loglik_heldout / self.n_heldout if self.n_heldout else float("nan")
 
 
 def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float]:
@@ -685,7 +672,7 @@ def _finish(acc: dict, params: GaussianParams, plan: _Plan) -> tuple[np.ndarray,
     return s1, s2
 
 
-_DIAG_FAMILY = ("diag", "spherical", "kmeans")
+_DIAG_FAMILY = ("diag", "spherical")
 
 
 @dataclass(frozen=True, eq=False)
@@ -788,7 +775,7 @@ def chunk_statistics(
     n_bad = 0
     ones = np.ones(d, dtype=X.dtype)
     plans = [_make_plan(p, dtype) for p in params_list]
-    diag_members = [i for i, p in enumerate(params_list) if p.covariance_type in _DIAG_FAMILY]
+    diag_members = [i for i, p in enumerate(params_list) if p.layout in _DIAG_FAMILY]
     group = None
     if len(diag_members) > 1:
         group = _DiagGroup.build(diag_members, params_list, dtype)
@@ -799,7 +786,7 @@ def chunk_statistics(
     accs = []
     for p in params_list:
         k = p.n_components
-        c2 = {"full": (k * d, d), "tied": (d, d)}.get(p.covariance_type, (k, 2 * d))
+        c2 = {"full": (k * d, d), "tied": (d, d)}.get(p.layout, (k, 2 * d))
         accs.append(
             {
                 "loglik": 0.0,
@@ -861,30 +848,6 @@ def chunk_statistics(
 # --------------------------------------------------------------------------
 
 
-def _covariances_from_stats(
-    stats: Stats, delta: np.ndarray, nk: np.ndarray, covariance_type: str, reg_covar: float
-) -> np.ndarray:
-    d = delta.shape[1]
-    if covariance_type == "full":
-        cov = stats.s2 / nk[:, None, None] - np.einsum("ki,kj->kij", delta, delta)
-        cov = 0.5 * (cov + cov.transpose(0, 2, 1))
-        cov[:, np.arange(d), np.arange(d)] += reg_covar
-        return cov
-    if covariance_type == "tied":
-        cov = (stats.s2 - np.einsum("k,ki,kj->ij", nk, delta, delta)) / nk.sum()
-        cov = 0.5 * (cov + cov.T)
-        cov[np.arange(d), np.arange(d)] += reg_covar
-        return cov
-    diag = stats.s2 / nk[:, None] - delta**2 + reg_covar
-    if covariance_type == "diag":
-        return diag
-    sph = diag.mean(axis=1)
-    if covariance_type == "spherical":
-        return sph
-    # kmeans: one variance shared by all components
-    return np.full_like(sph, (nk @ sph) / nk.sum())
-
-
 def m_step(
     stats: Stats, params: GaussianParams, reg_covar: float, *, empty_threshold: float = 0.5
 ) -> tuple[GaussianParams, np.ndarray]:
@@ -909,18 +872,19 @@ def m_step(
         Components that received (almost) no responsibility.
     """
     ctype = params.covariance_type
+    struct = cov_.structure(ctype)
     nk_raw = stats.nk
     nk = nk_raw + 10 * np.finfo(np.float64).eps
     empty = nk_raw < empty_threshold
     delta = stats.s1 / nk[:, None]
     means = params.reference() + delta
-    cov = _covariances_from_stats(stats, delta, nk, ctype, reg_covar)
+    cov = struct.covariances(stats.s2, delta, nk, reg_covar)
     if empty.any():
         # keep what the empty components had; the caller re-seeds them
         means[empty] = params.means[empty]
-        if ctype in ("full", "diag", "spherical"):
+        if struct.per_component:
             cov[empty] = params.covariances[empty]
-    if ctype == "kmeans":
+    if struct.equal_weights:
         weights = np.full(nk.shape, 1.0 / nk.shape[0])
     else:
         weights = nk / nk.sum()
@@ -946,65 +910,8 @@ def reseed_empty(params: GaussianParams, empty: np.ndarray, pool: np.ndarray) ->
     alive = ~empty
     for i, k in enumerate(np.flatnonzero(empty)):
         means[k] = pool[order[i % len(order)]]
-        if ctype in ("full", "diag", "spherical") and alive.any():
+        if cov_.structure(ctype).per_component and alive.any():
             cov[k] = cov[alive].mean(axis=0)
         weights[k] = 1.0 / max(len(pool), 1)
     weights /= weights.sum()
     return GaussianParams.from_covariances(weights, means, cov, ctype)
-
-
-# --------------------------------------------------------------------------
-# the model, as the engine sees it
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MixtureModel:
-    """What the engine needs from a model: chunk statistics and an M-step.
-
-    Instances are small and picklable; one is shipped to the workers with
-    each pass, inside a single graph key.
-    """
-
-    reg_covar: float = 1e-6
-    hard: bool = False
-    dtype: str = "float64"
-    block_rows: int = DEFAULT_BLOCK_ROWS
-    missing: str = "error"
-
-    def statistics(
-        self, x: np.ndarray, params_list: Sequence[GaussianParams], train_mask: np.ndarray | None
-    ) -> list[Stats]:
-        kernel = chunk_statistics
-        if self.missing == "marginalize":
-            from ._missing import chunk_statistics_missing as kernel
-        return kernel(
-            x,
-            list(params_list),
-            hard=self.hard,
-            train_mask=train_mask,
-            dtype=self.dtype,
-            block_rows=self.block_rows,
-        )
-
-    def packed_size(self, params: GaussianParams) -> int:
-        return Stats.packed_size(params.covariance_type, params.n_components, params.n_features)
-
-    def unpack(self, vec: np.ndarray, params: GaussianParams) -> Stats:
-        return Stats.unpack(vec, params.covariance_type, params.n_components, params.n_features)
-
-    def m_step(self, stats: Stats, params: GaussianParams) -> tuple[GaussianParams, np.ndarray]:
-        return m_step(stats, params, self.reg_covar)
-
-    def reseed(self, params: GaussianParams, empty: np.ndarray, pool: np.ndarray) -> GaussianParams:
-        if self.missing == "marginalize":
-            from ._missing import fill_nan
-
-            pool = fill_nan(pool)
-        return reseed_empty(params, empty, pool)
-
-    def params_state(self, params: GaussianParams) -> tuple[dict[str, np.ndarray], dict]:
-        return params.to_arrays(), {"covariance_type": params.covariance_type}
-
-    def params_from_state(self, arrays: dict[str, np.ndarray], meta: dict) -> GaussianParams:
-        return GaussianParams.from_arrays(arrays, meta["covariance_type"])

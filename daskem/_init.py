@@ -11,17 +11,21 @@
 All restarts share every pass. Explicit ``weights_init``, ``means_init`` and
 ``precisions_init`` override what the method gives; with all three the data
 are not read at all.
+
+The passes go through the fit loop's :class:`daskem._model.DataPasses`
+(counted, shared by every run): this module never touches Dask.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
-import dask.array as da
 import numpy as np
 
-from . import _engine as engine
-from ._gaussian import GaussianParams, MixtureModel
+from . import _covariance as cov_
+from ._gaussian import GaussianParams, Stats, m_step
+from ._model import DataPasses, MixtureModel
 
 INIT_METHODS = ("kmeans", "k-means++", "random_from_data", "random")
 
@@ -74,149 +78,118 @@ def kmeans_plusplus(X: np.ndarray, n_clusters: int, rng: np.random.Generator) ->
 def _identity_params(centers: np.ndarray, covariance_type: str) -> GaussianParams:
     """Equal weights and unit covariances: hard assignment = nearest centre."""
     k, d = centers.shape
-    cov = {
-        "full": np.broadcast_to(np.eye(d), (k, d, d)).copy(),
-        "tied": np.eye(d),
-        "diag": np.ones((k, d)),
-        "spherical": np.ones(k),
-        "kmeans": np.ones(k),
-    }[covariance_type]
+    cov = cov_.unit_covariances(covariance_type, k, d)
     return GaussianParams.from_covariances(np.full(k, 1.0 / k), centers, cov, covariance_type)
+
+
+def responsibility_statistics(
+    sample: np.ndarray, resp: np.ndarray, covariance_type: str
+) -> tuple[Stats, GaussianParams]:
+    """Statistics of in-memory rows under given responsibilities, and the parameters they refer to.
+
+    The reference point of every component is the sample mean (the returned
+    parameters have all their means there), so :func:`daskem._gaussian.m_step`
+    turns the statistics into parameters exactly as after an E-step.
+    """
+    n, d = sample.shape
+    k = resp.shape[1]
+    centre = sample.mean(axis=0)
+    z = sample - centre
+    layout = cov_.layout(covariance_type)
+    if layout == "full":
+        s2 = np.einsum("nk,ni,nj->kij", resp, z, z, optimize=True)
+    elif layout == "tied":
+        s2 = z.T @ z
+    else:
+        s2 = resp.T @ (z * z)
+    stats = Stats(float(n), 0.0, resp.sum(axis=0), resp.T @ z, s2)
+    at = GaussianParams.from_covariances(
+        np.full(k, 1.0 / k),
+        np.broadcast_to(centre, (k, d)).copy(),
+        cov_.unit_covariances(covariance_type, k, d),
+        covariance_type,
+    )
+    return stats, at
 
 
 def _random_resp_params(
     sample: np.ndarray, k: int, covariance_type: str, reg_covar: float, rng: np.random.Generator
 ) -> GaussianParams:
-    """scikit-learn's ``random`` init, on the sample: random responsibilities."""
+    """scikit-learn's ``random`` init, on the sample: random responsibilities, then the M-step."""
     resp = rng.uniform(size=(sample.shape[0], k))
     resp /= resp.sum(axis=1, keepdims=True)
-    nk = resp.sum(axis=0) + 10 * np.finfo(np.float64).eps
-    centre = sample.mean(axis=0)
-    z = sample - centre
-    means = centre + (resp.T @ z) / nk[:, None]
-    if covariance_type == "full":
-        cov = np.empty((k, sample.shape[1], sample.shape[1]))
-        for j in range(k):
-            diff = sample - means[j]
-            cov[j] = (resp[:, j] * diff.T) @ diff / nk[j] + reg_covar * np.eye(sample.shape[1])
-    elif covariance_type == "tied":
-        cov = (z.T @ z - np.einsum("k,ki,kj->ij", nk, means - centre, means - centre)) / nk.sum()
-        cov += reg_covar * np.eye(sample.shape[1])
-    else:
-        diag = (resp.T @ (z * z)) / nk[:, None] - (means - centre) ** 2 + reg_covar
-        cov = diag if covariance_type == "diag" else diag.mean(axis=1)
-    return GaussianParams.from_covariances(nk / nk.sum(), means, cov, covariance_type)
+    stats, at = responsibility_statistics(sample, resp, covariance_type)
+    params, _ = m_step(stats, at, reg_covar, empty_threshold=0.0)
+    return params
 
 
 def _hard_pass_params(
-    X: da.Array,
-    centers_list: Sequence[np.ndarray],
-    covariance_type: str,
-    model: MixtureModel,
-    pool: Callable[[], np.ndarray],
-    split: engine.RowSplit | None,
-    split_every: int,
+    passes: DataPasses, centers_list: Sequence[np.ndarray], covariance_type: str, model: MixtureModel
 ) -> list[GaussianParams]:
     """One hard pass assigning rows to their nearest centre, then the M-step."""
-    hard = MixtureModel(
-        reg_covar=model.reg_covar, hard=True, dtype=model.dtype, block_rows=model.block_rows, missing=model.missing
-    )
+    hard = dataclasses.replace(model, hard=True)
     start = [_identity_params(c, covariance_type) for c in centers_list]
-    stats = engine.reduce_statistics(X, hard, start, split=split, split_every=split_every)
+    stats = passes.statistics(hard, start)
     out = []
     for p0, s in zip(start, stats):
         p, empty = hard.m_step(s, p0)
         if empty.any():
-            p = hard.reseed(p, empty, pool())
+            p = hard.reseed(p, empty, passes.sample())
         out.append(p)
     return out
 
 
 def lloyd(
-    X: da.Array,
-    centers_list: Sequence[np.ndarray],
-    *,
-    max_iter: int,
-    tol: float,
-    model: MixtureModel,
-    pool: Callable[[], np.ndarray] | None = None,
-    split: engine.RowSplit | None = None,
-    split_every: int = engine.DEFAULT_SPLIT_EVERY,
-) -> list[engine.Run]:
+    passes: DataPasses, centers_list: Sequence[np.ndarray], *, max_iter: int, tol: float, model: MixtureModel
+) -> list:
     """Distributed Lloyd iterations: hard EM with equal weights and one shared
     spherical covariance, every run advancing in the same passes."""
-    hard = MixtureModel(
-        reg_covar=model.reg_covar, hard=True, dtype=model.dtype, block_rows=model.block_rows, missing=model.missing
-    )
-    runs = [
-        engine.Run(_identity_params(np.asarray(c, float), "kmeans"), tag={"lloyd": i})
-        for i, c in enumerate(centers_list)
-    ]
-    return engine.run_em(
-        X,
-        hard,
-        runs,
-        tol=tol,
-        max_iter=max_iter,
-        split=split,
-        split_every=split_every,
-        reseed_pool=pool,
-        stage="kmeans",
-    )
+    hard = dataclasses.replace(model, hard=True)
+    start = [_identity_params(np.asarray(c, float), "kmeans") for c in centers_list]
+    return passes.iterate(hard, start, tol=tol, max_iter=max_iter)
 
 
 def initialize(
-    X: da.Array,
+    passes: DataPasses,
     *,
     components: Sequence[int],
     covariance_type: str,
     init_params: str,
     rng: np.random.Generator,
-    sample: Callable[[], np.ndarray],
     model: MixtureModel,
     tol: float,
+    seeding_rows: Callable[[], np.ndarray],
     weights_init: np.ndarray | None = None,
     means_init: np.ndarray | None = None,
     precisions_init: np.ndarray | None = None,
-    split: engine.RowSplit | None = None,
-    split_every: int = engine.DEFAULT_SPLIT_EVERY,
 ) -> list[GaussianParams]:
     """Initial parameters for every run, in the order of ``components``.
 
     ``components`` holds the K of every run (restarts and candidate Ks, e.g.
     ``[2, 2, 3, 3]``): the Lloyd iterations and the hard pass of all runs
-    share their passes over the data. ``sample`` returns (and caches) a
-    sample of the data rows; it is only called when a method needs it.
+    share their passes over the data. ``seeding_rows()`` gives the rows to
+    seed on (the sample, NaN filled); it is only called when a method needs it.
     """
     if weights_init is not None and means_init is not None and precisions_init is not None:
         # identical restarts would be wasted passes: one run
         return [GaussianParams.from_precisions(weights_init, means_init, precisions_init, covariance_type)]
     if means_init is not None:
         # the given means decide the hard assignment that yields the covariances
-        runs_params = _hard_pass_params(
-            X, [np.asarray(means_init, float)], covariance_type, model, sample, split, split_every
-        )
+        runs_params = _hard_pass_params(passes, [np.asarray(means_init, float)], covariance_type, model)
     elif init_params == "random":
-        runs_params = [_random_resp_params(sample(), k, covariance_type, model.reg_covar, rng) for k in components]
+        runs_params = [
+            _random_resp_params(seeding_rows(), k, covariance_type, model.reg_covar, rng) for k in components
+        ]
     else:
-        pts = sample()
+        pts = seeding_rows()
         if init_params == "random_from_data":
             seeds = [pts[rng.choice(pts.shape[0], size=k, replace=False)] for k in components]
         else:
             seeds = [kmeans_plusplus(pts, k, rng) for k in components]
         if init_params == "kmeans":
-            runs = lloyd(
-                X,
-                seeds,
-                max_iter=KMEANS_MAX_ITER,
-                tol=tol * 0.1,
-                model=model,
-                pool=sample,
-                split=split,
-                split_every=split_every,
-            )
+            runs = lloyd(passes, seeds, max_iter=KMEANS_MAX_ITER, tol=tol * 0.1, model=model)
             seeds = [r.params.means for r in runs]
-        runs_params = _hard_pass_params(X, seeds, covariance_type, model, sample, split, split_every)
+        runs_params = _hard_pass_params(passes, seeds, covariance_type, model)
     out = []
     for p in runs_params:
         weights = p.weights if weights_init is None else np.asarray(weights_init, float)

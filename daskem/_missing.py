@@ -22,7 +22,7 @@ exactly what that kernel gives. For ``full`` and ``tied`` the rows with NaN
 are grouped by missingness pattern (one integer sort per chunk); each pattern
 costs one Cholesky factorisation of ``Sigma_oo`` per component and one small
 forward substitution (never an inverse), after which its rows cost matrix
-products batched over the components, like complete rows. For ``diag``, ``spherical`` (and the internal ``kmeans``)
+products batched over the components, like complete rows. For the ``diag`` and ``spherical`` layouts
 the coordinates are independent given the component, so the conditional
 moments are the component's own and everything stays vectorised.
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -51,9 +51,9 @@ from ._gaussian import (
     Stats,
     chunk_statistics,
     estimate_weighted_log_prob,
-    logsumexp_rows,
 )
-from .io import InputError
+from ._numeric import logsumexp_rows
+from .errors import InputError
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -93,23 +93,6 @@ def fill_nan(X: np.ndarray) -> np.ndarray:
         counts = (~nan).sum(axis=0)
         col = np.where(counts > 0, np.where(nan, 0.0, X).sum(axis=0) / np.maximum(counts, 1), 0.0)
     return np.where(nan, col, X)
-
-
-def seeding_sample(sample: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
-    """Wrap a sampler of data rows so that it gives them with NaN filled (cached).
-
-    Seeding (k-means++, random rows, random responsibilities, re-seeding of
-    empty components) works on this; the passes over the data (Lloyd, the
-    hard pass, EM) marginalise properly.
-    """
-    cache: dict[str, np.ndarray] = {}
-
-    def filled() -> np.ndarray:
-        if "rows" not in cache:
-            cache["rows"] = fill_nan(sample())
-        return cache["rows"]
-
-    return filled
 
 
 # --------------------------------------------------------------------------
@@ -174,7 +157,7 @@ def _solve_lower(chol: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 def _pattern_factors(params: GaussianParams, o: np.ndarray, m: np.ndarray) -> _PatternFactor:
     """Factor ``Sigma_oo`` of every component (full) or of the shared one (tied)."""
-    covs = params.covariances if params.covariance_type == "full" else params.covariances[None]
+    covs = params.covariances if params.layout == "full" else params.covariances[None]
     s_oo = covs[:, o[:, None], o]
     s_om = covs[:, o[:, None], m]
     try:
@@ -296,7 +279,7 @@ def _partial_log_prob(
     """``log N(x_o | k)`` (n, K) for rows with NaN; with ``moments``, also ``E[x | x_o, k]`` (K, n, D)."""
     n, d = xp.shape
     k_comp = params.n_components
-    if params.covariance_type not in ("full", "tied"):
+    if params.layout not in ("full", "tied"):
         logn, z, obs, mk, var = _diag_terms(xp, nanp, params)
         xhat = None
         if moments:
@@ -393,7 +376,7 @@ def _acc_pattern(
     acc["s1"] += dq.sum(axis=1)
     s2 = dq.transpose(0, 2, 1) @ diff  # (K, D, D)
     s2[:, m[:, None], m] += qsum[:, None, None] * f.cond_cov  # cond_cov (1, m, m) for tied
-    if params.covariance_type == "full":
+    if params.layout == "full":
         acc["s2"] += s2
     else:
         acc["s2"] += s2.sum(axis=0)
@@ -410,8 +393,8 @@ def _partial_statistics(
 ) -> None:
     """Add the statistics of rows that have some (not all) entries missing."""
     n = xp.shape[0]
-    diag_like = [i for i, p in enumerate(params_list) if p.covariance_type not in ("full", "tied")]
-    dense = [i for i, p in enumerate(params_list) if p.covariance_type in ("full", "tied")]
+    diag_like = [i for i, p in enumerate(params_list) if p.layout not in ("full", "tied")]
+    dense = [i for i, p in enumerate(params_list) if p.layout in ("full", "tied")]
     if diag_like:
         for start in range(0, n, block_rows):
             sl = slice(start, min(start + block_rows, n))

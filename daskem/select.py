@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _engine as engine
-from .io import InputError
-from .mixture import ConvergenceWarning, GaussianMixture, _is_numpy_like, _seed_from, best_run, fit_runs
+from ._fitloop import seed_from
+from .errors import ConvergenceWarning, InputError
+from .mixture import GaussianMixture
 
 CRITERIA = ("validation", "bic", "aic")
 
@@ -52,6 +52,8 @@ class SelectKResult:
         ``random_state`` reproduces the result.
     models : dict of int to GaussianMixture
         The fitted model of every K.
+    n_passes : int
+        Passes over the data, initialisation and the scoring pass included.
     """
 
     best_k: int
@@ -61,6 +63,7 @@ class SelectKResult:
     validation_fraction: float
     seed: int
     models: dict[int, GaussianMixture] = field(default_factory=dict, repr=False)
+    n_passes: int = 0
 
 
 def _check_k_values(k_values: Any) -> list[int]:
@@ -123,7 +126,7 @@ def select_k(
     ):
         raise InputError(f"validation_fraction must be a number in (0, 1), got {validation_fraction!r}")
     ks = _check_k_values(k_values)
-    names = set(GaussianMixture._param_names())
+    names = set(GaussianMixture().get_params())
     for name in gm_params:
         if name not in names or name == "random_state":
             raise InputError(f"unknown option {name!r} for select_k; valid: {sorted(names - {'random_state'})}")
@@ -134,62 +137,28 @@ def select_k(
         k: v for k, v in gm_params.items() if k not in ("n_components", "weights_init", "means_init", "precisions_init")
     }
 
-    seed = _seed_from(random_state)
+    seed = seed_from(random_state)
     models = {k: GaussianMixture(n_components=k, random_state=seed, **gm_params) for k in ks}
-    first = models[ks[0]]
-    for gm in models.values():
-        gm._validate_params()
-    Xd = first._open(X)
-    n, d = Xd.shape
-    split = engine.RowSplit(float(validation_fraction), seed)
-    n_train_expected = n * (1.0 - validation_fraction)
-    if ks[-1] > n_train_expected:
-        raise InputError(
-            f"k={ks[-1]} is larger than the about {int(n_train_expected)} training rows "
-            f"({n} rows, validation_fraction={validation_fraction})"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # warned below for the chosen K only
+        scores, n_passes = GaussianMixture.fit_together(
+            X, [models[k] for k in ks], validation_fraction=float(validation_fraction), seed=seed
         )
-
-    model = first._model()
-    runs, sample = fit_runs(
-        Xd,
-        model,
-        [(k, models[k].get_params()) for k in ks],
-        in_memory=_is_numpy_like(X),
-        verbose=first.verbose,
-        split=split,
-    )
-
-    by_k: dict[int, list[engine.Run]] = {k: [] for k in ks}
-    for r in runs:
-        by_k[int(r.tag["k"])].append(r)
-    best_runs = {k: best_run(rs) for k, rs in by_k.items()}
-
-    # one more pass: the final parameters of every K on training and held-out rows
-    scores = engine.reduce_statistics(
-        Xd,
-        first._model(hard=False),
-        [best_runs[k].params for k in ks],
-        split=split,
-        split_every=first.split_every,
-    )
 
     table = []
     for k, s in zip(ks, scores):
-        p = best_runs[k].params.n_parameters()
+        gm = models[k]
         table.append(
             {
                 "k": k,
-                "train_loglik": float(s.mean_loglik),
-                "validation_loglik": float(s.mean_loglik_heldout),
-                "bic": float(-2.0 * s.loglik + p * math.log(s.n)),
-                "aic": float(-2.0 * s.loglik + 2.0 * p),
-                "n_iter": int(best_runs[k].n_iter),
-                "converged": bool(best_runs[k].converged),
+                "train_loglik": float(s["loglik"] / s["n"]) if s["n"] else float("nan"),
+                "validation_loglik": float(s["heldout_loglik"] / s["heldout_n"]) if s["heldout_n"] else float("nan"),
+                "bic": float(s["bic"]),
+                "aic": float(s["aic"]),
+                "n_iter": int(gm.n_iter_),
+                "converged": bool(gm.converged_),
             }
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # warned below for the chosen K only
-            models[k]._set_from_runs(by_k[k], d, sample)
 
     if criterion == "validation":
         values = [row["validation_loglik"] for row in table]
@@ -213,4 +182,5 @@ def select_k(
         validation_fraction=float(validation_fraction),
         seed=seed,
         models=models,
+        n_passes=n_passes,
     )

@@ -14,7 +14,9 @@ from zarr.storage import LocalStore
 
 import daskem
 from daskem import _engine as engine
+from daskem import _fitloop
 from daskem import _gaussian as g
+from daskem._gaussian_model import GaussianModel
 from daskem._init import kmeans_plusplus, lloyd
 
 
@@ -65,15 +67,17 @@ def test_converged_restart_stops_costing_compute() -> None:
     done = SkGaussianMixture(3, tol=1e-10, max_iter=500, random_state=0).fit(X)
     rough_means = X[:3] * 0.1  # far from the solution: many iterations to go
     runs = [
-        engine.Run(g.GaussianParams(done.weights_, done.means_, done.covariances_, done.precisions_cholesky_, "full")),
-        engine.Run(
+        _fitloop.Run(
+            g.GaussianParams(done.weights_, done.means_, done.covariances_, done.precisions_cholesky_, "full")
+        ),
+        _fitloop.Run(
             g.GaussianParams.from_covariances(np.full(3, 1 / 3), rough_means, np.stack([np.eye(3) * 50] * 3), "full")
         ),
     ]
     seen = []
-    engine.run_em(
-        da.from_array(X, chunks=1000),
-        g.MixtureModel(),
+    _fitloop.iterate(
+        _fitloop.Passes(da.from_array(X, chunks=1000), GaussianModel()),
+        GaussianModel(),
         runs,
         tol=1e-6,
         max_iter=100,
@@ -89,7 +93,7 @@ def test_no_per_row_array_reaches_the_client() -> None:
     sizes = []
     for n in (10_000, 40_000):
         X = da.zeros((n, 6), chunks=1000)
-        vec = engine.pass_graph(X, g.MixtureModel(), [p, p])
+        vec = engine.pass_graph(X, GaussianModel(), [p, p])
         assert vec.ndim == 1 and vec.numblocks == (1,)
         sizes.append(vec.shape[0])
     assert sizes[0] == sizes[1] == 2 * g.Stats.packed_size("diag", 4, 6)
@@ -124,7 +128,8 @@ def test_local_cluster_equals_threaded(tmp_path) -> None:
 def test_hard_em_with_shared_spherical_covariance_is_lloyd() -> None:
     X = make_blobs(n=5000, d=3, k=5, seed=9)
     centres = kmeans_plusplus(X[:500], 5, np.random.default_rng(0))
-    (run,) = lloyd(da.from_array(X, chunks=777), [centres], max_iter=300, tol=1e-12, model=g.MixtureModel())
+    passes = _fitloop.Passes(da.from_array(X, chunks=777), GaussianModel())
+    (run,) = lloyd(passes, [centres], max_iter=300, tol=1e-12, model=GaussianModel())
     ref = KMeans(5, init=centres, n_init=1, algorithm="lloyd", max_iter=300, tol=0.0).fit(X)
     ours = g.estimate_weighted_log_prob(X, run.params).argmax(axis=1)
     np.testing.assert_array_equal(ours, ref.labels_)

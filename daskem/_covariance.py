@@ -1,0 +1,172 @@
+"""Covariance structures of the Gaussian model: one table, no Dask, no other daskem module.
+
+A *structure* (``covariance_type``: ``full``, ``tied``, ``diag``,
+``spherical``, and the internal ``kmeans``) is what a fit chooses; a *layout*
+is how its parameters are stored and which E-step kernel scores them:
+
+========== ===================== ================================ =====================
+layout     covariances shape     precision factor                 second-moment stats
+========== ===================== ================================ =====================
+full       (K, D, D)             upper Cholesky ``U_k``           (K, D, D) about mu_k
+tied       (D, D)                one upper Cholesky ``U``         (D, D) about the centre
+diag       (K, D)                ``1 / sqrt(variance)``           (K, D) about the centre
+spherical  (K,)                  ``1 / sqrt(variance)``           (K, D) about the centre
+========== ===================== ================================ =====================
+
+The kernels (:mod:`daskem._gaussian`, :mod:`daskem._missing`) branch on the
+layout only; the M-step, the parameter count and the bookkeeping of empty
+components come from the structure's row of :data:`STRUCTURES`. A new
+structure -- e.g. one of mclust's parsimonious models, whose M-steps need
+only the counts, the means and the scatter matrices -- is one function and one
+row in this file, stored in the layout its covariances fit (``EEI`` and
+``VEI`` in ``diag``, ``EEE`` in ``tied``, ``VEV`` in ``full``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+LAYOUTS = ("full", "tied", "diag", "spherical")
+
+
+@dataclass(frozen=True)
+class CovarianceStructure:
+    """One covariance structure: how it is stored, estimated and counted.
+
+    Attributes
+    ----------
+    name : str
+    layout : str
+        One of :data:`LAYOUTS`: the storage and the E-step kernel.
+    covariances : callable
+        ``(s2, delta, nk, reg_covar) -> covariances`` in the layout's shape:
+        the M-step from the counts ``nk`` (K,), the second moments ``s2``
+        about the reference points and ``delta`` (K, D), the new means minus
+        the reference points (see :class:`daskem._gaussian.Stats`).
+    n_covariance_parameters : callable
+        ``(K, D) -> float``: free parameters of the covariances (BIC, AIC).
+    per_component : bool
+        Whether each component has its own covariance (an empty component
+        then keeps its own, and a re-seeded one takes the others' average).
+    equal_weights : bool
+        Weights fixed at ``1 / K`` (``kmeans``).
+    public : bool
+        Offered as a ``covariance_type`` to users.
+    """
+
+    name: str
+    layout: str
+    covariances: Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
+    n_covariance_parameters: Callable[[int, int], float]
+    per_component: bool = True
+    equal_weights: bool = False
+    public: bool = True
+
+
+# --------------------------------------------------------------------------
+# M-steps: covariances from counts, means and scatter (scikit-learn's formulas)
+# --------------------------------------------------------------------------
+
+
+def _full(s2: np.ndarray, delta: np.ndarray, nk: np.ndarray, reg_covar: float) -> np.ndarray:
+    d = delta.shape[1]
+    cov = s2 / nk[:, None, None] - np.einsum("ki,kj->kij", delta, delta)
+    cov = 0.5 * (cov + cov.transpose(0, 2, 1))
+    cov[:, np.arange(d), np.arange(d)] += reg_covar
+    return cov
+
+
+def _tied(s2: np.ndarray, delta: np.ndarray, nk: np.ndarray, reg_covar: float) -> np.ndarray:
+    d = delta.shape[1]
+    cov = (s2 - np.einsum("k,ki,kj->ij", nk, delta, delta)) / nk.sum()
+    cov = 0.5 * (cov + cov.T)
+    cov[np.arange(d), np.arange(d)] += reg_covar
+    return cov
+
+
+def _diag(s2: np.ndarray, delta: np.ndarray, nk: np.ndarray, reg_covar: float) -> np.ndarray:
+    second = s2 / nk[:, None]
+    var = second - delta**2
+    # a variance within round-off of zero is zero: a collapsed component then
+    # fails as scikit-learn's does with reg_covar=0 (ill-defined covariance)
+    # instead of "converging" to a variance of 1e-16
+    var[var <= 16 * np.finfo(np.float64).eps * second] = 0.0
+    return var + reg_covar
+
+
+def _spherical(s2: np.ndarray, delta: np.ndarray, nk: np.ndarray, reg_covar: float) -> np.ndarray:
+    return _diag(s2, delta, nk, reg_covar).mean(axis=1)
+
+
+def _kmeans(s2: np.ndarray, delta: np.ndarray, nk: np.ndarray, reg_covar: float) -> np.ndarray:
+    # one variance shared by all components
+    sph = _spherical(s2, delta, nk, reg_covar)
+    return np.full_like(sph, (nk @ sph) / nk.sum())
+
+
+#: covariance_type -> structure. Add a row (and its M-step above) for a new structure.
+STRUCTURES: dict[str, CovarianceStructure] = {
+    s.name: s
+    for s in (
+        CovarianceStructure("full", "full", _full, lambda k, d: k * d * (d + 1) / 2.0),
+        CovarianceStructure("tied", "tied", _tied, lambda k, d: d * (d + 1) / 2.0, per_component=False),
+        CovarianceStructure("diag", "diag", _diag, lambda k, d: k * d),
+        CovarianceStructure("spherical", "spherical", _spherical, lambda k, d: k),
+        # internal: hard EM with this structure is Lloyd's k-means
+        CovarianceStructure(
+            "kmeans", "spherical", _kmeans, lambda k, d: 1, per_component=False, equal_weights=True, public=False
+        ),
+    )
+}
+
+#: what users may pass as ``covariance_type``
+COVARIANCE_TYPES = tuple(name for name, s in STRUCTURES.items() if s.public)
+
+
+def structure(covariance_type: str) -> CovarianceStructure:
+    """The structure of a ``covariance_type``."""
+    return STRUCTURES[covariance_type]
+
+
+def layout(covariance_type: str) -> str:
+    """Storage layout of a ``covariance_type`` (a layout's own name maps to itself)."""
+    s = STRUCTURES.get(covariance_type)
+    return s.layout if s is not None else covariance_type
+
+
+# --------------------------------------------------------------------------
+# shapes per layout
+# --------------------------------------------------------------------------
+
+
+def covariance_shape(covariance_type: str, k: int, d: int) -> tuple[int, ...]:
+    """Shape of the covariances (and precisions) as scikit-learn stores them."""
+    return {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}[layout(covariance_type)]
+
+
+def s2_shape(covariance_type: str, k: int, d: int) -> tuple[int, ...]:
+    """Shape of the summed second moments a chunk kernel returns."""
+    return {"full": (k, d, d), "tied": (d, d)}.get(layout(covariance_type), (k, d))
+
+
+def unit_covariances(covariance_type: str, k: int, d: int) -> np.ndarray:
+    """Identity covariances in the layout's shape."""
+    return {
+        "full": lambda: np.broadcast_to(np.eye(d), (k, d, d)).copy(),
+        "tied": lambda: np.eye(d),
+        "diag": lambda: np.ones((k, d)),
+        "spherical": lambda: np.ones(k),
+    }[layout(covariance_type)]()
+
+
+def dense_covariances(covariances: np.ndarray, covariance_type: str, k: int, d: int) -> np.ndarray:
+    """Every component's covariance as a (K, D, D) matrix."""
+    return {
+        "full": lambda: np.asarray(covariances),
+        "tied": lambda: np.broadcast_to(covariances, (k, d, d)),
+        "diag": lambda: np.stack([np.diag(c) for c in covariances]),
+        "spherical": lambda: np.asarray(covariances)[:, None, None] * np.eye(d),
+    }[layout(covariance_type)]()

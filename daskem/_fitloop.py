@@ -1,0 +1,555 @@
+"""The fit loop: the one place where runs are initialised, iterated, checkpointed and chosen.
+
+:func:`fit` fits every candidate (a K with its restarts) of one model
+together: the data are persisted or streamed once
+(:func:`daskem._engine.prepare_data`), every run is initialised through the
+model's hook (which gets counted, shared passes, :class:`Passes`), then
+:func:`iterate` advances every live run in the same passes until each one
+converges or reaches ``max_iter``. :func:`best_run` picks the winner of a
+candidate. It knows nothing of Gaussians nor of estimators: it talks to a
+:class:`daskem._model.MixtureModel`, and the estimators
+(:class:`daskem.base.BaseMixture`, :func:`daskem.select_k`) talk to it.
+
+Runs are strategies. In each pass every live run *proposes* the parameter
+sets it needs evaluated (:meth:`Run.proposal`) and then *receives* their
+statistics (:meth:`Run.receive`). Plain EM proposes its current parameters
+and takes one M-step; an accelerated run (SQUAREM) may propose another kind
+of point from the same hooks (:meth:`~daskem._model.MixtureModel.to_vector`,
+``from_vector``, ``m_step``) without any change here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from . import _engine as engine
+from ._model import MixtureModel
+from .errors import ConvergenceWarning, InputError
+from .io import atomic_savez, atomic_write_text
+
+#: rows of the init sample (k-means++ seeding, re-seeding of empty components)
+SAMPLE_ROWS = 20_000
+
+
+def seed_from(random_state: Any) -> int:
+    """An integer seed from ``None``, an integer, a ``RandomState`` or a ``Generator``.
+
+    ``None`` draws fresh entropy; a ``RandomState`` or a ``Generator`` is
+    advanced, so that fitting twice with the same instance differs, as in
+    scikit-learn.
+    """
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(0, 2**31 - 1))
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(0, 2**63 - 1))
+    if random_state is None:
+        return int(np.random.SeedSequence().entropy % (2**63))
+    return int(random_state)
+
+
+# --------------------------------------------------------------------------
+# runs
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """What a run needs to take a step: the model, the stopping rule and a re-seeding pool."""
+
+    model: MixtureModel
+    tol: float
+    max_iter: int
+    pool: Callable[[], np.ndarray]
+
+
+@dataclass
+class Run:
+    """One EM run (a restart, for one K): plain EM, and the strategy interface.
+
+    Attributes
+    ----------
+    params : the current parameters (after the last M-step)
+    tag : dict
+        ``k`` and ``init`` (restart index), or what the caller chose.
+    history : list of float
+        The objective at each E-step (``lower_bounds_``).
+    lower_bound : float
+        The last objective (of the parameters before the last M-step, as
+        scikit-learn records it).
+    """
+
+    params: Any
+    tag: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+    done: bool = False
+    lower_bound: float = -math.inf
+    n_reseeds: int = 0
+
+    def proposal(self) -> list:
+        """The parameter sets this run needs the statistics of in the next pass."""
+        return [self.params]
+
+    def receive(self, stats: Sequence[Any], step: Step) -> None:
+        """Take the statistics of :meth:`proposal`'s parameter sets and advance one iteration.
+
+        Convergence follows scikit-learn: after the E-step of iteration ``t``
+        the objective ``L_t`` (of the parameters before that M-step) is
+        recorded; the run stops when ``|L_t - L_{t-1}| < tol``. The
+        parameters kept are those after the last M-step.
+        """
+        (s,) = stats
+        model = step.model
+        if model.loglik(s)[1] == 0:
+            raise InputError("no training rows to fit on")
+        ll = model.objective(s)
+        prev = self.lower_bound
+        self.n_iter += 1
+        self.history.append(ll)
+        self.lower_bound = ll
+        if not math.isfinite(ll):
+            raise FloatingPointError(
+                f"the log-likelihood became {ll} at iteration {self.n_iter}; increase reg_covar or scale the data"
+            )
+        new, empty = model.m_step(s, self.params)
+        if empty.any():
+            warnings.warn(
+                f"{int(empty.sum())} component(s) of run {self.tag} received no rows at "
+                f"iteration {self.n_iter} and were re-seeded on poorly explained rows",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            new = model.reseed(new, empty, step.pool())
+            self.n_reseeds += 1
+        self.params = new
+        if abs(ll - prev) < step.tol:
+            self.converged = True
+            self.done = True
+        elif self.n_iter >= step.max_iter:
+            self.done = True
+
+    def summary(self) -> dict:
+        """JSON-able bookkeeping (``runs_`` of an estimator, checkpoints)."""
+        return {
+            "tag": self.tag,
+            "history": list(self.history),
+            "n_iter": self.n_iter,
+            "converged": self.converged,
+            "lower_bound": self.lower_bound,
+            "n_reseeds": self.n_reseeds,
+        }
+
+
+@dataclass
+class IterationInfo:
+    """What a progress callback receives after each pass."""
+
+    iteration: int
+    runs: list
+    seconds: float
+    n_live: int
+    advanced: list = field(default_factory=list)
+
+
+def best_run(runs: Sequence[Run], rtol: float = 1e-9) -> Run:
+    """The run with the highest final objective.
+
+    Runs within ``rtol`` of the best count as equal and the first of them is
+    kept, so that round-off (another chunking, another cluster) cannot flip
+    the choice between restarts that found the same optimum.
+    """
+    top = max(r.lower_bound for r in runs)
+    return next(r for r in runs if r.lower_bound >= top - rtol * max(1.0, abs(top)))
+
+
+def warn_if_not_converged(run: Run, max_iter: int, stacklevel: int = 3) -> None:
+    """scikit-learn's :class:`ConvergenceWarning` when the chosen run did not converge."""
+    if max_iter > 0 and not run.converged:
+        warnings.warn(
+            "Best performing initialization did not converge. Try different init "
+            "parameters, or increase max_iter, tol, or check for degenerate data.",
+            ConvergenceWarning,
+            stacklevel=stacklevel,
+        )
+
+
+# --------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """Atomic per-iteration state of every run, refused for other data or options."""
+
+    def __init__(self, path: str | Path, fingerprint: dict, model: MixtureModel, run_class: type[Run] | None = None):
+        self.path = Path(path)
+        self.model = model
+        self.run_class = run_class or Run
+        self.fingerprint = fingerprint
+        self.digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+    def save(self, runs: Sequence[Run], stage: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {}
+        meta_runs = []
+        for i, r in enumerate(runs):
+            p_arrays, p_meta = self.model.params_state(r.params)
+            for name, a in p_arrays.items():
+                arrays[f"run{i}_{name}"] = a
+            meta_runs.append(
+                {
+                    "params": p_meta,
+                    "arrays": sorted(p_arrays),
+                    "tag": r.tag,
+                    "history": r.history,
+                    "n_iter": r.n_iter,
+                    "converged": r.converged,
+                    "done": r.done,
+                    "lower_bound": r.lower_bound if math.isfinite(r.lower_bound) else None,
+                    "n_reseeds": r.n_reseeds,
+                }
+            )
+        # arrays first, then the JSON that names them: a reader sees the old
+        # pair or the new pair, never a JSON pointing at missing arrays
+        token = hashlib.sha256(repr(time.time_ns()).encode()).hexdigest()[:12]
+        atomic_savez(self.path / f"state-{token}.npz", **arrays)
+        doc = {
+            "digest": self.digest,
+            "fingerprint": self.fingerprint,
+            "stage": stage,
+            "arrays": f"state-{token}.npz",
+            "runs": meta_runs,
+        }
+        atomic_write_text(self.path / "checkpoint.json", json.dumps(doc, default=str))
+        # the previous state, and any left by a process killed between the two writes
+        for f in [*self.path.glob("state-*.npz"), *self.path.glob(".state-*.tmp-*")]:
+            if f.name != doc["arrays"]:
+                f.unlink(missing_ok=True)
+
+    def load(self) -> tuple[str, list[Run]] | None:
+        """The saved stage and runs, or None when there is no checkpoint yet."""
+        f = self.path / "checkpoint.json"
+        if not f.exists():
+            return None
+        doc = json.loads(f.read_text())
+        if doc.get("digest") != self.digest:
+            theirs = doc.get("fingerprint", {})
+            diff = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
+            raise InputError(
+                f"the checkpoint at {self.path} was written for other data or options "
+                f"(differs in: {', '.join(diff) or 'format'}); use another checkpoint path "
+                "or delete it"
+            )
+        runs = []
+        with np.load(self.path / doc["arrays"], allow_pickle=False) as npz:
+            for i, m in enumerate(doc["runs"]):
+                arrays = {k: npz[f"run{i}_{k}"] for k in m["arrays"]}
+                runs.append(
+                    self.run_class(
+                        params=self.model.params_from_state(arrays, m["params"]),
+                        tag=m["tag"],
+                        history=list(m["history"]),
+                        n_iter=m["n_iter"],
+                        converged=m["converged"],
+                        done=m["done"],
+                        lower_bound=-math.inf if m["lower_bound"] is None else m["lower_bound"],
+                        n_reseeds=m.get("n_reseeds", 0),
+                    )
+                )
+        return doc["stage"], runs
+
+
+# --------------------------------------------------------------------------
+# passes over the data
+# --------------------------------------------------------------------------
+
+
+class Passes:
+    """Counted passes over one (prepared) array: :class:`daskem._model.DataPasses`.
+
+    Every pass of a fit goes through one instance, so that ``counter.n`` is
+    the number of times the data were read.
+    """
+
+    def __init__(
+        self,
+        X: da.Array,
+        model: MixtureModel,
+        *,
+        split: engine.RowSplit | None = None,
+        split_every: int = engine.DEFAULT_SPLIT_EVERY,
+        seed: int = 0,
+        progress: bool = False,
+        counter: engine.PassCounter | None = None,
+    ) -> None:
+        self.X = X
+        self.model = model
+        self.split = split
+        self.split_every = split_every
+        self.seed = seed
+        self.progress = progress
+        self.counter = counter if counter is not None else engine.PassCounter()
+        self._sample: np.ndarray | None = None
+
+    @property
+    def n_passes(self) -> int:
+        return self.counter.n
+
+    def statistics(self, model: MixtureModel, params_list: Sequence[Any]) -> list:
+        return engine.reduce_statistics(
+            self.X,
+            model,
+            params_list,
+            split=self.split,
+            split_every=self.split_every,
+            progress=self.progress,
+            counter=self.counter,
+        )
+
+    def sample(self) -> np.ndarray:
+        if self._sample is None:
+            rows = engine.sample_rows(self.X, SAMPLE_ROWS, self.seed, split=self.split, counter=self.counter)
+            self.model.check_rows(rows)
+            self._sample = rows
+        return self._sample
+
+    def iterate(self, model: MixtureModel, params_list: Sequence[Any], *, tol: float, max_iter: int) -> list[Run]:
+        runs = [Run(p, tag={"lloyd": i}) for i, p in enumerate(params_list)]
+        return iterate(self, model, runs, tol=tol, max_iter=max_iter)
+
+
+def iterate(
+    passes: Passes,
+    model: MixtureModel,
+    runs: Sequence[Run],
+    *,
+    tol: float,
+    max_iter: int,
+    callback: Callable[[IterationInfo], None] | None = None,
+    checkpoint: Checkpoint | None = None,
+    stage: str = "em",
+) -> list[Run]:
+    """Advance every run until it converges or reaches ``max_iter``, all in shared passes.
+
+    In each pass, every live run proposes its parameter sets; one pass
+    computes the statistics of all of them; each run receives its own. A run
+    that is done drops out of the next pass.
+    """
+    runs = list(runs)
+    step = Step(model, tol, max_iter, passes.sample)
+    while True:
+        for r in runs:
+            if not r.done and r.n_iter >= max_iter:
+                r.done = True
+        live = [r for r in runs if not r.done]
+        if not live:
+            break
+        t0 = time.perf_counter()
+        proposals = [r.proposal() for r in live]
+        stats = passes.statistics(model, [p for props in proposals for p in props])
+        pos = 0
+        for r, props in zip(live, proposals):
+            r.receive(stats[pos : pos + len(props)], step)
+            pos += len(props)
+        if checkpoint is not None:
+            checkpoint.save(runs, stage)
+        if callback is not None:
+            callback(IterationInfo(max(r.n_iter for r in live), runs, time.perf_counter() - t0, len(live), live))
+    return runs
+
+
+# --------------------------------------------------------------------------
+# fitting candidates together
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One K to fit, with its restarts; ``options`` identify it in a checkpoint."""
+
+    n_components: int
+    n_init: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The loop's options (shared by every candidate of one fit).
+
+    ``init`` is handed to the model's initialisation hook as it is;
+    ``run_class`` is the run strategy (:class:`Run`: plain EM; an
+    accelerated strategy subclasses it and overrides ``proposal`` and
+    ``receive``).
+    """
+
+    tol: float = 1e-3
+    max_iter: int = 100
+    random_state: Any = None
+    checkpoint: str | Path | None = None
+    cache: bool | str = "auto"
+    dtype: str = "float64"
+    order: str = "C"
+    split_every: int = engine.DEFAULT_SPLIT_EVERY
+    verbose: int = 0
+    verbose_interval: int = 1
+    init: Mapping[str, Any] = field(default_factory=dict)
+    run_class: type[Run] = Run
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: every run (tagged ``k`` and ``init``) and the passes made."""
+
+    runs: list[Run]
+    n_passes: int
+    seed: int
+
+    def by_k(self) -> dict[int, list[Run]]:
+        out: dict[int, list[Run]] = {}
+        for r in self.runs:
+            out.setdefault(int(r.tag["k"]), []).append(r)
+        return out
+
+
+def _progress_printer(verbose: int, interval: int) -> Callable[[IterationInfo], None] | None:
+    if not verbose:
+        return None
+
+    def show(info: IterationInfo) -> None:
+        if info.iteration % interval and info.iteration != 1:
+            return
+        # the leading run among those this pass advanced
+        best = max((r for r in info.advanced if r.history), key=lambda r: r.history[-1], default=None)
+        if best is None:
+            return
+        ll = best.history[-1]
+        delta = f"{ll - best.history[-2]: .3e}" if len(best.history) > 1 else "         -"
+        tag = " ".join(f"{k}={v}" for k, v in best.tag.items())
+        print(
+            f"iter {info.iteration:4d}  loglik {ll: .6f}  delta {delta}  "
+            f"{info.seconds:6.2f} s/iter  live runs {info.n_live}  (leading live run: {tag})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
+
+
+def fit(
+    X: da.Array,
+    model: MixtureModel,
+    candidates: Sequence[Candidate],
+    settings: Settings,
+    *,
+    in_memory: bool = False,
+    split: engine.RowSplit | None = None,
+    start: tuple[Any, float] | None = None,
+) -> FitResult:
+    """Initialise and run EM for every candidate together.
+
+    Every restart of every K advances in the same passes over ``X``,
+    initialisation included.
+
+    Parameters
+    ----------
+    X : dask array
+    model : MixtureModel
+    candidates : sequence of Candidate
+    settings : Settings
+    in_memory : bool
+        ``X`` wraps data already in this process's memory (numpy input).
+    split : RowSplit, optional
+        Rows held out of training (validation).
+    start : (params, lower_bound), optional
+        Warm start: one run from these parameters, no initialisation.
+    """
+    seed = seed_from(settings.random_state)
+    counter = engine.PassCounter()
+    checkpoint = None
+    if settings.checkpoint:
+        fingerprint = {
+            **engine.data_fingerprint(X),
+            "specs": [[c.n_components, dict(c.options)] for c in candidates],
+            "split": None if split is None else [split.fraction, split.seed],
+        }
+        if settings.random_state is not None:
+            fingerprint["seed"] = seed
+        checkpoint = Checkpoint(settings.checkpoint, fingerprint, model, settings.run_class)
+
+    Xw, _ = engine.prepare_data(X, settings.cache, in_memory=in_memory, dtype=settings.dtype, order=settings.order)
+    verbose = settings.verbose
+    passes = Passes(
+        Xw,
+        model,
+        split=split,
+        split_every=settings.split_every,
+        seed=seed,
+        progress=verbose >= 1 and sys.stderr.isatty(),
+        counter=counter,
+    )
+    resumed = checkpoint.load() if checkpoint is not None else None
+    if resumed is not None:
+        _, runs = resumed
+        if verbose:
+            done = max((r.n_iter for r in runs), default=0)
+            print(f"resuming from checkpoint {checkpoint.path} at iteration {done}", file=sys.stderr)
+    elif start is not None:
+        params, lower_bound = start
+        runs = [settings.run_class(params, tag={"k": model.n_components(params), "init": 0}, lower_bound=lower_bound)]
+    else:
+        rng = np.random.default_rng(seed)
+        t0 = time.perf_counter()
+        # every restart of every K: their initialisation passes are shared too
+        components = [c.n_components for c in candidates for _ in range(c.n_init)]
+        params_list = model.initialize(passes, components, rng, {"tol": settings.tol, **settings.init})
+        runs = []
+        for p in params_list:
+            k = model.n_components(p)
+            runs.append(settings.run_class(p, tag={"k": k, "init": sum(r.tag["k"] == k for r in runs)}))
+        if verbose:
+            print(f"initialised {len(runs)} run(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+        if checkpoint is not None:
+            checkpoint.save(runs, "em")
+    runs = iterate(
+        passes,
+        model,
+        runs,
+        tol=settings.tol,
+        max_iter=settings.max_iter,
+        callback=_progress_printer(verbose, settings.verbose_interval),
+        checkpoint=checkpoint,
+    )
+    return FitResult(runs, counter.n, seed)
+
+
+def score(
+    X: da.Array,
+    model: MixtureModel,
+    params_list: Sequence[Any],
+    *,
+    split: engine.RowSplit | None = None,
+    split_every: int = engine.DEFAULT_SPLIT_EVERY,
+    counter: engine.PassCounter | None = None,
+) -> list[dict[str, float]]:
+    """One pass scoring fitted parameters: training and held-out ``(sum log p, rows)`` of each."""
+    scorer = model.scoring_model()
+    stats = engine.reduce_statistics(X, scorer, params_list, split=split, split_every=split_every, counter=counter)
+    out = []
+    for s in stats:
+        total, n = scorer.loglik(s)
+        ho_total, ho_n = scorer.heldout_loglik(s)
+        out.append({"loglik": float(total), "n": float(n), "heldout_loglik": float(ho_total), "heldout_n": float(ho_n)})
+    return out

@@ -1,0 +1,254 @@
+"""The Gaussian mixture as the fit loop sees it: :class:`GaussianModel`.
+
+This implements :class:`daskem._model.MixtureModel` for Gaussian mixtures.
+It is the only place that chooses between the complete-data chunk kernel
+(:func:`daskem._gaussian.chunk_statistics`) and the marginalising one
+(:func:`daskem._missing.chunk_statistics_missing`), i.e. the only place that
+reads the ``missing`` policy; what depends on the covariance structure comes
+from :mod:`daskem._covariance`. No Dask here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _covariance as cov_
+from . import _init, _missing
+from ._gaussian import (
+    DEFAULT_BLOCK_ROWS,
+    GaussianParams,
+    Stats,
+    chunk_statistics,
+    covariances_from_precision_cholesky,
+    estimate_weighted_log_prob,
+    m_step,
+    reseed_empty,
+)
+from ._model import DataPasses
+from .errors import InputError
+
+NAN_MESSAGE = (
+    "the data hold NaN or infinite values; clean them, or fit with missing='marginalize' to use the observed entries"
+)
+
+MISSING_POLICIES = ("error", "marginalize")
+
+#: missing policy -> whether NaN may be passed in (scikit-learn's ``allow_nan`` tag)
+ALLOWS_NAN = {"error": False, "marginalize": True}
+
+# missing policy -> (chunk kernel, row-wise weighted log-probabilities, rows for seeding)
+_KERNELS = {
+    "error": (chunk_statistics, estimate_weighted_log_prob, lambda rows: rows),
+    "marginalize": (_missing.chunk_statistics_missing, _missing.weighted_log_prob, _missing.fill_nan),
+}
+
+
+@dataclass(frozen=True)
+class GaussianModel:
+    """Gaussian mixture model: soft or hard EM, any covariance structure, a NaN policy.
+
+    Parameters
+    ----------
+    reg_covar : float
+        Added to the diagonal of every covariance in the M-step.
+    hard : bool
+        Hard (classification) EM: one-hot responsibilities.
+    dtype : str
+        Compute dtype of the chunk kernel (statistics are float64 always).
+    block_rows : int
+        Rows per block inside a chunk.
+    missing : {'error', 'marginalize'}
+        The NaN policy (see :class:`daskem.GaussianMixture`).
+    covariance_type : str
+        The structure new runs get at initialisation (the parameter sets
+        carry their own, so runs of several structures may share a pass).
+
+    Instances are small and picklable; one travels with each pass.
+    """
+
+    reg_covar: float = 1e-6
+    hard: bool = False
+    dtype: str = "float64"
+    block_rows: int = DEFAULT_BLOCK_ROWS
+    missing: str = "error"
+    covariance_type: str = "full"
+
+    # ---------------------------------------------------------------- workers
+
+    def statistics(
+        self, x: np.ndarray, params_list: Sequence[GaussianParams], train_mask: np.ndarray | None
+    ) -> list[Stats]:
+        kernel = _KERNELS[self.missing][0]
+        return kernel(
+            x, list(params_list), hard=self.hard, train_mask=train_mask, dtype=self.dtype, block_rows=self.block_rows
+        )
+
+    def packed_size(self, params: GaussianParams) -> int:
+        return Stats.packed_size(params.covariance_type, params.n_components, params.n_features)
+
+    def pack(self, stats: Stats) -> np.ndarray:
+        return stats.pack()
+
+    def unpack(self, vec: np.ndarray, params: GaussianParams) -> Stats:
+        return Stats.unpack(vec, params.covariance_type, params.n_components, params.n_features)
+
+    def log_prob(self, x: np.ndarray, params: GaussianParams) -> np.ndarray:
+        lp = _KERNELS[self.missing][1](x, params, self.dtype)
+        if self.missing == "marginalize":
+            n_empty = int(np.isnan(lp[:, 0]).sum()) if lp.size else 0
+            if n_empty:
+                warnings.warn(
+                    f"{n_empty} row(s) have every entry missing: their score is NaN and their predicted label -1",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return lp
+
+    # ---------------------------------------------------------------- NaN policy
+
+    def check_rows(self, x: np.ndarray) -> None:
+        if x.dtype.kind != "f" or np.isfinite(x).all():
+            return
+        if self.missing == "error":
+            raise InputError(NAN_MESSAGE)
+        _missing.check_no_inf(x)
+
+    def check_statistics(self, stats: Stats) -> None:
+        if stats.n_bad and self.missing == "error":
+            raise InputError(
+                f"the data hold NaN or infinite values in {int(stats.n_bad)} rows; "
+                "clean them, or fit with missing='marginalize' to use the observed entries"
+            )
+
+    def seeding_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows to seed on: with ``missing='marginalize'``, NaN filled with column means."""
+        return _KERNELS[self.missing][2](rows)
+
+    # ---------------------------------------------------------------- client
+
+    def objective(self, stats: Stats) -> float:
+        return stats.mean_loglik
+
+    def loglik(self, stats: Stats) -> tuple[float, float]:
+        return stats.loglik, stats.n
+
+    def heldout_loglik(self, stats: Stats) -> tuple[float, float]:
+        return stats.loglik_heldout, stats.n_heldout
+
+    def m_step(self, stats: Stats, params: GaussianParams) -> tuple[GaussianParams, np.ndarray]:
+        return m_step(stats, params, self.reg_covar)
+
+    def reseed(self, params: GaussianParams, empty: np.ndarray, pool: np.ndarray) -> GaussianParams:
+        return reseed_empty(params, empty, _missing.fill_nan(pool))
+
+    def n_parameters(self, params: GaussianParams) -> int:
+        return params.n_parameters()
+
+    def n_components(self, params: GaussianParams) -> int:
+        return params.n_components
+
+    def params_state(self, params: GaussianParams) -> tuple[dict[str, np.ndarray], dict]:
+        return params.to_arrays(), {"covariance_type": params.covariance_type}
+
+    def params_from_state(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> GaussianParams:
+        return GaussianParams.from_arrays(dict(arrays), meta["covariance_type"])
+
+    def to_vector(self, params: GaussianParams) -> np.ndarray:
+        """``[log weights, means, log diag(U), strict upper triangle of U]`` (U: precision Cholesky)."""
+        with np.errstate(divide="ignore"):
+            parts = [np.log(params.weights), params.means.ravel()]
+        pc = params.precisions_cholesky
+        if params.layout in ("full", "tied"):
+            mats = pc if params.layout == "full" else pc[None]
+            d = mats.shape[-1]
+            iu = np.triu_indices(d, 1)
+            parts += [np.log(np.diagonal(mats, axis1=1, axis2=2)).ravel(), mats[:, iu[0], iu[1]].ravel()]
+        else:
+            parts.append(np.log(pc).ravel())
+        return np.concatenate(parts)
+
+    def from_vector(self, vec: np.ndarray, like: GaussianParams) -> GaussianParams:
+        k, d = like.means.shape
+        vec = np.asarray(vec, dtype=np.float64)
+        logw = vec[:k]
+        weights = np.exp(logw - logw.max())
+        weights /= weights.sum()
+        means = vec[k : k + k * d].reshape(k, d)
+        rest = vec[k + k * d :]
+        shape = like.precisions_cholesky.shape
+        if like.layout in ("full", "tied"):
+            m = k if like.layout == "full" else 1
+            mats = np.zeros((m, d, d))
+            mats[:, np.arange(d), np.arange(d)] = np.exp(rest[: m * d].reshape(m, d))
+            iu = np.triu_indices(d, 1)
+            mats[:, iu[0], iu[1]] = rest[m * d :].reshape(m, -1)
+            pc = mats if like.layout == "full" else mats[0]
+        else:
+            pc = np.exp(rest).reshape(shape)
+        cov = covariances_from_precision_cholesky(pc, like.covariance_type)
+        return GaussianParams(weights, means, cov, pc, like.covariance_type)
+
+    def scoring_model(self) -> GaussianModel:
+        return dataclasses.replace(self, hard=False)
+
+    def initialize(
+        self,
+        passes: DataPasses,
+        components: Sequence[int],
+        rng: np.random.Generator,
+        options: Mapping[str, Any],
+    ) -> list[GaussianParams]:
+        cache: dict[str, np.ndarray] = {}
+
+        def seeding_rows() -> np.ndarray:
+            if "rows" not in cache:
+                cache["rows"] = self.seeding_rows(passes.sample())
+            return cache["rows"]
+
+        return _init.initialize(
+            passes,
+            components=components,
+            covariance_type=self.covariance_type,
+            init_params=options.get("init_params", "kmeans"),
+            rng=rng,
+            model=self,
+            tol=float(options.get("tol", 1e-3)),
+            seeding_rows=seeding_rows,
+            weights_init=options.get("weights_init"),
+            means_init=options.get("means_init"),
+            precisions_init=options.get("precisions_init"),
+        )
+
+    # ---------------------------------------------------------------- estimator helpers
+
+    @property
+    def chunk_order(self) -> str:
+        """Memory order the kernel reads fastest: column-major for the diagonal layouts."""
+        return "F" if cov_.layout(self.covariance_type) in ("diag", "spherical") else "C"
+
+    def sample(
+        self, params: GaussianParams, n_samples: int, rng: np.random.RandomState
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Draw rows as scikit-learn's ``GaussianMixture.sample`` does (same draws for the same ``rng``)."""
+        counts = rng.multinomial(n_samples, params.weights)
+        k, d = params.means.shape
+        if params.layout in ("full", "tied"):
+            covs = cov_.dense_covariances(params.covariances, params.covariance_type, k, d)
+            X = np.vstack([rng.multivariate_normal(m, c, int(n)) for m, c, n in zip(params.means, covs, counts)])
+        else:
+            var = params.covariances
+            X = np.vstack(
+                [m + rng.standard_normal(size=(int(n), d)) * np.sqrt(v) for m, v, n in zip(params.means, var, counts)]
+            )
+        labels = np.repeat(np.arange(k), counts).astype(np.int64)
+        return X, labels
+
+    def conditional_mean(self, x: np.ndarray, params: GaussianParams) -> np.ndarray:
+        """``x`` with NaN replaced by their conditional mean (see :meth:`GaussianMixture.impute`)."""
+        return _missing.conditional_mean(x, params)
