@@ -332,6 +332,142 @@ class _Plan:
     const: np.ndarray  # (K,) float64
     const_c: np.ndarray  # (K,) compute dtype
     dtype: np.dtype
+    features: _Features | None = None
+
+
+# --------------------------------------------------------------------------
+# full / tied statistics through the rows' outer-product features
+# --------------------------------------------------------------------------
+
+#: The outer-product kernel is used for full and tied fits in float64 when
+#: ``K >= _FEATURES_MIN_K`` and ``D <= _FEATURES_MAX_D``: one GEMM gives every
+#: component's ``log pi_k + log N(x | k)`` and one more every component's
+#: first and second moments, about ``2 K D^2`` flops a row instead of ``4 K D^2``
+#: (measured single-threaded, 200,000 rows: 1.0-1.4x faster at K=8, 2.0-2.7x
+#: at K=32 for D = 3..48; slower at K=2, where the features cost more than
+#: the products they save).
+_FEATURES_MIN_K = 8
+_FEATURES_MAX_D = 48
+
+#: Rows per sub-block of the outer-product kernel: the (F, rows) features
+#: (F ~ D^2 / 2) stay in a 1 MiB L2 cache.
+_FEATURES_ROWS = 512
+
+#: The expanded quadratic form ``z'Pz - 2 m'Pz + m'Pm`` (``z = x - c``,
+#: ``m = mu - c``) loses ``eps * m'Pm`` to cancellation for rows near ``mu``;
+#: above this squared Mahalanobis distance of a component mean from the
+#: centre (error ~ 1e-10 in the log-density) the exact kernel is used.
+_FEATURES_MAX_SPREAD = 1e6
+
+
+@dataclass(frozen=True, eq=False)
+class _Features:
+    """The outer-product features of a block: layout and the components' weights.
+
+    The features of a centred row ``z`` are ``z_i z_j`` for the pairs
+    ``(pairs_i[f], pairs_j[f])``, then ``z``, then ``1``. The pairs are built
+    in ``segments`` (rows ``lo:hi`` of ``z`` times rows ``lo:`` -- one
+    broadcast multiply each, a few calls per block instead of one per row of
+    ``z``); within a segment's diagonal square both ``(i, j)`` and ``(j, i)``
+    appear, so their weights are halved. ``weight`` (K, F) gives
+    ``log pi_k + log N(x | k)`` as ``weight @ features``.
+    """
+
+    pairs_i: np.ndarray
+    pairs_j: np.ndarray
+    segments: tuple[tuple[int, int, int], ...]  # (lo, hi, offset)
+    n_pairs: int
+    weight: np.ndarray  # (K, n_pairs + D + 1) float64
+
+
+def _feature_layout(d: int) -> tuple[np.ndarray, np.ndarray, tuple[tuple[int, int, int], ...]]:
+    step = d if d <= 4 else 4
+    pi, pj, segs, off = [], [], [], 0
+    for lo in range(0, d, step):
+        hi = min(lo + step, d)
+        for i in range(lo, hi):
+            pi.extend([i] * (d - lo))
+            pj.extend(range(lo, d))
+        segs.append((lo, hi, off))
+        off += (hi - lo) * (d - lo)
+    return np.asarray(pi), np.asarray(pj), tuple(segs)
+
+
+def _make_features(params: GaussianParams, m: np.ndarray, const: np.ndarray, dtype: np.dtype) -> _Features | None:
+    """The outer-product kernel's weights, or None where the exact kernel is the better one."""
+    k, d = params.means.shape
+    if (
+        params.layout not in ("full", "tied")
+        or dtype != np.float64
+        or k < _FEATURES_MIN_K
+        or not 1 <= d <= _FEATURES_MAX_D
+    ):
+        return None
+    pc = params.precisions_cholesky
+    ustack = pc if params.layout == "full" else np.broadcast_to(pc, (k, d, d))
+    shift = np.einsum("ki,kij->kj", m, ustack)  # (m' U)
+    spread = np.einsum("kj,kj->k", shift, shift)  # m' P m
+    if not np.all(spread <= _FEATURES_MAX_SPREAD):
+        return None
+    prec = np.einsum("kij,klj->kil", ustack, ustack)
+    pi, pj, segs = _feature_layout(d)
+    lo_of = np.zeros(d, dtype=np.int64)
+    for lo, hi, _ in segs:
+        lo_of[lo:hi] = lo
+    same = lo_of[pi] == lo_of[pj]
+    n_pairs = len(pi)
+    weight = np.empty((k, n_pairs + d + 1))
+    weight[:, :n_pairs] = prec[:, pi, pj] * np.where(same, -0.5, -1.0)
+    weight[:, n_pairs : n_pairs + d] = np.einsum("kij,kj->ki", prec, m)
+    weight[:, n_pairs + d] = const - 0.5 * spread
+    return _Features(pi, pj, segs, n_pairs, weight)
+
+
+def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work: _Workspace) -> None:
+    """:func:`_accumulate_block` through the outer-product features (full, tied; float64).
+
+    Per sub-block of :data:`_FEATURES_ROWS` rows: the features ``[z_i z_j, z, 1]``
+    (F, n), ``log pi_k N(x | k) = weight @ features`` (one GEMM), the
+    responsibilities, and ``features @ q.T`` (F, K) (one GEMM): every
+    component's ``sum q z_i z_j``, ``sum q z`` and ``N_k`` at once, accumulated
+    in ``acc["fm"]`` and unfolded by :func:`_finish`.
+    """
+    ft = plan.features
+    d, k = plan.d, plan.k
+    f_len = ft.n_pairs + d + 1
+    for start in range(0, X.shape[0], _FEATURES_ROWS):
+        xb = X[start : start + _FEATURES_ROWS]
+        n = xb.shape[0]
+        f = work.get("f", (f_len, n))
+        z = f[ft.n_pairs : ft.n_pairs + d]
+        np.subtract(xb.T, plan.centre_c[:, None], out=z, casting="same_kind")
+        for lo, hi, off in ft.segments:
+            np.multiply(
+                z[lo:hi, None, :], z[None, lo:, :], out=f[off : off + (hi - lo) * (d - lo)].reshape(hi - lo, d - lo, n)
+            )
+        f[-1] = 1.0
+        lp = np.matmul(ft.weight, f, out=work.get("lp", (k, n)))
+        q, ll = _responsibilities(lp, hard)
+        acc["loglik"] += ll
+        qt = work.get("qt", (n, k))
+        np.copyto(qt, q.T)
+        acc["fm"] += np.matmul(f, qt, out=work.get("fmb", (f_len, k)))
+
+
+def _unfold_features(acc: dict, plan: _Plan) -> None:
+    """Move ``acc["fm"]`` (the outer-product kernel's moments) into ``nk``, ``c1``, ``c2``."""
+    ft = plan.features
+    fm = acc.pop("fm")
+    d, k = plan.d, plan.k
+    acc["nk"] = acc["nk"] + fm[-1]
+    acc["c1"] = acc["c1"] + fm[ft.n_pairs : ft.n_pairs + d].T
+    c2 = np.empty((k, d, d))
+    c2[:, ft.pairs_i, ft.pairs_j] = fm[: ft.n_pairs].T
+    c2[:, ft.pairs_j, ft.pairs_i] = fm[: ft.n_pairs].T
+    if plan.ctype == "tied":
+        acc["c2"] = acc["c2"] + c2.sum(axis=0)
+    else:
+        acc["c2"] = acc["c2"] + c2.reshape(k * d, d)
 
 
 def _make_plan(
@@ -339,6 +475,7 @@ def _make_plan(
     dtype: np.dtype,
     with_weights: bool = True,
     centre: np.ndarray | None = None,
+    features: bool = False,
 ) -> _Plan:
     ctype = params.layout
     means = params.means
@@ -375,6 +512,7 @@ def _make_plan(
         const,
         const.astype(dtype),
         dtype,
+        _make_features(params, m, const, np.dtype(dtype)) if features else None,
     )
 
 
@@ -622,6 +760,9 @@ def _accumulate_block(
     """
     plan = plan or _make_plan(params, np.dtype(dtype))
     work = work or _Workspace(plan.dtype)
+    if plan.features is not None:
+        _accumulate_features(X, plan, hard, acc, work)
+        return
     a = _design(X, plan, work)
     q, ll = _responsibilities(_log_prob_block(a, plan, work), hard)  # (K, n)
     acc["loglik"] += ll
@@ -649,6 +790,8 @@ def _accumulate_block(
 def _finish(acc: dict, params: GaussianParams, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
     """``s1``, ``s2`` about ``params.reference()`` from the moments about the centre."""
     k, d = plan.k, plan.d
+    if "fm" in acc:
+        _unfold_features(acc, plan)
     nk = acc["nk"]
     ref = params.reference()
     m = ref - plan.centre  # (K, D); zero rows for the non-full types
@@ -774,7 +917,7 @@ def chunk_statistics(
         X = X.astype(np.float64)
     n_bad = 0
     ones = np.ones(d, dtype=X.dtype)
-    plans = [_make_plan(p, dtype) for p in params_list]
+    plans = [_make_plan(p, dtype, features=True) for p in params_list]
     diag_members = [i for i, p in enumerate(params_list) if p.layout in _DIAG_FAMILY]
     group = None
     if len(diag_members) > 1:
@@ -784,20 +927,21 @@ def chunk_statistics(
     singles = [i for i in range(len(params_list)) if group is None or i not in group.members]
     work = _Workspace(dtype)
     accs = []
-    for p in params_list:
+    for p, plan in zip(params_list, plans):
         k = p.n_components
         c2 = {"full": (k * d, d), "tied": (d, d)}.get(p.layout, (k, 2 * d))
-        accs.append(
-            {
-                "loglik": 0.0,
-                "nk": np.zeros(k),
-                "c1": np.zeros((k, d)),
-                "c2": np.zeros(c2),
-                "n": 0.0,
-                "ll_ho": 0.0,
-                "n_ho": 0.0,
-            }
-        )
+        acc = {
+            "loglik": 0.0,
+            "nk": np.zeros(k),
+            "c1": np.zeros((k, d)),
+            "c2": np.zeros(c2),
+            "n": 0.0,
+            "ll_ho": 0.0,
+            "n_ho": 0.0,
+        }
+        if plan.features is not None:
+            acc["fm"] = np.zeros((plan.features.weight.shape[1], k))
+        accs.append(acc)
     with single_threaded_blas():
         for start in range(0, n, block_rows):
             stop = min(start + block_rows, n)

@@ -248,3 +248,34 @@ def test_kernel_equals_reference_at_split_product_shapes(ctype: str) -> None:
     for p, st in zip(ps, got):
         ref = _ref_stats(X, p, False, mask)
         _check(st, ref, 1e-9, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("ctype", ["full", "tied"])
+@pytest.mark.parametrize("d", [1, 3, 5, 16, 33])
+def test_outer_product_kernel_equals_reference(ctype: str, hard: bool, d: int) -> None:
+    """K >= 8 full and tied fits take the outer-product kernel; it equals the textbook statistics."""
+    X = _data(n=3000, d=d, k=8, offset=50.0)
+    p = _params(X, ctype, k=9)
+    assert g._make_plan(p, np.dtype(np.float64), features=True).features is not None
+    mask = np.random.default_rng(7).random(len(X)) > 0.2
+    ref = _ref_stats(X, p, hard, mask)
+    for block_rows in (257, 4096):
+        (st,) = g.chunk_statistics(X, [p], hard=hard, train_mask=mask, block_rows=block_rows)
+        _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+
+
+def test_outer_product_kernel_steps_aside_where_it_would_lose_digits() -> None:
+    """A narrow component far from the mixture mean: the expanded quadratic form would
+    cancel, so the exact kernel is used (and the statistics still equal the reference)."""
+    X = _data(n=3000, d=4, k=8)
+    p = _params(X, "full", k=8)
+    cov = p.covariances.copy()
+    cov[0] = np.eye(4) * 1e-8  # m' P m ~ 1e8 * |mu_0 - centre|^2
+    p = g.GaussianParams.from_covariances(p.weights, p.means, cov, "full")
+    assert g._make_plan(p, np.dtype(np.float64), features=True).features is None
+    assert g._make_plan(p, np.dtype(np.float32), features=True).features is None
+    mask = np.ones(len(X), dtype=bool)
+    ref = _ref_stats(X, p, False, mask)
+    (st,) = g.chunk_statistics(X, [p])
+    _check(st, ref, 1e-9, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
