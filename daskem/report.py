@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ._covariance import dense_covariances
 from .io import atomic_write_text
 
 #: 20 colours for components: Okabe–Ito's six colour-blind-safe hues (without its black and yellow), then 14
@@ -515,22 +516,9 @@ def plot_select_k(
 
 
 def _full_covariances(gm: Any) -> np.ndarray:
-    """Every component's covariance as a (K, D, D) array, whatever the covariance type stores.
-
-    The layout is read from the array's shape (scikit-learn's: (K, D, D) full,
-    (D, D) tied, (K, D) diagonal, (K,) spherical); ``covariance_type`` only
-    settles the one ambiguous case, K = D with a 2-D array.
-    """
+    """Every component's covariance as a (K, D, D) array, whatever the covariance type stores."""
     k, d = np.asarray(gm.means_).shape
-    c = np.asarray(gm.covariances_, dtype=np.float64)
-    if c.ndim == 3:
-        return c
-    if c.ndim == 1 or c.ndim == 0:
-        return np.broadcast_to(c.reshape(-1, 1, 1), (k, 1, 1)) * np.eye(d)
-    tied = c.shape != (k, d) or str(gm.covariance_type) in ("tied", "EEE")
-    if tied:
-        return np.broadcast_to(c, (k, d, d))
-    return np.stack([np.diag(v) for v in c])
+    return np.asarray(dense_covariances(np.asarray(gm.covariances_, dtype=np.float64), gm.covariance_type, k, d))
 
 
 def pca_basis(sample: np.ndarray, n: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
