@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
+import scipy.linalg
 
 __all__ = [
     "ALIASES",
@@ -408,6 +409,11 @@ def _m_mm(name, W, nk, n_tot, tol, max_iter, previous):
     W = 0.5 * (W + W.transpose(0, 2, 1))
     eig = np.linalg.eigvalsh(W)
     _need_positive(name, eig, "scatter eigenvalues")
+    if K == 1:
+        # With one component mclust's first MM 1 matrix, W - omega I, is singular, so its polar factor (and
+        # mclust's answer, ~1e-4 from the MLE) hangs on LAPACK's choice of sign for the null singular
+        # vectors. The iterations' limit is the MLE, W / n: return it.
+        return W / (n_tot if name == "EVE" else nk[0]), MStepInfo(0, True, 0.0)
     omega = eig[:, -1]
     if previous is None:
         Dt = np.eye(D)  # mclust's O: the transpose of D (rows are the directions)
@@ -427,12 +433,12 @@ def _m_mm(name, W, nk, n_tot, tol, max_iter, previous):
         # MM 1: F = sum_k A_k^{-1} D^T W_k - omega_k A_k^{-1} D^T;  D = R P^T where F = P B R^T
         inv_shape = 1.0 / shape
         F = np.einsum("kj,kjl->jl", inv_shape, Dt @ W) - np.einsum("kj,k,jl->jl", inv_shape, omega, Dt)
-        P, _, Rt = np.linalg.svd(F)
+        P, _, Rt = scipy.linalg.svd(F, lapack_driver="gesvd")
         Dm = (P @ Rt).T
         # MM 2: F = sum_k W_k D A_k^{-1} - max(A_k^{-1}) W_k D;  D = P R^T
         WD = W @ Dm
         F = np.einsum("kij,kj->ij", WD, inv_shape) - np.einsum("k,kij->ij", inv_shape.max(axis=1), WD)
-        P, _, Rt = np.linalg.svd(F)
+        P, _, Rt = scipy.linalg.svd(F, lapack_driver="gesvd")
         Dt = (P @ Rt).T
         diag = np.einsum("ij,kjl,il->ki", Dt, W, Dt)
         if name == "EVE":

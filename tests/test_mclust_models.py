@@ -131,7 +131,12 @@ def test_m_step_equals_mclust_mstep(name: str, model: str, G: int) -> None:
     full = covariance_to_full(model, cov, G, D)
     expected = np.asarray(ms["sigma"], float)
     scale = np.abs(expected).max()
-    if spec.iterative:
+    if model in ("EVE", "VVE") and G == 1:
+        # mclust's MM starts from a singular matrix here and stops ~1e-4 from the MLE, on a side that depends
+        # on LAPACK's sign choices; _mclust returns the MLE W / n
+        np.testing.assert_allclose(full, scatter / N, rtol=1e-12)
+        np.testing.assert_allclose(full, expected, rtol=1e-3, atol=1e-3 * scale)
+    elif spec.iterative:
         assert info.converged, info
         np.testing.assert_allclose(full, expected, rtol=1e-6, atol=1e-8 * scale)
     else:
@@ -186,13 +191,19 @@ def test_aliases_and_names() -> None:
 
 
 @pytest.mark.parametrize("alias", sorted(ALIASES))
-def test_alias_m_step_equals_sklearn_estimators(alias: str) -> None:
+def test_alias_m_step_equals_weighted_covariances(alias: str) -> None:
+    """The four daskem names give daskem's (scikit-learn's) covariances, from numpy's weighted np.cov."""
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 3)) @ np.array([[1.0, 0.3, 0.0], [0.0, 2.0, 0.5], [0.0, 0.0, 0.7]])
     resp = rng.dirichlet(np.ones(3), size=200)
-    from sklearn.mixture._gaussian_mixture import _estimate_gaussian_parameters
-
-    _, _, expected = _estimate_gaussian_parameters(X, resp, 0.0, alias)
+    per_k = np.stack([np.cov(X.T, aweights=resp[:, k], bias=True) for k in range(3)])
+    nk = resp.sum(axis=0)
+    expected = {
+        "full": per_k,
+        "tied": np.einsum("k,kij->ij", nk, per_k) / nk.sum(),
+        "diag": np.diagonal(per_k, axis1=1, axis2=2),
+        "spherical": np.diagonal(per_k, axis1=1, axis2=2).mean(axis=1),
+    }[alias]
     nk, _, scatter = scatter_statistics(X, resp, MODELS[ALIASES[alias]].family)
     np.testing.assert_allclose(m_step_covariance(alias, nk, scatter), expected, rtol=1e-12)
 
@@ -228,7 +239,8 @@ def test_previous_is_a_warm_start_to_the_same_optimum(model: str) -> None:
         prev = np.diagonal(prev, axis1=1, axis2=2)
     warm, warm_info = m_step_covariance(model, nk, scatter, previous=prev, return_info=True, tol=1e-12)
     assert warm_info.iterations < cold_info.iterations
-    np.testing.assert_allclose(warm, cold, rtol=1e-6)
+    # MM converges slowly along a flat target: equal to a small absolute tolerance
+    np.testing.assert_allclose(warm, cold, rtol=1e-6, atol=1e-5 * np.abs(cold).max())
 
 
 def test_collapsed_component_raises_linalg_error() -> None:
