@@ -95,7 +95,7 @@ def log_resp_and_loglik(X: np.ndarray, pro: np.ndarray, means: np.ndarray, sigma
 
 
 def test_fixtures_cover_every_model_and_range() -> None:
-    assert len(CASES) > 600
+    assert len(CASES) > 650
     for name in DATASETS:
         _, ref = load(name)
         assert ref["mclust_version"].startswith("6.")
@@ -103,7 +103,7 @@ def test_fixtures_cover_every_model_and_range() -> None:
             Gs = {f["G"] for f in ref["fits"] if f["model"] == model}
             top = 9 if model in ("VII", "VVI", "EEE", "VVV") else 5
             if name == "wdbc" and MODELS[model].family != "diag":
-                top = 3
+                top = 1 if model in ("EVE", "VVE") else 3  # see export.R
             assert Gs == set(range(1, top + 1)), (name, model)
         assert set(ref["hc_classification"]) == {str(g) for g in range(2, 10)}
         for g, cl in ref["hc_classification"].items():
@@ -124,8 +124,8 @@ def test_m_step_equals_mclust_mstep(name: str, model: str, G: int) -> None:
         resp = np.exp(log_resp)
     spec = MODELS[model]
     nk, means, scatter = scatter_statistics(X, resp, spec.family)
-    np.testing.assert_allclose(nk / N, ms["pro"], rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(means, ms["mean"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(nk / N, ms["pro"], rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(means, ms["mean"], rtol=1e-8, atol=1e-12)
     cov, info = m_step_covariance(model, nk, scatter, n=N, return_info=True)
     assert cov.shape == representation_shape(model, G, D)
     full = covariance_to_full(model, cov, G, D)
@@ -138,6 +138,8 @@ def test_m_step_equals_mclust_mstep(name: str, model: str, G: int) -> None:
         np.testing.assert_allclose(full, expected, rtol=1e-3, atol=1e-3 * scale)
     elif spec.iterative:
         assert info.converged, info
+        # the same algorithm from the same start: the same number of inner iterations as mclust
+        assert info.iterations == abs(ms["inner_iterations"])
         np.testing.assert_allclose(full, expected, rtol=1e-6, atol=1e-8 * scale)
     else:
         np.testing.assert_allclose(full, expected, rtol=1e-9, atol=1e-12 * scale)
@@ -159,7 +161,7 @@ def test_loglik_df_bic_icl_equal_mclust(name: str, model: str, G: int) -> None:
     # Mclust's reported loglik, BIC and ICL are those of the E-step before its final M-step: equal to EM's tolerance
     np.testing.assert_allclose(bic(fit["loglik"], df, N), fit["bic"], rtol=1e-13)
     np.testing.assert_allclose(icl(fit["bic"], fit["icl_log_map_sum"]), fit["icl"], rtol=1e-13)
-    np.testing.assert_allclose(loglik, fit["loglik"], rtol=2e-5)
+    np.testing.assert_allclose(loglik, fit["loglik"], rtol=1e-4)
     # the MAP entropy term moves more than the loglik in one EM step
     np.testing.assert_allclose(icl(b, log_map_sum(log_resp)), fit["icl"], rtol=1e-3)
 
