@@ -21,7 +21,8 @@ Fortran (``msvei``, ``msvev`` in mclust.f; ``msvee``, ``mseve``, ``msvve`` in mc
   stop when the relative change of the target sum_k n_k D (1 + log lambda_k) is below ``tol``.
 * EVE, VVE: the MM algorithms of Browne & McNicholas (2014) for the common orientation D (two
   MM updates per iteration), starting from D = I and A_k = I; stop when the relative change of
-  sum_k tr(D^T W_k D A_k^{-1}) is below ``tol``.
+  sum_k tr(D^T W_k D A_k^{-1}) is below ``tol``. With K = 1 they return the MLE W / n (mclust's MM starts
+  from a singular matrix there and stops ~1e-4 from it, on a side set by LAPACK's sign choices).
 
 mclust's default controls are ``emControl()$tol[2] = sqrt(.Machine$double.eps)`` and an
 unbounded number of inner iterations; :data:`MCLUST_TOL` and a finite ``max_iter`` here.
