@@ -245,6 +245,7 @@ def check_output(
             raise _refuse(target, f"it holds a daskem {KINDS[found]}, not a {KINDS[kind]}", f"{todo}, or {other}")
     comp = [Path(os.path.abspath(c)) for c in companions]
     for c in comp:
+        recover_leftovers(c)
         if c.exists() and (not c.is_file() or not _is_companion(c, kind) or (previous is None and c.is_symlink())):
             raise _refuse(c, "it is a file daskem did not write (written beside the output)", other)
     return OutputTarget(target, kind, previous, comp, overwrite, input_list, option)
