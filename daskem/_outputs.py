@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import __version__  # set by daskem/__init__ before it imports this module
 from .errors import OutputRefusedError
 
 #: the marker file daskem writes into every output folder it creates
@@ -77,8 +78,6 @@ def write_marker(folder: str | os.PathLike, kind: str, **fields: object) -> None
     """Mark ``folder`` as a daskem output of ``kind`` (in ``zarr.json`` for a Zarr v3 store)."""
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}; known: {sorted(KINDS)}")
-    from . import __version__  # the package's version: imported late, daskem/__init__ imports this module
-
     folder = Path(folder)
     doc = {"daskem_output": kind, "version": MARKER_VERSION, "daskem_version": __version__, "created": _now(), **fields}
     meta = folder / "zarr.json"

@@ -34,7 +34,7 @@ import dask
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from . import _outputs, jobs
+from . import __version__, _outputs, jobs
 from .datasets import check_generate_target, generate_zarr, sample_chunk, truth_path
 from .errors import InputError
 from .mixture import GaussianMixture
@@ -515,8 +515,6 @@ def cmd_result(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = _Parser(
         prog="daskem",
         description="Gaussian mixture models fitted by EM on chunked, larger-than-memory data, on a Dask cluster.",
@@ -750,7 +748,8 @@ def _quiet_interrupts(args: argparse.Namespace) -> Iterator[None]:
     if not hasattr(args, "n_workers"):  # commands that start no cluster
         yield
         return
-    preload = list(dask.config.get("distributed.worker.preload", []) or [])
+    preload = dask.config.get("distributed.worker.preload", None) or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
     previous = signal.getsignal(signal.SIGINT)
     in_main = previous is signal.default_int_handler
     if in_main:
