@@ -357,6 +357,16 @@ def _lock_holder_alive(doc: dict) -> bool:
     return started is None or abs(created - float(started)) < 2.0
 
 
+def _in_use(folder: str | Path, holder: dict | None) -> InputError:
+    who = ""
+    if holder is not None:
+        who = f" ({holder.get('command')}, pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')})"
+    return InputError(
+        f"the job output {folder} is in use by another daskem{who}; wait for it to finish "
+        f"(daskem status), or delete {Path(folder) / LOCK_FILE} if no daskem process runs there"
+    )
+
+
 @contextlib.contextmanager
 def job_lock(folder: str | Path, what: str) -> Iterator[Path]:
     """Hold ``folder/.daskem-lock`` (pid and host of this process) for the block.
@@ -390,19 +400,17 @@ def job_lock(folder: str | Path, what: str) -> Iterator[Path]:
                 time.sleep(0.2)
                 holder = _read_json(lock)
             if holder is None or _lock_holder_alive(holder):
-                who = (
-                    ""
-                    if holder is None
-                    else f" ({holder.get('command')}, pid {holder.get('pid')} on {holder.get('host')}"
-                )
-                who += f" since {holder.get('since')})" if holder is not None else ""
-                raise InputError(
-                    f"the job output {folder} is in use by another daskem{who}; wait for it to finish "
-                    f"(daskem status), or delete {lock} if no daskem process runs there"
-                ) from None
+                raise _in_use(folder, holder) from None
+            # stale: take it over (and give it back if another process took it over first)
             stale = lock.with_name(f"{LOCK_FILE}.stale-{uuid.uuid4().hex[:8]}")
             with contextlib.suppress(FileNotFoundError):
                 os.replace(lock, stale)
+                moved = _read_json(stale)
+                if moved is not None and _lock_holder_alive(moved):
+                    with contextlib.suppress(FileExistsError):
+                        os.link(stale, lock)
+                    stale.unlink(missing_ok=True)
+                    raise _in_use(folder, moved) from None
                 stale.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as fh:
@@ -638,10 +646,7 @@ def submit(job: dict, *, connect_timeout: str = "20s", overwrite: bool = False, 
     out = _outputs.ensure_folder(target)
     holder = lock_holder(out)
     if holder is not None:
-        raise InputError(
-            f"the job output {out} is in use by another daskem ({holder.get('command')}, pid {holder.get('pid')} "
-            f"on {holder.get('host')} since {holder.get('since')}); wait for it to finish (daskem status)"
-        )
+        raise _in_use(out, holder)
     try:
         client = Client(c.get("scheduler"), scheduler_file=c.get("scheduler_file"), timeout=connect_timeout)
     except (OSError, TimeoutError) as exc:
