@@ -3,8 +3,13 @@
 Subcommands: ``demo``, ``generate``, ``fit``, ``select-k``, ``predict``,
 ``score``, ``run``, ``submit``, ``status``, ``result``. Exit status 0 on
 success, 2 on bad arguments or bad input (one line on stderr, no traceback),
-1 on other failures. Every output is built under a temporary name and renamed
-into place, so a failed command never leaves half a result where a good one was.
+1 on other failures, 130 on Ctrl-C.
+
+Outputs follow :mod:`daskem._outputs`: checked before any work starts (a new
+path, an empty folder, or a daskem output of the same kind, replaced; another
+daskem kind only with ``--overwrite``; nothing else, ever), built under a
+temporary name and swapped into place, so a failed or interrupted command
+never leaves half a result where a good one was.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
-import shutil
+import re
+import signal
 import sys
 import time
 import traceback
@@ -23,10 +30,24 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .io import InputError
+import dask
+import numpy as np
+from scipy.optimize import linear_sum_assignment
 
-#: rows gathered on the client for plots and the training log-density quantiles
-REPORT_SAMPLE_ROWS = 20_000
+from . import __version__, _outputs, jobs
+from .datasets import check_generate_target, generate_zarr, sample_chunk, truth_path
+from .errors import InputError
+from .mixture import GaussianMixture
+from .report import write_summary
+from .workflows import (
+    anomaly_threshold,
+    fit_and_report,
+    load_model_dir,
+    open_data,
+    parse_k_values,
+    store_chunk_rows,
+    write_predictions,
+)
 
 #: spread of the demo's true means: overlapping enough that EM has work to do
 DEMO_SEPARATION = 3.0
@@ -69,30 +90,6 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------
 # argument helpers
 # --------------------------------------------------------------------------
-
-
-def parse_k_values(text: str) -> list[int]:
-    """``"2:12"`` (inclusive), ``"2:12:2"``, ``"2,4,8"`` or ``"5"`` → list of K."""
-    text = str(text).strip()
-    try:
-        if ":" in text:
-            parts = [int(p) for p in text.split(":")]
-            if len(parts) not in (2, 3):
-                raise ValueError
-            start, stop = parts[0], parts[1]
-            step = parts[2] if len(parts) == 3 else 1
-            if step < 1 or stop < start:
-                raise ValueError
-            values = list(range(start, stop + 1, step))
-        else:
-            values = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise InputError(
-            f"cannot read K values from {text!r}; write a range 2:12 (or 2:12:2) or a list 2,4,8"
-        ) from None
-    if not values or min(values) < 1:
-        raise InputError(f"K values must be integers >= 1, got {text!r}")
-    return sorted(set(values))
 
 
 def model_options(args: argparse.Namespace) -> dict:
@@ -141,6 +138,23 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def _add_fresh(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start afresh: move the job's checkpoint aside (to checkpoint.old-<time>) instead of resuming",
+    )
+
+
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a daskem output of another kind at the output path (a previous output of the same kind "
+        "is always replaced; a folder daskem did not write, a file or the input never are)",
+    )
 
 
 # --------------------------------------------------------------------------
@@ -230,205 +244,25 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
 
 
 # --------------------------------------------------------------------------
-# shared steps
-# --------------------------------------------------------------------------
-
-
-def open_data(path: str, array: str | None = None, chunk_bytes: int | None = None) -> Any:
-    """Open the input lazily; refuse a missing/unreadable store before any cluster starts."""
-    from .io import open_array
-
-    return open_array(path, array=array, chunk_bytes=chunk_bytes)
-
-
-def check_output(path: str | Path, what: str = "output folder") -> Path:
-    """Refuse an output path that is an existing file (a folder is replaced atomically)."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise InputError(f"the {what} {p} exists and is not a folder")
-    return p
-
-
-def report_sample(X: Any, seed: int | None) -> Any:
-    from . import _engine as engine
-
-    return engine.sample_rows(X, REPORT_SAMPLE_ROWS, 0 if seed is None else int(seed))
-
-
-def load_model_dir(path: str | Path) -> tuple[Any, dict | None]:
-    """A fitted model and its summary from ``fit --out DIR`` (or a bare model folder)."""
-    from .mixture import load
-
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"no such model folder: {p}")
-    if (p / "model" / "model.json").exists():
-        gm = load(p / "model")
-        summary_file = p / "summary.json"
-    else:
-        gm = load(p)
-        summary_file = p.parent / "summary.json"
-    summary = None
-    if summary_file.exists():
-        try:
-            summary = json.loads(summary_file.read_text())
-        except json.JSONDecodeError:
-            summary = None
-    return gm, summary
-
-
-def fit_and_report(
-    X: Any,
-    out: Path,
-    *,
-    k: int | None = None,
-    k_values: Sequence[int] | None = None,
-    criterion: str = "validation",
-    validation_fraction: float = 0.1,
-    options: dict,
-    verbose: int,
-    extra: dict | None = None,
-) -> dict:
-    """Fit one K (``k``) or choose among ``k_values``; write the report into ``out`` atomically."""
-    from .io import atomic_dir
-    from .mixture import GaussianMixture
-    from .report import write_report
-
-    t0 = time.perf_counter()
-    table = best_k = runs = None
-    if k_values is not None:
-        try:
-            from .select import select_k
-        except ImportError as exc:  # pragma: no cover - select.py ships with daskem
-            raise RuntimeError(f"daskem.select_k is not available in this installation: {exc}") from exc
-        res = select_k(
-            X, list(k_values), criterion=criterion, validation_fraction=validation_fraction, **options, verbose=verbose
-        )
-        gm, table, best_k = res.best_model, [dict(r) for r in res.table], int(res.best_k)
-        models = getattr(res, "models", None) or {best_k: gm}
-        runs = [r for k in sorted(models) for r in getattr(models[k], "runs_", [])]
-    else:
-        gm = GaussianMixture(n_components=k, **options, verbose=verbose)
-        gm.fit(X)
-    seconds = time.perf_counter() - t0
-    sample = report_sample(X, options.get("random_state"))
-    tmp, commit = atomic_dir(out)
-    try:
-        summary = write_report(
-            tmp,
-            gm,
-            sample,
-            table=table,
-            best_k=best_k,
-            criterion=criterion if table is not None else None,
-            runs=runs,
-            extra={"fit_seconds": seconds, "n_samples": int(X.shape[0]), **(extra or {})},
-        )
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
-
-
-def write_predictions(
-    gm: Any,
-    X: Any,
-    out: Path,
-    *,
-    proba: bool = False,
-    anomaly_threshold: float | None = None,
-    store_rows: int | None = None,
-    attrs: dict | None = None,
-) -> dict:
-    """Write labels (and responsibilities, log-density and anomaly flags) as a Zarr group.
-
-    All outputs are lazy Dask arrays of the same row chunks as ``X``, stored
-    together in one graph (each input chunk is read once) with ``da.store``
-    into Zarr arrays whose row chunks match the input's; nothing is gathered
-    on the client. The group is built under a temporary name and renamed.
-    """
-    import dask.array as da
-    import numpy as np
-    import zarr
-
-    from .io import atomic_dir
-
-    rows = X.chunks[0]
-    # output chunks: the store's chunk rows when the dask chunks are whole
-    # multiples of them (no two tasks write one zarr chunk), else the dask chunks
-    chunk = rows[0]
-    if store_rows and all(r % store_rows == 0 for r in rows[:-1]):
-        chunk = store_rows
-    # one scoring of each chunk serves every output
-    outputs = gm.predict_outputs(X, proba=proba, log_density=anomaly_threshold is not None)
-    if anomaly_threshold is not None:
-        outputs["anomaly"] = outputs["log_density"] < anomaly_threshold
-    tmp, commit = atomic_dir(out)
-    try:
-        root = zarr.open_group(str(tmp), mode="w")
-        targets, sources = [], []
-        for name, arr in outputs.items():
-            shape = arr.shape
-            z = root.create_array(name, shape=shape, chunks=(chunk,) + shape[1:], dtype=arr.dtype)
-            targets.append(z)
-            sources.append(arr)
-        root.attrs.update({"daskem": {"outputs": list(outputs), **(attrs or {})}})
-        da.store(sources, targets, lock=False)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    n_anom = None
-    if anomaly_threshold is not None:
-        n_anom = (
-            int(np.asarray(zarr.open_group(str(out), mode="r")["anomaly"][:]).sum())
-            if X.shape[0] <= 10_000_000
-            else None
-        )
-    return {"path": str(out), "arrays": list(outputs), "chunk_rows": int(chunk), "n_anomalies": n_anom}
-
-
-def store_chunk_rows(path: str, array: str | None) -> int | None:
-    """Row chunk length of a Zarr input (None for .npy or unreadable metadata)."""
-    if str(path).endswith(".npy"):
-        return None
-    try:
-        import zarr
-
-        node = zarr.open(path, mode="r")
-        if isinstance(node, zarr.Group):
-            names = [n for n, _ in node.arrays()]
-            node = node[array or names[0]]
-        return int(node.chunks[0])
-    except Exception:
-        return None
-
-
-def anomaly_threshold(summary: dict | None, q: float) -> float:
-    """The log-density threshold at training quantile ``q`` stored by ``fit``."""
-    from .report import threshold_from_quantiles
-
-    if not 0.0 < q < 1.0:
-        raise InputError(f"--anomaly-quantile must be between 0 and 1, got {q}")
-    quant = (summary or {}).get("training_log_density_quantiles")
-    if not quant:
-        raise InputError(
-            "the model folder has no training log-density quantiles (summary.json from `daskem fit`); "
-            "refit with `daskem fit`, or pass the folder that `fit --out` wrote"
-        )
-    return threshold_from_quantiles(quant, q)
-
-
-# --------------------------------------------------------------------------
 # subcommands
 # --------------------------------------------------------------------------
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .datasets import generate_zarr, truth_path
+def _out_target(args: argparse.Namespace, kind: str, inputs: Sequence[str | None] = ()) -> _outputs.OutputTarget:
+    """Check ``--out`` before any work: refuses what daskem may not write over (exit 2)."""
+    target = _outputs.check_output(args.out, kind, inputs=inputs, overwrite=getattr(args, "overwrite", False))
+    args._out_target = target
+    return target
 
-    check_output(args.out, "output store")
+
+def _say_written(args: argparse.Namespace, target: _outputs.OutputTarget) -> None:
+    if target.previous is not None:
+        _say(args, target.describe())
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    target = check_generate_target(args.out, overwrite=args.overwrite)
+    args._out_target = target
     t0 = time.perf_counter()
     generate_zarr(
         args.out,
@@ -439,23 +273,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
         dtype=args.dtype,
         separation=args.separation,
+        target=target,
     )
     _say(args, f"wrote {args.n_samples:,} x {args.n_features} rows in {time.perf_counter() - t0:.1f} s")
+    _say_written(args, target)
     print(f"{args.out}\t(true parameters: {truth_path(args.out)})")
     return 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .mixture import GaussianMixture
-
     opts = model_options(args)
     GaussianMixture(n_components=args.k, **opts)._validate_params()
-    out = check_output(args.out)
+    target = _out_target(args, "fit", [args.data, opts.get("checkpoint")])
     X = open_data(args.data, args.array, opts.get("chunk_bytes"))
     with cluster_client(args):
         summary = fit_and_report(
             X,
-            out,
+            target,
             k=args.k,
             options=opts,
             verbose=0 if args.quiet else 1,
@@ -467,24 +301,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"K={m['n_components']}: mean log-likelihood {m['lower_bound']:.6f} after {m['n_iter']} iterations"
         f" ({'converged' if m['converged'] else 'NOT converged'})",
     )
-    print(out)
+    _say_written(args, target)
+    print(target.path if Path(args.out).is_absolute() else args.out)
     return 0
 
 
 def cmd_select_k(args: argparse.Namespace) -> int:
-    from .mixture import GaussianMixture
-
     ks = parse_k_values(args.k)
     opts = model_options(args)
     GaussianMixture(n_components=max(ks), **opts)._validate_params()
     if not 0.0 < args.validation_fraction < 1.0:
         raise InputError(f"--validation-fraction must be between 0 and 1, got {args.validation_fraction}")
-    out = check_output(args.out)
+    target = _out_target(args, "select-k", [args.data, opts.get("checkpoint")])
     X = open_data(args.data, args.array, opts.get("chunk_bytes"))
     with cluster_client(args):
         summary = fit_and_report(
             X,
-            out,
+            target,
             k_values=ks,
             criterion=args.criterion,
             validation_fraction=args.validation_fraction,
@@ -502,7 +335,8 @@ def cmd_select_k(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         print(f"best K = {summary['best_k']} ({args.criterion})", file=sys.stderr)
-    print(out)
+    _say_written(args, target)
+    print(args.out)
     return 0
 
 
@@ -511,7 +345,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     threshold = None
     if args.anomaly_quantile is not None:
         threshold = anomaly_threshold(summary, args.anomaly_quantile)
-    out = check_output(args.out, "output store")
+    target = _out_target(args, "predictions", [args.data, args.model_dir])
     X = open_data(args.data, args.array)
     gm._check_features(X.shape[1])
     with cluster_client(args):
@@ -519,7 +353,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         res = write_predictions(
             gm,
             X,
-            out,
+            target,
             proba=args.proba,
             anomaly_threshold=threshold,
             store_rows=store_chunk_rows(args.data, args.array),
@@ -537,13 +371,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"{res['n_anomalies']:,} rows below the training log-density quantile {args.anomaly_quantile}"
             f" (log p(x) < {threshold:.4f})",
         )
-    print(out)
+    _say_written(args, target)
+    print(args.out)
     return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    import math
-
     gm, _ = load_model_dir(args.model_dir)
     X = open_data(args.data, args.array)
     gm._check_features(X.shape[1])
@@ -569,15 +402,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import numpy as np
+    import zarr  # slow import, only to check the demo's labels
 
-    from .datasets import generate_zarr
-    from .io import atomic_dir
-
-    out = check_output(args.out)
     ks = parse_k_values(args.k)
-    tmp, commit = atomic_dir(out)
-    try:
+    target = _out_target(args, "demo")
+    with _outputs.atomic_output(target) as tmp:
         data = tmp / "data.zarr"
         _say(args, f"generating {args.n_samples:,} rows, {args.n_features} features, {args.n_components} components")
         truth = generate_zarr(
@@ -610,10 +439,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
             gm, _ = load_model_dir(tmp / "report")
             write_predictions(gm, X, tmp / "labels.zarr", store_rows=max(1, args.n_samples // 8))
-        import zarr
-
-        from .datasets import sample_chunk
-
         # agreement with the true labels on fresh rows (best one-to-one matching of components)
         xs, ys = sample_chunk(truth, 20_000, np.random.default_rng([args.seed, 99]))
         pred = gm.predict(xs)
@@ -625,29 +450,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "label_agreement": agreement,
             "seconds": elapsed,
         }
-        from .report import write_summary
-
         write_summary(tmp / "report" / "summary.json", summary)
         assert zarr.open_group(str(tmp / "labels.zarr"), mode="r")["labels"].shape[0] == args.n_samples
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _say(
         args,
         f"true K = {args.n_components}, chosen K = {summary['best_k']}, "
         f"label agreement with the truth {100 * agreement:.1f}% ({elapsed:.0f} s)",
     )
-    _say(args, f"report: {out / 'report'} (summary.json, loglik.png, select_k.png, projection.png)")
-    print(out)
+    _say(args, f"report: {target.path / 'report'} (summary.json, loglik.png, select_k.png, projection.png)")
+    _say_written(args, target)
+    print(args.out)
     return 0
 
 
 def _matched_agreement(truth: Any, pred: Any) -> float:
     """Fraction of rows whose predicted component matches the true one under the best matching."""
-    import numpy as np
-    from scipy.optimize import linear_sum_assignment
-
     kt, kp = int(truth.max()) + 1, int(pred.max()) + 1
     c = np.zeros((kt, kp))
     np.add.at(c, (truth, pred), 1)
@@ -656,35 +473,33 @@ def _matched_agreement(truth: Any, pred: Any) -> float:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import jobs
-
     job = jobs.load_job(args.job)
-    job_id = jobs.new_job_id()
-    jobs.register(job_id, job, mode="run")
-    with cluster_client(args, defaults=job["cluster"]):
-        _say(args, f"job {job_id}: output {job['output']['path']}")
-        result = jobs.run_job(job, job_id, verbose=0 if args.quiet else 1)
+    target = jobs.check_job_output(job, overwrite=args.overwrite)
+    args._checkpoint = job["model"].get("checkpoint") or str(Path(job["output"]["path"]) / "checkpoint")
+    with jobs.job_output(job, "run", target=target):
+        job_id = jobs.new_job_id()
+        jobs.register(job_id, job, mode="run")
+        with cluster_client(args, defaults=job["cluster"]):
+            _say(args, f"job {job_id}: output {job['output']['path']}")
+            result = jobs.run_job(job, job_id, verbose=0 if args.quiet else 1, fresh=args.fresh)
+    _say_written(args, target)
     print(json.dumps({"id": job_id, **result}, indent=2))
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from . import jobs
-
     job = jobs.load_job(args.job)
     if args.scheduler:
         job["cluster"]["scheduler"] = args.scheduler
     if args.scheduler_file:
         job["cluster"]["scheduler_file"] = args.scheduler_file
-    job_id = jobs.submit(job)
+    job_id = jobs.submit(job, overwrite=args.overwrite, fresh=args.fresh)
     _say(args, f"submitted job {job_id}; follow it with `daskem status {job_id}`")
     print(job_id)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import jobs
-
     if args.job_id:
         print(json.dumps(jobs.job_status(args.job_id), indent=2))
         return 0
@@ -697,8 +512,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_result(args: argparse.Namespace) -> int:
-    from . import jobs
-
     s = jobs.job_status(args.job_id)
     deadline = time.monotonic() + (args.timeout or 0)
     while args.wait and s["state"] in ("queued", "running") and (not args.timeout or time.monotonic() < deadline):
@@ -720,8 +533,6 @@ def cmd_result(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = _Parser(
         prog="daskem",
         description="Gaussian mixture models fitted by EM on chunked, larger-than-memory data, on a Dask cluster.",
@@ -738,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         "held-out log-likelihood, fit, predict, and write a report.",
     )
     p.add_argument("--out", default="daskem-demo", metavar="DIR", help="output folder (default: ./daskem-demo)")
+    _add_overwrite(p)
     p.add_argument("--n-samples", type=int, default=300_000, metavar="N", help="rows (default: 300000)")
     p.add_argument("--n-features", type=int, default=4, metavar="D", help="features (default: 4)")
     p.add_argument("--n-components", type=int, default=5, metavar="K", help="true components (default: 5)")
@@ -762,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(out-of-core); the true parameters go to OUT.truth.json.",
     )
     p.add_argument("out", metavar="OUT.zarr")
+    _add_overwrite(p)
     p.add_argument("--n-samples", type=int, required=True, metavar="N")
     p.add_argument("--n-features", type=int, required=True, metavar="D")
     p.add_argument("--n-components", type=int, required=True, metavar="K")
@@ -785,7 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(p)
     p.add_argument("--k", type=int, required=True, metavar="K", help="number of components (n_components)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder (a previous one of the same kind is replaced atomically)",
+    )
+    _add_overwrite(p)
     _add_model_options(p)
     _add_cluster_options(p)
     _add_common(p)
@@ -801,7 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", required=True, metavar="RANGE", help="K values: a range 2:12 (inclusive) or a list 2,4,8")
     p.add_argument("--criterion", choices=["validation", "bic", "aic"], default="validation")
     p.add_argument("--validation-fraction", type=float, default=0.1, metavar="F", help="held-out rows (default: 0.1)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder (a previous one of the same kind is replaced atomically)",
+    )
+    _add_overwrite(p)
     _add_model_options(p)
     _add_cluster_options(p)
     _add_common(p)
@@ -816,7 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `daskem fit --out` (or its model/)")
     _add_data_options(p)
-    p.add_argument("--out", required=True, metavar="LABELS.zarr")
+    p.add_argument(
+        "--out", required=True, metavar="LABELS.zarr", help="output store (a previous predictions store is replaced)"
+    )
+    _add_overwrite(p)
     p.add_argument("--proba", action="store_true", help="also write responsibilities")
     p.add_argument(
         "--anomaly-quantile", type=float, metavar="Q", help="flag rows below quantile Q of the training log-density"
@@ -843,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
         "foreground, with checkpoints in its output folder (a job run again resumes).",
     )
     p.add_argument("job", metavar="JOB.toml")
+    _add_fresh(p)
+    _add_overwrite(p)
     _add_cluster_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_run)
@@ -857,6 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = p.add_mutually_exclusive_group()
     x.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler")
     x.add_argument("--scheduler-file", metavar="FILE", help="scheduler file of a running Dask scheduler")
+    _add_fresh(p)
+    _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_submit)
 
@@ -884,27 +716,100 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Python keyword → command-line flag, for messages (``reg_covar`` → ``--reg-covar``)
+_FLAGS = {name: "--" + name.replace("_", "-") for name, _ in _MODEL_OPTIONS} | {
+    "n_components": "--k",
+    "validation_fraction": "--validation-fraction",
+    "anomaly_quantile": "--anomaly-quantile",
+}
+_KEYWORD_VALUE = re.compile(r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")=(['\"]?)([^\s,;)'\"]+)\2")
+_BARE_KEYWORD = re.compile(r"(?<![-\w/.])(" + "|".join(n for n in _FLAGS if "_" in n) + r")(?![\w/.])")
+
+
+def cli_message(text: str) -> str:
+    """A message of the Python API in the command line's words: ``reg_covar=0`` → ``--reg-covar 0``.
+
+    Only keyword names are translated: ``name=value`` for every option, and
+    the bare name for names with an underscore (never part of a path).
+    """
+    text = _KEYWORD_VALUE.sub(lambda m: f"{_FLAGS[m[1]]} {m[3]}", text)
+    return _BARE_KEYWORD.sub(lambda m: _FLAGS[m[1]], text)
+
+
+def _interrupted_message(args: argparse.Namespace) -> str:
+    ck = getattr(args, "_checkpoint", None) or getattr(args, "checkpoint", None)
+    if ck and (Path(ck) / "checkpoint.json").is_file():
+        return f"interrupted; the checkpoint at {ck} is intact; rerun the same command to resume"
+    target = getattr(args, "_out_target", None)
+    if target is not None and target.path.exists():
+        return f"interrupted; nothing was written, {target.path} is as it was"
+    return "interrupted; nothing was written"
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C: silence the logs of the closing cluster, then unwind (outputs are discarded)."""
+    logging.disable(logging.CRITICAL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C still stops the cleanup
+    raise KeyboardInterrupt
+
+
+#: run in each worker process of a local cluster: Ctrl-C (sent to the whole process group)
+#: only silences the worker's logs; the command stops the workers itself, instead of every
+#: worker printing a traceback and its cancelled tasks
+_WORKER_QUIET_ON_SIGINT = (
+    "import logging, signal\nsignal.signal(signal.SIGINT, lambda signum, frame: logging.disable(logging.CRITICAL))\n"
+)
+
+
+@contextlib.contextmanager
+def _quiet_interrupts(args: argparse.Namespace) -> Iterator[None]:
+    if not hasattr(args, "n_workers"):  # commands that start no cluster
+        yield
+        return
+    preload = dask.config.get("distributed.worker.preload", None) or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    previous = signal.getsignal(signal.SIGINT)
+    in_main = previous is signal.default_int_handler
+    if in_main:
+        signal.signal(signal.SIGINT, _on_interrupt)
+    try:
+        with dask.config.set({"distributed.worker.preload": [*preload, _WORKER_QUIET_ON_SIGINT]}):
+            yield
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``daskem`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = os.environ.get("DASKEM_DEBUG", "") not in ("", "0")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_interrupts(args):
             if args.quiet:
                 warnings.simplefilter("ignore")
             return int(args.func(args) or 0)
     except InputError as exc:
-        print(f"daskem: error: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"daskem: error: {cli_message(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("daskem: interrupted", file=sys.stderr)
+        print(f"daskem: {_interrupted_message(args)}", file=sys.stderr)
         return 130
     except Exception as exc:
-        if os.environ.get("DASKEM_DEBUG"):
+        if debug:
             traceback.print_exc()
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if isinstance(exc, ValueError) and _BARE_KEYWORD.search(msg):
+            # a numerical failure that names the option to change (singular data with --reg-covar 0): bad input
+            print(f"daskem: error: {cli_message(msg)}", file=sys.stderr)
+            return 2
         print(f"daskem: error: {type(exc).__name__}: {msg} (set DASKEM_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 if __name__ == "__main__":  # pragma: no cover

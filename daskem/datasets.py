@@ -9,14 +9,14 @@ array's attributes and in a JSON file next to the store
 
 from __future__ import annotations
 
-import json
-import shutil
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, atomic_dir, atomic_write_text
+from . import _outputs
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -90,19 +90,35 @@ def generate_zarr(
     chunk_rows: int = 100_000,
     dtype: str = "float64",
     separation: float = 6.0,
+    overwrite: bool = False,
+    target: _outputs.OutputTarget | None = None,
 ) -> MixtureTruth:
     """Write ``n_samples`` rows of a Gaussian mixture to a Zarr array at ``path``.
 
-    The store is built in a temporary folder beside ``path`` and renamed into
+    The store is built in a temporary folder beside ``path`` and swapped into
     place, so an existing store is replaced only by a complete one. Memory use
     is one chunk of ``chunk_rows`` rows whatever ``n_samples``.
+
+    ``path`` may be new, an empty folder, or a store that daskem generated
+    before (replaced, with its ``OUT.truth.json``); a daskem output of another
+    kind only with ``overwrite=True``; anything else is refused.
+
+    Parameters
+    ----------
+    target : OutputTarget, optional
+        ``path`` already checked by the caller (the command line).
 
     Returns
     -------
     MixtureTruth
         The true parameters (also saved as JSON, see :func:`truth_path`).
+
+    Raises
+    ------
+    OutputRefusedError
+        For a target daskem will not write over (before any work).
     """
-    import zarr
+    import zarr  # imported where a store is written (slow import)
 
     for name, v, lo in (("n_samples", n_samples, 1), ("n_features", n_features, 1), ("n_components", n_components, 1)):
         if not isinstance(v, (int, np.integer)) or v < lo:
@@ -111,10 +127,12 @@ def generate_zarr(
         raise InputError(f"n_components={n_components} must be <= n_samples={n_samples}")
     if str(path).startswith(("s3://", "gs://", "http://", "https://")):
         raise InputError("generate writes local Zarr stores only")
+    if target is None:
+        target = check_generate_target(path, overwrite=overwrite, option="overwrite=True")
     truth = make_truth(n_features, n_components, seed, separation)
     chunk_rows = int(max(1, min(chunk_rows, n_samples)))
-    tmp, commit = atomic_dir(path)
-    try:
+    truth_doc = {**truth.to_json(), "seed": int(seed)}
+    with _outputs.atomic_output(target) as tmp:
         arr = zarr.create_array(
             store=str(tmp),
             shape=(n_samples, n_features),
@@ -128,9 +146,13 @@ def generate_zarr(
             arr[start:stop] = x.astype(dtype)
         arr.attrs["daskem_truth"] = truth.to_json()
         arr.attrs["daskem_seed"] = int(seed)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(truth_path(path), json.dumps({**truth.to_json(), "seed": int(seed)}, indent=2))
+    # the store holds the truth in its attributes too; the JSON beside it is a copy
+    _outputs.write_companion(truth_path(path), "generated", truth_doc)
     return truth
+
+
+def check_generate_target(
+    path: str | os.PathLike, *, overwrite: bool = False, option: str | None = "--overwrite"
+) -> _outputs.OutputTarget:
+    """Check a :func:`generate_zarr` target (the store and its ``OUT.truth.json``) before any work."""
+    return _outputs.check_output(path, "generated", overwrite=overwrite, option=option, companions=[truth_path(path)])

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from .errors import InputError
+from . import _outputs
+from .errors import InputError, InputNotFoundError
 
 #: target bytes per row chunk: big enough that the scheduler overhead is
 #: small, small enough that a worker holds a few of them comfortably.
@@ -47,18 +46,30 @@ def _rows_for(n_rows: int, n_cols: int, itemsize: int, chunk_bytes: int, store_r
     return min(n_rows, store_rows)
 
 
+_NOT_ZARR_HINT = (
+    "daskem reads a Zarr store (a folder or URL) or a .npy file; convert other formats first, "
+    "e.g. np.save('x.npy', np.loadtxt('x.csv', delimiter=','))"
+)
+
+
 def _open_zarr(path: str, array: str | None, storage_options: dict | None) -> Any:
-    import zarr
+    import zarr  # zarr is imported only where a store is opened (slow import)
 
     kwargs = {}
     if storage_options:
         kwargs["storage_options"] = storage_options
-    if not _is_url(path) and not Path(path).exists():
-        raise InputError(f"no such Zarr store: {path}")
+    if not _is_url(path):
+        p = Path(path)
+        if not p.exists():
+            raise InputNotFoundError(f"no such Zarr store: {path}")
+        if not p.is_dir() or not any((p / n).exists() for n in ("zarr.json", ".zarray", ".zgroup")):
+            raise InputError(f"not a Zarr store or .npy file: {path} ({_NOT_ZARR_HINT})")
     try:
         node = zarr.open(path, mode="r", **kwargs)
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(f"no such Zarr store: {path}") from exc
     except Exception as exc:  # zarr raises several types for unreadable stores
-        raise InputError(f"cannot read a Zarr store at {path}: {exc}") from exc
+        raise InputError(f"not a readable Zarr store: {path} ({type(exc).__name__}: {exc})") from exc
     if isinstance(node, zarr.Group):
         names = sorted(name for name, _ in node.arrays())
         if array is None:
@@ -102,9 +113,12 @@ def open_array(
 
     Raises
     ------
+    InputNotFoundError
+        For a missing store or file (a ``FileNotFoundError``).
     InputError
-        For a missing or unreadable store, a non-numeric dtype, data that is
-        not two-dimensional, or an empty array.
+        For an unreadable store, a file that is neither a Zarr store nor a
+        ``.npy`` file, a non-numeric dtype, data that is not two-dimensional,
+        or an empty array.
     """
     chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     store_rows = None
@@ -112,11 +126,11 @@ def open_array(
         path = os.fspath(X)
         if path.endswith(".npy"):
             if not _is_url(path) and not Path(path).exists():
-                raise InputError(f"no such file: {path}")
+                raise InputNotFoundError(f"no such file: {path}")
             try:
                 X = np.load(path, mmap_mode="r", allow_pickle=False)
             except Exception as exc:
-                raise InputError(f"cannot read {path} as a .npy array: {exc}") from exc
+                raise InputError(f"not a readable .npy file: {path} ({exc})") from exc
         else:
             X = _open_zarr(path, array, storage_options)
     if hasattr(X, "dims") and hasattr(X, "data") and not isinstance(X, np.ndarray):
@@ -165,30 +179,8 @@ def _as_float(arr: da.Array) -> da.Array:
 
 
 # --------------------------------------------------------------------------
-# atomic folders
+# atomic files (folders: daskem._outputs)
 # --------------------------------------------------------------------------
-
-
-def atomic_dir(target: str | os.PathLike) -> tuple[Path, callable]:
-    """A fresh temporary folder beside ``target`` and a function that moves it in place.
-
-    Nothing at ``target`` is touched until the commit function is called; the
-    commit swaps the folders with renames so a reader never sees half a result.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-
-    def commit() -> None:
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    return tmp, commit
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -227,25 +219,62 @@ def _refuse_pickles(folder: Path) -> None:
             raise InputError(f"refusing to load {folder}: {f.name} is a pickle")
 
 
-def write_model(folder: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``model.json`` and ``arrays.npz`` into ``folder`` atomically."""
+def write_model(
+    folder: str | os.PathLike,
+    meta: dict,
+    arrays: dict[str, np.ndarray],
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Write ``model.json`` and ``arrays.npz`` into ``folder`` atomically.
+
+    ``folder`` may be new, an empty folder, or a model folder daskem saved
+    before (replaced atomically). Anything else is refused before anything
+    is written: a daskem output of another kind unless ``overwrite``; a file,
+    or a folder daskem did not write, always.
+
+    Raises
+    ------
+    OutputRefusedError
+        For a target daskem will not write over.
+    """
     for name, a in arrays.items():
         if np.asarray(a).dtype.kind not in "fiub":
             raise TypeError(f"array {name} is not numeric")
-    tmp, commit = atomic_dir(folder)
-    try:
+    target = _outputs.check_output(folder, "model", overwrite=overwrite, option="overwrite=True")
+    with _outputs.atomic_output(target) as tmp:
         doc = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **meta}
         (tmp / "model.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
         np.savez(tmp / "arrays.npz", **{k: np.asarray(v) for k, v in arrays.items()})
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def model_folder(folder: str | os.PathLike) -> Path:
+    """The model folder inside ``folder``: ``folder/model`` for what ``daskem fit --out`` wrote, else ``folder``.
+
+    Raises
+    ------
+    InputNotFoundError
+        When ``folder`` does not exist.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputNotFoundError(f"no such model folder: {folder}")
+    if not (folder / "model.json").is_file() and (folder / "model" / "model.json").is_file():
+        return folder / "model"
+    return folder
 
 
 def read_model(folder: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read a folder written by :func:`write_model`; refuse pickles and unknown formats."""
-    folder = Path(folder)
+    """Read a folder written by :func:`write_model` (or by ``daskem fit --out``); refuse pickles and unknown formats.
+
+    Raises
+    ------
+    InputNotFoundError
+        When ``folder`` does not exist.
+    InputError
+        For a folder that holds no daskem model, a pickle, or a newer format.
+    """
+    folder = model_folder(folder)
     if not (folder / "model.json").is_file():
         raise InputError(f"{folder} is not a daskem model folder (no model.json)")
     _refuse_pickles(folder)

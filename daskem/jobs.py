@@ -31,7 +31,14 @@ Relative paths are taken relative to the job file's folder.
 The output folder holds the report (``model/``, ``summary.json``, plots,
 ``labels.zarr``), the EM checkpoint (``checkpoint/``, written after every
 iteration; a job run again resumes from it) and the job state ``job.json``
-(``queued``, ``running``, ``done`` or ``failed``). A registry of job ids,
+(``queued``, ``running``, ``done`` or ``failed``). It is a daskem output of
+kind ``job`` (:mod:`daskem._outputs`): a job is run into a new path, an
+empty folder or its own previous output folder, never into a folder daskem
+did not write. While a job runs, ``.daskem-lock`` in the output folder names
+its process (pid and host): a second ``run`` (or a ``submit``) of the same
+job is refused until it ends, or until that process is gone. A job file
+edited since the checkpoint was written starts afresh, the old checkpoint
+moved aside to ``checkpoint.old-<time>``. A registry of job ids,
 ``$DASKEM_HOME/jobs/<id>.json`` (default ``~/.daskem``), points at the output
 folder, so ``daskem status``/``result`` find a job from any shell; the state
 itself lives with the output, so it survives a scheduler restart.
@@ -50,13 +57,29 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .io import InputError, atomic_write_text
+import psutil
+
+from . import _outputs
+from .errors import InputError, InputNotFoundError
+from .io import atomic_write_text
+from .mixture import GaussianMixture
+from .workflows import (
+    anomaly_threshold,
+    fit_and_report,
+    load_model_dir,
+    open_data,
+    parse_k_values,
+    store_chunk_rows,
+    write_predictions,
+)
 
 try:
     import tomllib
@@ -114,12 +137,11 @@ def load_job(path: str | Path) -> dict:
         For a missing or malformed file, unknown sections or keys, or
         missing required keys.
     """
-    from .cli import parse_k_values
-    from .mixture import GaussianMixture
-
     path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"no such job file: {path}")
     if not path.is_file():
-        raise InputError(f"no such job file: {path}")
+        raise InputError(f"not a job file: {path} (a folder)")
     try:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -284,10 +306,165 @@ def job_result(job_id: str) -> dict:
 # running
 # --------------------------------------------------------------------------
 
+#: the lock file in a job's output folder while the job runs
+LOCK_FILE = ".daskem-lock"
+
+#: the words of the error that ``Checkpoint.load`` raises for a checkpoint of other options
+_OTHER_OPTIONS = "written for other data or options"
+
+_held_locks: set[str] = set()
+
+
+def check_job_output(
+    job: dict, *, overwrite: bool = False, option: str | None = "--overwrite"
+) -> _outputs.OutputTarget:
+    """Check the job's ``[output] path`` before any work (a new path, an empty folder, or a job folder).
+
+    Raises
+    ------
+    OutputRefusedError
+        For a folder daskem did not write, a file, the input, a folder that
+        holds the input or the job file, or a daskem output of another kind
+        (unless ``overwrite``).
+    """
+    return _outputs.check_output(
+        job["output"]["path"],
+        "job",
+        inputs=[job["input"]["path"], job.get("job_file")],
+        overwrite=overwrite,
+        option=option,
+    )
+
+
+def _process_created(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
+def _lock_holder_alive(doc: dict) -> bool:
+    """Whether the process named in a lock still runs (always True for another host: it cannot be checked)."""
+    if doc.get("host") != socket.gethostname():
+        return True
+    pid = doc.get("pid")
+    if not isinstance(pid, int):
+        return False
+    created = _process_created(pid)
+    if created is None:
+        return False
+    started = doc.get("process_created")
+    return started is None or abs(created - float(started)) < 2.0
+
+
+def _in_use(folder: str | Path, holder: dict | None) -> InputError:
+    who = ""
+    if holder is not None:
+        who = f" ({holder.get('command')}, pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')})"
+    return InputError(
+        f"the job output {folder} is in use by another daskem{who}; wait for it to finish "
+        f"(daskem status), or delete {Path(folder) / LOCK_FILE} if no daskem process runs there"
+    )
+
+
+@contextlib.contextmanager
+def job_lock(folder: str | Path, what: str) -> Iterator[Path]:
+    """Hold ``folder/.daskem-lock`` (pid and host of this process) for the block.
+
+    A lock whose process is gone (same host) is stale and taken over. The
+    lock is re-entrant within one process and removed at the end.
+
+    Raises
+    ------
+    InputError
+        When another live process holds the lock.
+    """
+    lock = Path(folder) / LOCK_FILE
+    key = str(lock.resolve())
+    if key in _held_locks:
+        yield lock
+        return
+    doc = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "process_created": _process_created(os.getpid()),
+        "command": what,
+        "since": _now(),
+    }
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            holder = _read_json(lock)
+            if holder is None:  # being written right now, or unreadable: look again
+                time.sleep(0.2)
+                holder = _read_json(lock)
+            if holder is None or _lock_holder_alive(holder):
+                raise _in_use(folder, holder) from None
+            # stale: take it over (and give it back if another process took it over first)
+            stale = lock.with_name(f"{LOCK_FILE}.stale-{uuid.uuid4().hex[:8]}")
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(lock, stale)
+                moved = _read_json(stale)
+                if moved is not None and _lock_holder_alive(moved):
+                    with contextlib.suppress(FileExistsError):
+                        os.link(stale, lock)
+                    stale.unlink(missing_ok=True)
+                    raise _in_use(folder, moved) from None
+                stale.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(doc) + "\n")
+        break
+    else:  # pragma: no cover - five stale takeovers lost in a row
+        raise InputError(f"could not lock the job output {folder}; try again")
+    _held_locks.add(key)
+    try:
+        yield lock
+    finally:
+        _held_locks.discard(key)
+        if (_read_json(lock) or {}).get("pid") == os.getpid():
+            lock.unlink(missing_ok=True)
+
+
+def lock_holder(folder: str | Path) -> dict | None:
+    """The live process holding the job lock of ``folder``, or None."""
+    doc = _read_json(Path(folder) / LOCK_FILE)
+    return doc if doc is not None and _lock_holder_alive(doc) else None
+
+
+@contextlib.contextmanager
+def job_output(
+    job: dict, what: str, *, overwrite: bool = False, target: _outputs.OutputTarget | None = None
+) -> Iterator[Path]:
+    """Check, create (or adopt) and lock the job's output folder for the block."""
+    if target is None:
+        target = check_job_output(job, overwrite=overwrite)
+    out = _outputs.ensure_folder(target)
+    with job_lock(out, what):
+        yield out
+
+
+def _move_aside(checkpoint: Path) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = checkpoint.with_name(f"{checkpoint.name}.old-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = checkpoint.with_name(f"{checkpoint.name}.old-{stamp}-{n}")
+    os.replace(checkpoint, dest)
+    return dest
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / "checkpoint.json").is_file()
+
 
 def _move_into(src: Path, dest: Path) -> None:
-    """Move every entry of ``src`` into ``dest``, replacing each with a rename."""
+    """Move every entry of ``src`` into ``dest``, replacing each with a rename (not the marker)."""
     for item in sorted(src.iterdir()):
+        if item.name == _outputs.MARKER:
+            continue
         target = dest / item.name
         old = None
         if target.exists():
@@ -301,60 +478,63 @@ def _move_into(src: Path, dest: Path) -> None:
                 old.unlink(missing_ok=True)
 
 
-def run_job(job: dict, job_id: str, *, verbose: int = 0) -> dict:
+def _say_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_job(
+    job: dict,
+    job_id: str,
+    *,
+    verbose: int = 0,
+    fresh: bool = False,
+    overwrite: bool = False,
+    say: Callable[[str], None] = _say_stderr,
+) -> dict:
     """Run a loaded job with the active Dask client; returns :func:`job_result`'s fields.
 
-    The EM state is checkpointed to ``<output>/checkpoint`` after every
-    iteration (unless ``[model] checkpoint`` names another folder); the report
-    is built in a temporary folder and its entries renamed into the output
-    folder, so a failed job leaves the previous good result in place.
+    The output folder is checked, created and locked first
+    (:func:`job_output`). The EM state is checkpointed to
+    ``<output>/checkpoint`` after every iteration (unless ``[model]
+    checkpoint`` names another folder); a checkpoint written for other options
+    (an edited job file), or any checkpoint with ``fresh``, is moved aside to
+    ``checkpoint.old-<time>`` and the job starts afresh, with one line through
+    ``say``. The report is built in a temporary folder and its entries renamed
+    into the output folder, so a failed job leaves the previous good result in
+    place.
     """
-    from .cli import anomaly_threshold, fit_and_report, load_model_dir, open_data, store_chunk_rows, write_predictions
+    with job_output(job, "run", overwrite=overwrite) as out:
+        return _run_locked(job, job_id, out, verbose=verbose, fresh=fresh, say=say)
 
-    out = Path(job["output"]["path"])
-    if out.exists() and not out.is_dir():
-        raise InputError(f"the output {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+
+def _run_locked(job: dict, job_id: str, out: Path, *, verbose: int, fresh: bool, say: Callable[[str], None]) -> dict:
     write_state(job, job_id, "running", started=_now(), host=socket.gethostname(), pid=os.getpid(), error=None)
     t0 = time.perf_counter()
     try:
         options = dict(job["model"])
         options.setdefault("checkpoint", str(out / "checkpoint"))
+        checkpoint = Path(options["checkpoint"])
+        if fresh and _is_checkpoint(checkpoint):
+            say(f"daskem: --fresh: moved the checkpoint {checkpoint} to {_move_aside(checkpoint)}; starting afresh")
         X = open_data(job["input"]["path"], job["input"]["array"], options.get("chunk_bytes"))
+        # work folders of earlier runs that were killed (this process holds the lock)
+        for old in out.glob(".work-*"):
+            shutil.rmtree(old, ignore_errors=True)
         work = out / f".work-{job_id}"
-        shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         try:
-            extra = {"command": "job", "job_id": job_id, "job": job}
-            sel = job["select"]
-            if sel is not None:
-                fit_and_report(
-                    X,
-                    work / "report",
-                    k_values=sel["k"],
-                    criterion=sel["criterion"],
-                    validation_fraction=sel["validation_fraction"],
-                    options=options,
-                    verbose=verbose,
-                    extra=extra,
+            try:
+                _fit_job(job, job_id, X, work, options, verbose)
+            except InputError as exc:
+                if _OTHER_OPTIONS not in str(exc) or not _is_checkpoint(checkpoint):
+                    raise
+                moved = _move_aside(checkpoint)
+                say(
+                    f"daskem: the checkpoint {checkpoint} belongs to other data or options (the job file changed); "
+                    f"moved it to {moved.name} and starting afresh"
                 )
-            else:
-                opts = {k: v for k, v in options.items() if k != "n_components"}
-                fit_and_report(
-                    X, work / "report", k=int(options["n_components"]), options=opts, verbose=verbose, extra=extra
-                )
-            if job["output"]["predict"]:
-                gm, summary = load_model_dir(work / "report")
-                q = job["output"]["anomaly_quantile"]
-                write_predictions(
-                    gm,
-                    X,
-                    work / "report" / "labels.zarr",
-                    proba=job["output"]["proba"],
-                    anomaly_threshold=None if q is None else anomaly_threshold(summary, q),
-                    store_rows=store_chunk_rows(job["input"]["path"], job["input"]["array"]),
-                    attrs={"job_id": job_id, "anomaly_quantile": q},
-                )
+                shutil.rmtree(work / "report", ignore_errors=True)
+                _fit_job(job, job_id, X, work, options, verbose)
             _move_into(work / "report", out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -373,6 +553,38 @@ def run_job(job: dict, job_id: str, *, verbose: int = 0) -> dict:
     return job_result_from_folder(job_id, out)
 
 
+def _fit_job(job: dict, job_id: str, X: Any, work: Path, options: dict, verbose: int) -> None:
+    extra = {"command": "job", "job_id": job_id, "job": job}
+    sel = job["select"]
+    report = work / "report"
+    if sel is not None:
+        fit_and_report(
+            X,
+            report,
+            k_values=sel["k"],
+            criterion=sel["criterion"],
+            validation_fraction=sel["validation_fraction"],
+            options=options,
+            verbose=verbose,
+            extra=extra,
+        )
+    else:
+        opts = {k: v for k, v in options.items() if k != "n_components"}
+        fit_and_report(X, report, k=int(options["n_components"]), options=opts, verbose=verbose, extra=extra)
+    if job["output"]["predict"]:
+        gm, summary = load_model_dir(report)
+        q = job["output"]["anomaly_quantile"]
+        write_predictions(
+            gm,
+            X,
+            report / "labels.zarr",
+            proba=job["output"]["proba"],
+            anomaly_threshold=None if q is None else anomaly_threshold(summary, q),
+            store_rows=store_chunk_rows(job["input"]["path"], job["input"]["array"]),
+            attrs={"job_id": job_id, "anomaly_quantile": q},
+        )
+
+
 def job_result_from_folder(job_id: str, out: Path) -> dict:
     summary = _read_json(out / "summary.json") or {}
     model = summary.get("model", {})
@@ -386,36 +598,41 @@ def job_result_from_folder(job_id: str, out: Path) -> dict:
     }
 
 
-def _job_task(job: dict, job_id: str, home: str | None) -> str:
+def _job_task(job: dict, job_id: str, home: str | None, fresh: bool = False) -> str:
     """The long-running task of a submitted job (runs on a worker)."""
-    from distributed import worker_client
+    from distributed import worker_client  # slow import: only on a worker, for a submitted job
 
     if home:
         os.environ.setdefault("DASKEM_HOME", home)
-    out = Path(job["output"]["path"])
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "job.log", "a") as log, contextlib.redirect_stderr(log):
-        print(f"{_now()} job {job_id} starting on {socket.gethostname()}", file=log, flush=True)
-        try:
-            with worker_client() as client, client.as_current():
-                run_job(job, job_id, verbose=1)
-        except BaseException:
-            traceback.print_exc(file=log)
-            raise
-        print(f"{_now()} job {job_id} done", file=log, flush=True)
+    with job_output(job, "submit") as out:
+        with open(out / "job.log", "a") as log, contextlib.redirect_stderr(log):
+            print(f"{_now()} job {job_id} starting on {socket.gethostname()}", file=log, flush=True)
+            try:
+                with worker_client() as client, client.as_current():
+                    run_job(job, job_id, verbose=1, fresh=fresh, say=lambda m: print(m, file=log, flush=True))
+            except BaseException:
+                traceback.print_exc(file=log)
+                raise
+            print(f"{_now()} job {job_id} done", file=log, flush=True)
     return str(out)
 
 
-def submit(job: dict, *, connect_timeout: str = "20s") -> str:
+def submit(job: dict, *, connect_timeout: str = "20s", overwrite: bool = False, fresh: bool = False) -> str:
     """Hand a loaded job to the running cluster named in ``job['cluster']``; return its id.
+
+    The output folder is checked and created first; a job whose output folder
+    is locked by a running ``run`` or ``submit`` is refused.
 
     Raises
     ------
     InputError
         Without a scheduler address or file (a local cluster would die with
-        the submitting process), or when the scheduler cannot be reached.
+        the submitting process), when the scheduler cannot be reached, or when
+        the job is running already.
+    OutputRefusedError
+        For an output path daskem will not write to.
     """
-    from distributed import Client, fire_and_forget
+    from distributed import Client, fire_and_forget  # slow import: only for submit
 
     from .security import find_security
 
@@ -426,7 +643,12 @@ def submit(job: dict, *, connect_timeout: str = "20s") -> str:
             "[cluster] scheduler in the job file (use `daskem run` to run on a local cluster)"
         )
     if c.get("scheduler_file") and not Path(c["scheduler_file"]).exists():
-        raise InputError(f"no such scheduler file: {c['scheduler_file']}")
+        raise InputNotFoundError(f"no such scheduler file: {c['scheduler_file']}")
+    target = check_job_output(job, overwrite=overwrite)
+    out = _outputs.ensure_folder(target)
+    holder = lock_holder(out)
+    if holder is not None:
+        raise _in_use(out, holder)
     try:
         client = Client(
             c.get("scheduler"),
@@ -442,7 +664,7 @@ def submit(job: dict, *, connect_timeout: str = "20s") -> str:
         register(job_id, job, mode="submit", scheduler=client.scheduler.address)
         write_state(job, job_id, "queued", submitted=_now())
         key = f"daskem-job-{job_id}"
-        fut = client.submit(_job_task, job, job_id, os.environ.get("DASKEM_HOME"), key=key, pure=False)
+        fut = client.submit(_job_task, job, job_id, os.environ.get("DASKEM_HOME"), fresh, key=key, pure=False)
         fire_and_forget(fut)
         # make sure the scheduler holds the task before this process goes away
         deadline = time.monotonic() + 30
