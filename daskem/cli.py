@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -35,6 +34,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from . import __version__, _outputs, jobs
+from ._covariance import COVARIANCE_TYPES
 from .datasets import check_generate_target, generate_zarr, sample_chunk, truth_path
 from .errors import InputError
 from .mixture import GaussianMixture
@@ -54,7 +54,14 @@ DEMO_SEPARATION = 3.0
 
 #: GaussianMixture options exposed as ``--name-with-dashes``
 _MODEL_OPTIONS: list[tuple[str, dict]] = [
-    ("covariance_type", {"choices": ["full", "tied", "diag", "spherical"], "help": "covariance type (default: full)"}),
+    (
+        "covariance_type",
+        {
+            "choices": list(COVARIANCE_TYPES),
+            "metavar": "TYPE",
+            "help": f"covariance type: {', '.join(COVARIANCE_TYPES)} (default: full)",
+        },
+    ),
     ("algorithm", {"choices": ["soft", "hard"], "help": "soft EM or hard (classification) EM (default: soft)"}),
     ("n_init", {"type": int, "metavar": "N", "help": "restarts, sharing passes over the data (default: 1)"}),
     ("max_iter", {"type": int, "metavar": "N", "help": "maximum EM iterations (default: 100)"}),
@@ -381,23 +388,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     X = open_data(args.data, args.array)
     gm._check_features(X.shape[1])
     with cluster_client(args):
-        mean = gm.score(X)
-    n = int(X.shape[0])
-    p = gm.params_.n_parameters()
-    total = mean * n
-    print(
-        json.dumps(
-            {
-                "n_samples": n,
-                "mean_loglik": mean,
-                "total_loglik": total,
-                "bic": -2.0 * total + p * math.log(n),
-                "aic": -2.0 * total + 2.0 * p,
-                "n_parameters": p,
-            },
-            indent=2,
-        )
-    )
+        # one formula for BIC and AIC, on the rows actually used (with
+        # --missing marginalize, rows with every entry missing are not counted)
+        scores = gm.information_criteria(X)
+    print(json.dumps(scores, indent=2))
     return 0
 
 

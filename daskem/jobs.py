@@ -162,7 +162,7 @@ def load_job(path: str | Path) -> dict:
     if "path" not in out:
         raise InputError(f"{path}: [output] needs a path")
     model = dict(doc.get("model", {}))
-    valid = set(GaussianMixture._param_names()) - {"weights_init", "means_init", "precisions_init", "verbose"}
+    valid = set(GaussianMixture().get_params()) - {"weights_init", "means_init", "precisions_init", "verbose"}
     bad = set(model) - valid
     if bad:
         raise InputError(f"{path}: unknown model option(s) {sorted(bad)}; known: {sorted(valid)}")
