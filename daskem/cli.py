@@ -31,6 +31,7 @@ from typing import Any
 
 import dask
 import numpy as np
+from distributed import Client, LocalCluster
 from scipy.optimize import linear_sum_assignment
 
 from . import __version__, _outputs, jobs
@@ -39,6 +40,7 @@ from .datasets import check_generate_target, generate_zarr, sample_chunk, truth_
 from .errors import InputError
 from .mixture import GaussianMixture
 from .report import write_summary
+from .security import find_security
 from .workflows import (
     anomaly_threshold,
     fit_and_report,
@@ -197,11 +199,6 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
     (:func:`daskem.security.find_security`). The local cluster listens on
     127.0.0.1 only, its dashboard too.
     """
-    import dask
-    from distributed import Client, LocalCluster
-
-    from .security import find_security
-
     defaults = defaults or {}
     scheduler = getattr(args, "scheduler", None) or (
         None if getattr(args, "scheduler_file", None) else defaults.get("scheduler")

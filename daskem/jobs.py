@@ -66,11 +66,13 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from distributed import Client, fire_and_forget
 
 from . import _outputs
 from .errors import InputError, InputNotFoundError
 from .io import atomic_write_text
 from .mixture import GaussianMixture
+from .security import find_security
 from .workflows import (
     anomaly_threshold,
     fit_and_report,
@@ -632,10 +634,6 @@ def submit(job: dict, *, connect_timeout: str = "20s", overwrite: bool = False, 
     OutputRefusedError
         For an output path daskem will not write to.
     """
-    from distributed import Client, fire_and_forget  # slow import: only for submit
-
-    from .security import find_security
-
     c = job["cluster"]
     if not (c.get("scheduler") or c.get("scheduler_file")):
         raise InputError(

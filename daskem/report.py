@@ -40,10 +40,10 @@ _PALETTE = [
 
 
 def _plt() -> Any:
-    import matplotlib
+    import matplotlib  # matplotlib is slow to import: only when drawing
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib is slow to import: only when drawing
 
     plt.rcParams.update(
         {
@@ -167,8 +167,8 @@ def plot_loglik(
     kept_k, kept_covariance_type : optional
         The K (and model) kept after a selection; its best run is emphasised.
     """
-    from matplotlib import patheffects
-    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib import patheffects  # matplotlib is slow to import: only when drawing
+    from matplotlib.colors import BoundaryNorm, ListedColormap  # matplotlib is slow to import: only when drawing
 
     plt = _plt()
     runs = [r for r in runs if r.get("history") is not None and len(r["history"]) > 0]
@@ -242,7 +242,7 @@ def plot_loglik(
     ax.set_ylabel("log-likelihood per row still to gain\n(best final value − current value)")
 
     # legend and titles
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # matplotlib is slow to import: only when drawing
 
     n_r = len(runs)
     if best is None:
@@ -301,7 +301,7 @@ def _plain_formatter() -> Any:
 
     (matplotlib's default puts a shared ``1e6`` offset on a BIC axis, which hides the differences.)
     """
-    from matplotlib.ticker import Formatter
+    from matplotlib.ticker import Formatter  # matplotlib is slow to import: only when drawing
 
     class Plain(Formatter):
         ticks: Sequence[float] = ()
@@ -360,7 +360,7 @@ def plot_select_k(
         The chosen model, when rows carry ``covariance_type`` (default: the
         best row at ``best_k`` by ``criterion``).
     """
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # matplotlib is slow to import: only when drawing
 
     plt = _plt()
     rows = list(table)
@@ -554,8 +554,8 @@ def _draw_ellipses(
     the contours stay exact on axes of unequal scale. One artist per contour
     level keeps the drawing fast for hundreds of components.
     """
-    from matplotlib import patheffects
-    from matplotlib.collections import LineCollection
+    from matplotlib import patheffects  # matplotlib is slow to import: only when drawing
+    from matplotlib.collections import LineCollection  # matplotlib is slow to import: only when drawing
 
     t = np.linspace(0.0, 2.0 * np.pi, 73)
     circle = np.stack([np.cos(t), np.sin(t)])  # (2, T)
@@ -579,7 +579,7 @@ def _mean_markers(
     ax: Any, mu: np.ndarray, colors: Sequence[Any], markers: Sequence[str], *, size: float = 60.0, outline: bool = True
 ) -> None:
     """The components' means: their colour, a white ring and a dark outline (visible on any colour and on the points)."""
-    from matplotlib import patheffects
+    from matplotlib import patheffects  # matplotlib is slow to import: only when drawing
 
     colors = np.array(list(colors), dtype=object)
     for shape in sorted(set(markers)):
@@ -617,7 +617,7 @@ def _place_labels(
     label with no free spot inside the axes is left out (the legend names every
     component). Returns the Text artists placed.
     """
-    from matplotlib.transforms import Bbox
+    from matplotlib.transforms import Bbox  # matplotlib is slow to import: only when drawing
 
     fig = ax.figure
     fig.draw_without_rendering()  # fix the layout: the positions below are final
@@ -730,7 +730,7 @@ def plot_projection(
     their number next to their mean where it overlaps nothing. The axes take
     the data's own ranges (no equal aspect: the contours are exact either way).
     """
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # matplotlib is slow to import: only when drawing
 
     plt = _plt()
     sample = np.asarray(sample, dtype=np.float64)[:max_points]
@@ -830,7 +830,7 @@ def plot_classification(
     projected as ``Vᵀ Σ V``). So the figure has m(m + 1)/2 panels, m the number
     of coordinates.
     """
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # matplotlib is slow to import: only when drawing
 
     plt = _plt()
     sample = np.asarray(sample, dtype=np.float64)[:max_points]

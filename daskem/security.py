@@ -19,6 +19,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import dask
+import yaml
+from distributed import Security
+
 from .errors import InputError, InputNotFoundError
 
 __all__ = ["SECURITY_FILE", "find_security", "load_security"]
@@ -61,9 +65,6 @@ def load_security(path: str | Path) -> Any:
     InputError
         The file is not such a config.
     """
-    import yaml
-    from distributed import Security
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputNotFoundError(f"no such security config: {path}")
@@ -120,8 +121,6 @@ def find_security(
         The scheduler speaks TLS (``tls://``) and no certificate is configured
         anywhere: the connection could only fail.
     """
-    import dask
-
     if security:
         return load_security(security)
     if scheduler_file:
