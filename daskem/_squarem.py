@@ -333,6 +333,26 @@ class EMAccelerator:
         self.lower_bound = ll
         self.points["result"] = image
 
+    def _accept_em(self, ll: float, image: Params) -> bool:
+        """Record an EM point (SQUAREM); True when the run stopped on EM's own decrease.
+
+        An EM step from an accepted point may still lower the log-likelihood:
+        with ``reg_covar`` the M-step is not the exact maximiser, and near a
+        component whose variance is that small the fixed point of the
+        regularised map lies below points that the extrapolation reaches. Such
+        a point is not recorded (the result stays the best point's image); when
+        the decrease is below ``tol`` (as scikit-learn's rule would stop) the
+        run ends there, converged.
+        """
+        drop = self.lower_bound - ll
+        if drop <= _ROUNDOFF * max(1.0, abs(ll)):
+            self._accept(ll, image)
+            return False
+        if drop < self.tol:
+            self.converged = self.done = True
+            return True
+        return False
+
     def _restart(self, x0: Params) -> None:
         """A new cycle at ``x0``."""
         self.points = {"x0": x0, "result": self.points["result"]}
@@ -341,8 +361,8 @@ class EMAccelerator:
 
     def _receive_a(self, stats: Stats, ll: float) -> None:
         x1, perturbed = self._em_point(stats, self.points["x0"], ll)
-        self._accept(ll, x1)
-        self._after_a(ll, x1, perturbed)
+        if not self._accept_em(ll, x1):
+            self._after_a(ll, x1, perturbed)
 
     def _after_a(self, ll: float, x1: Params, perturbed: bool) -> None:
         self.l0 = ll
@@ -356,7 +376,8 @@ class EMAccelerator:
 
     def _receive_b(self, stats: Stats, ll: float) -> None:
         x2, perturbed = self._em_point(stats, self.points["x1"], ll)
-        self._accept(ll, x2)
+        if self._accept_em(ll, x2):
+            return
         self.l1 = ll
         if perturbed:
             self.starts, self.rates = [], []
@@ -394,13 +415,14 @@ class EMAccelerator:
         self.n_extrapolations += 1
         alpha = self.alpha
         image, perturbed = None, True
-        if math.isfinite(ll) and (ll >= self.l1 or self.stabilise):
+        bar = max(self.l1, self.lower_bound)  # L(x1), or the best point if that was higher
+        if math.isfinite(ll) and (ll >= bar or self.stabilise):
             image, perturbed = self.m_step(stats, self.points["xp"])
             self.n_perturbed += int(bool(perturbed))
         if perturbed:
             # not finite, or EM's map had to re-seed there
             self._reject()
-        elif ll >= self.l1:
+        elif ll >= bar:
             # Accepted: L(x') >= L(x1), and the next cycle starts at M(x'), which has
             # L(M(x')) >= L(x') because an EM step never lowers the log-likelihood
             # (the E-step's lower bound is tight at x' and the M-step maximises it).
@@ -416,7 +438,7 @@ class EMAccelerator:
 
     def _receive_d(self, stats: Stats, ll: float) -> None:
         xf = self.points["xf"]
-        if not (math.isfinite(ll) and ll >= self.l1):
+        if not (math.isfinite(ll) and ll >= max(self.l1, self.lower_bound)):
             self._reject()
             return
         x1, perturbed = self._em_point(stats, xf, ll)
