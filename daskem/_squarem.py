@@ -15,7 +15,8 @@ E-step at the current parameters followed by the M-step, exactly as
 
 SQUAREM (``method="squarem"``; Varadhan & Roland 2008, scheme S3, with the
 safeguards of the reference implementation, R's ``SQUAREM::squarem1``) runs
-cycles of at most three passes from a point ``x0``:
+cycles of three passes (two without extrapolation, four with a failed
+stabilisation) from a point ``x0``:
 
 A. pass at ``x0``: ``L(x0)`` and ``x1 = M(x0)``;
 B. pass at ``x1``: ``L(x1)`` and ``x2 = M(x1)``. With ``r = x1 - x0`` and
@@ -53,11 +54,16 @@ and ``L(x')`` or ``L(M(x'))`` when accepted, cycle after cycle. Each EM step
 does not lower the log-likelihood (``L(M(x)) >= L(x)``), and an extrapolated
 point (or its stabilised image) is kept only when it is at least ``L(x1)``;
 the next point after it is again an EM step. So no extrapolation can let a
-decrease through: the accepted sequence is as monotone as EM itself (with
-``reg_covar`` the M-step is not an exact maximiser, the log-likelihood's
-round-off is that of a sum over all rows, and re-seeding an empty
-component, which plain EM does too, restarts the cycle and the stopping
-rule's memory).
+decrease through. EM's own steps are trusted as plain EM trusts them, with
+two exceptions that plain EM shares: re-seeding an empty component (the
+M-step reports it as ``perturbed``) restarts the cycle and the stopping
+rule's memory, and with ``reg_covar`` the M-step is not an exact maximiser:
+its fixed point lies a little below the likelihood's maximum (by about
+``(reg_covar / variance)^2``), and from an extrapolated point above it an EM
+step can go down. Such an EM point is not recorded (the result stays the
+best point's image), and when its drop is below ``tol`` the run ends there,
+converged, as scikit-learn's rule would. Drops within the round-off of a
+mean over all rows (``64 eps |L|``) are recorded as they come.
 
 The result of a run, in both modes, follows scikit-learn: ``params`` is the
 M-step image of the last accepted point and ``lower_bound`` that point's
@@ -389,7 +395,7 @@ class EMAccelerator:
         q = v2 - v1
         v = q - r
         sr, sq, sv = (float(np.sqrt(np.dot(a, a))) for a in (r, q, v))
-        self.rates = [*self.rates[-(_RATE_WINDOW - 1) :], sq / sr if sr > 0.0 else 0.0]
+        self.rates = [*self.rates, sq / sr if sr > 0.0 else 0.0][-_RATE_WINDOW:]
         if self.remaining() < self.tol:
             self.converged = self.done = True
             return

@@ -144,8 +144,13 @@ def test_aitken_remaining_on_a_geometric_sequence_and_its_guards():
 # --------------------------------------------------------------------------
 
 
-def toy_machine(rate: float, method="squarem", reject_extrapolated=False, tol=1e-14, max_iter=1000):
+def toy_machine(rate: float, method="squarem", reject_extrapolated=False, tol=1e-14, max_iter=1000, perturb=None):
+    """x -> t + rate (x - t), L(x) = -||x - t||^2; stats are (params, proposed at stage C).
+
+    ``perturb(n_calls, is_extrapolated)`` says when the M-step reports a re-seeding.
+    """
     target = np.array([1.0, -2.0, 3.0])
+    calls = [0]
 
     def objective(stats):
         p, is_ext = stats
@@ -154,7 +159,8 @@ def toy_machine(rate: float, method="squarem", reject_extrapolated=False, tol=1e
         return -float(((p - target) ** 2).sum())
 
     def mstep(stats, p):
-        return target + rate * (p - target), False
+        calls[0] += 1
+        return target + rate * (p - target), bool(perturb and perturb(calls[0], stats[1]))
 
     m = EMAccelerator(
         np.zeros(3),
@@ -211,6 +217,20 @@ def test_rejected_extrapolations_fall_back_to_the_two_step_point_and_shrink_the_
     for _ in range(n_em):
         em = target + 0.9 * (em - target)
     assert np.allclose(m.params, em)
+
+
+def test_a_perturbed_m_step_restarts_the_cycle_and_rejects_an_extrapolation():
+    # every extrapolated point's M-step re-seeds: all extrapolations are rejected (not one is kept)
+    m, _ = toy_machine(0.9, perturb=lambda n, ext: ext, max_iter=40)
+    stages, _ = run_toy(m)
+    assert m.n_extrapolations > 5 and m.n_rejected == m.n_extrapolations
+    assert all(b >= a for a, b in zip(m.history, m.history[1:]))
+    # a re-seeding at a plain step (the 4th M-step: pass B of the second cycle): that cycle makes no
+    # extrapolation, the next one starts at the re-seeded point, and the stopping memory is cleared
+    m, _ = toy_machine(0.9, perturb=lambda n, ext: n == 4, max_iter=8)
+    stages, _ = run_toy(m)
+    assert stages == ["A", "B", "A", "B", "A", "B", "C", "A"]
+    assert m.n_perturbed == 1
 
 
 def test_max_iter_counts_every_pass_in_both_modes():
