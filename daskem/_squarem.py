@@ -215,6 +215,27 @@ class EMAccelerator:
         Passes at most (EM iterations, extrapolated ones included).
     step_min0, step_max0, mstep : float
         ``squarem1``'s step controls (defaults as there).
+    stabilise : bool
+        Whether an extrapolated point below ``L(x1)`` gets ``squarem1``'s
+        stabilisation step (stage D) before it is judged.
+
+    Attributes
+    ----------
+    params : Params
+        The result so far (the M-step image of the last accepted point).
+    lower_bound : float
+        The last accepted point's mean log-likelihood.
+    history : list of float
+        The accepted log-likelihoods, in order.
+    n_iter : int
+        Passes received.
+    converged, done : bool
+    stage : str
+        ``"A"``, ``"B"``, ``"C"`` or ``"D"`` (the next pass's point; always
+        ``"A"`` in plain EM).
+    n_extrapolations, n_rejected, n_perturbed : int
+        Passes at extrapolated points, rejected extrapolations, M-steps that
+        re-seeded.
     """
 
     def __init__(
@@ -255,7 +276,7 @@ class EMAccelerator:
         self.step_max = self.step_max0
         # points of the current cycle
         self.points: dict[str, Params] = {"x0": params}
-        self.stage = "A"  # "A": pass at x0, "B": at x1, "C": at the extrapolated xp
+        self.stage = "A"  # "A": pass at x0, "B": at x1, "C": at the extrapolated xp, "D": at M(xp)
         self.alpha = math.nan  # the cycle's clamped step
         self.l0 = math.nan  # L(x0) and L(x1) of the current cycle
         self.l1 = math.nan
