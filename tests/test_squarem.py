@@ -377,7 +377,13 @@ def test_state_export_restore_mid_cycle_gives_the_identical_run(ctype):
         for _ in range(kill_at):
             m.receive(chunk_statistics(X, [m.proposal()])[0])
         seen.add(m.stage)
+        before = m.state(model.params_state)
         m = _roundtrip(m, model)
+        after = m.state(model.params_state)
+        assert after[1] == before[1]  # every field restored
+        assert after[0].keys() == before[0].keys()
+        for key, a in before[0].items():
+            np.testing.assert_array_equal(after[0][key], a, err_msg=key)
         rest = trajectory(X, m)
         assert ref_traj[kill_at:] == rest
         assert m.history == ref.history and m.step_max == ref.step_max
