@@ -1,0 +1,466 @@
+"""SQUAREM acceleration (daskem._squarem): the state machine, its stopping rule and checkpoints.
+
+Statistics come from daskem._gaussian.chunk_statistics on in-memory data and
+the M-step from daskem._gaussian.m_step; plain mode is compared with the
+engine's run_em on a dask array.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from daskem import _engine as engine
+from daskem._gaussian import DEFAULT_BLOCK_ROWS, GaussianParams, MixtureModel, chunk_statistics, m_step
+from daskem._squarem import (
+    EMAccelerator,
+    aitken_remaining,
+    drive,
+    em_remaining,
+    gaussian_from_vector,
+    gaussian_to_vector,
+)
+
+REG = 1e-6
+TYPES = ("full", "tied", "diag", "spherical")
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def params_from_labels(X: np.ndarray, lab: np.ndarray, k: int, ctype: str) -> GaussianParams:
+    """The Gaussian mixture of hard labels (a start for EM)."""
+    d = X.shape[1]
+    nk = np.bincount(lab, minlength=k).astype(np.float64)
+    means = np.stack([X[lab == j].mean(axis=0) for j in range(k)])
+    covs = np.stack([np.cov(X[lab == j].T, bias=True).reshape(d, d) + REG * np.eye(d) for j in range(k)])
+    cov = {
+        "full": covs,
+        "tied": np.einsum("k,kij->ij", nk, covs) / nk.sum(),
+        "diag": np.diagonal(covs, axis1=1, axis2=2).copy(),
+        "spherical": np.diagonal(covs, axis1=1, axis2=2).mean(axis=1),
+    }[ctype]
+    return GaussianParams.from_covariances(nk / nk.sum(), means, cov, ctype)
+
+
+def random_start(X: np.ndarray, k: int, ctype: str, seed: int) -> GaussianParams:
+    """Nearest of k random rows, then the Gaussians of those labels."""
+    rng = np.random.default_rng(seed)
+    for _ in range(100):
+        seeds = X[rng.choice(len(X), size=k, replace=False)]
+        lab = np.argmin(((X[:, None, :] - seeds[None]) ** 2).sum(-1), axis=1)
+        if np.bincount(lab, minlength=k).min() >= X.shape[1] + 1:
+            return params_from_labels(X, lab, k, ctype)
+    raise AssertionError("no usable start")
+
+
+def gaussian_machine(
+    params: GaussianParams, method: str | None, tol: float, max_iter: int, reg: float = REG
+) -> EMAccelerator:
+    def mstep(stats, p):
+        new, empty = m_step(stats, p, reg)
+        return new, bool(empty.any())
+
+    return EMAccelerator(
+        params,
+        m_step=mstep,
+        objective=lambda s: s.mean_loglik,
+        to_vector=gaussian_to_vector,
+        from_vector=gaussian_from_vector,
+        method=method,
+        tol=tol,
+        max_iter=max_iter,
+    )
+
+
+def stats_fn(X: np.ndarray):
+    return lambda plist: chunk_statistics(X, plist, block_rows=DEFAULT_BLOCK_ROWS)
+
+
+def trajectory(X: np.ndarray, m: EMAccelerator) -> list[tuple[int, float]]:
+    """Drive one machine to its end; (passes, lower_bound) after every pass."""
+    out = []
+    while (p := m.proposal()) is not None:
+        m.receive(chunk_statistics(X, [p])[0])
+        out.append((m.n_iter, m.lower_bound))
+    return out
+
+
+def sort_components(p: GaussianParams) -> dict[str, np.ndarray]:
+    order = np.lexsort(p.means.T[::-1])
+    out = {"weights": p.weights[order], "means": p.means[order]}
+    out["covariances"] = p.covariances if p.covariance_type == "tied" else p.covariances[order]
+    return out
+
+
+def adversarial(seed: int = 0) -> np.ndarray:
+    """Two overlapping blobs, a near-singular (flat) component and a tiny one, in 3-D."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(1500, 3)) + [0.0, 0.0, 0.0]
+    b = rng.normal(size=(1200, 3)) * [1.5, 0.7, 1.0] + [1.0, 0.5, 0.0]
+    flat = rng.normal(size=(600, 3)) * [3.0, 1e-3, 1e-3] + [6.0, -4.0, 2.0]
+    flat[:, 1] += 0.3 * flat[:, 0]
+    tiny = rng.normal(size=(12, 3)) * 0.2 + [-6.0, 6.0, -3.0]
+    return np.concatenate([a, b, flat, tiny])
+
+
+def overlapping_2d(n: int = 4000, seed: int = 1, noise: float = 0.8) -> np.ndarray:
+    """Three overlapping 2-D Gaussians: EM converges slowly (``noise=0.8``: very slowly)."""
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(3, size=n)
+    centres = np.array([[0.0, 0.0], [1.2, 0.4], [0.3, 1.3]])
+    return centres[lab] + rng.normal(size=(n, 2)) * noise
+
+
+# --------------------------------------------------------------------------
+# stopping estimates
+# --------------------------------------------------------------------------
+
+
+def test_aitken_remaining_on_a_geometric_sequence_and_its_guards():
+    # L_t = 1 - 0.5**t: L_inf - L_2 = 0.25
+    assert aitken_remaining([0.0, 0.5, 0.75]) == pytest.approx(0.25)
+    assert aitken_remaining([0.0, 0.0, 0.0]) == 0.0  # nothing moved
+    assert aitken_remaining([0.0, 0.5, 0.5 - 1e-15]) == 0.0  # a round-off decrease: stalled
+    assert aitken_remaining([0.0, 0.0, 1e-9]) == math.inf  # rate undefined (division by 0)
+    assert aitken_remaining([0.5, 0.0, 0.1]) == math.inf  # negative rate
+    assert aitken_remaining([0.0, 0.1, 0.3]) == math.inf  # rate >= 1: not converging yet
+    assert aitken_remaining([0.0, float("nan"), 1.0]) == math.inf
+    assert em_remaining(1e-3, 0.9) == pytest.approx(1e-3 * 0.81 / 0.19)
+    assert em_remaining(1e-3, 1.0) == math.inf
+    assert em_remaining(0.0, 0.5) == 0.0
+
+
+# --------------------------------------------------------------------------
+# the machine on a toy map (no Gaussians): step bounds, acceptance
+# --------------------------------------------------------------------------
+
+
+def toy_machine(rate: float, method="squarem", reject_extrapolated=False, tol=1e-14, max_iter=1000, perturb=None):
+    """x -> t + rate (x - t), L(x) = -||x - t||^2; stats are (params, proposed at stage C).
+
+    ``perturb(n_calls, is_extrapolated)`` says when the M-step reports a re-seeding.
+    """
+    target = np.array([1.0, -2.0, 3.0])
+    calls = [0]
+
+    def objective(stats):
+        p, is_ext = stats
+        if reject_extrapolated and is_ext:
+            return -math.inf
+        return -float(((p - target) ** 2).sum())
+
+    def mstep(stats, p):
+        calls[0] += 1
+        return target + rate * (p - target), bool(perturb and perturb(calls[0], stats[1]))
+
+    m = EMAccelerator(
+        np.zeros(3),
+        m_step=mstep,
+        objective=objective,
+        to_vector=lambda p: p,
+        from_vector=lambda v, like: v.copy(),
+        method=method,
+        tol=tol,
+        max_iter=max_iter,
+    )
+    return m, target
+
+
+def run_toy(m):
+    stages, bounds = [], []
+    while (p := m.proposal()) is not None:
+        stages.append(m.stage)
+        m.receive((p, m.stage == "C"))
+        bounds.append(m.step_max)
+    return stages, bounds
+
+
+def test_squarem_on_a_linear_map_grows_the_bound_until_it_lands_on_the_fixed_point():
+    # x -> t + 0.99 (x - t): plain EM needs ~3000 passes for 1e-12; S3 gives alpha = 1/(1 - 0.99) = 100,
+    # which the bound reaches after 1 -> 4 -> 16 -> 64 -> 256, and an unclamped step lands exactly
+    m, target = toy_machine(0.99)
+    stages, bounds = run_toy(m)
+    plain, _ = toy_machine(0.99, method=None, max_iter=10_000)
+    run_toy(plain)
+    assert m.converged and plain.converged
+    # first cycle: alpha clamped to 1 = step_max, the two-step point, the bound grows; then every
+    # extrapolation sits at the bound and is accepted until the bound exceeds 100
+    assert bounds[:14] == [1.0, 4.0, 4.0, 4.0, 16.0, 16.0, 16.0, 64.0, 64.0, 64.0] + [256.0] * 4
+    assert np.allclose(m.params, target, atol=1e-10)
+    # on the fixed point (to round-off) after 14 passes, without a rejection before; plain EM needs > 1500
+    assert m.history[13] > -1e-20 and m.n_rejected <= 1
+    assert m.n_iter <= 20 and plain.n_iter > 1500
+    assert all(b >= a for a, b in zip(m.history, m.history[1:]))
+
+
+def test_rejected_extrapolations_fall_back_to_the_two_step_point_and_shrink_the_bound():
+    # every extrapolated point has L = -inf: the run must be plain EM in pairs of steps, with one wasted pass
+    # per cycle, and the bound may never stay above step_max0 * mstep
+    m, target = toy_machine(0.9, reject_extrapolated=True, max_iter=60)
+    stages, bounds = run_toy(m)
+    assert m.n_rejected == m.n_extrapolations > 5
+    assert max(bounds) <= 4.0
+    assert all(b >= a for a, b in zip(m.history, m.history[1:]))
+    assert all(math.isfinite(v) for v in m.history)
+    # the rejections cost passes: the parameters are those of plain EM after (2/3 of 60) steps at most
+    em = np.zeros(3)
+    n_em = stages.count("A") + stages.count("B")
+    for _ in range(n_em):
+        em = target + 0.9 * (em - target)
+    assert np.allclose(m.params, em)
+
+
+def test_a_perturbed_m_step_restarts_the_cycle_and_rejects_an_extrapolation():
+    # every extrapolated point's M-step re-seeds: all extrapolations are rejected (not one is kept)
+    m, _ = toy_machine(0.9, perturb=lambda n, ext: ext, max_iter=40)
+    stages, _ = run_toy(m)
+    assert m.n_extrapolations > 5 and m.n_rejected == m.n_extrapolations
+    assert all(b >= a for a, b in zip(m.history, m.history[1:]))
+    # a re-seeding at a plain step (the 4th M-step: pass B of the second cycle): that cycle makes no
+    # extrapolation, the next one starts at the re-seeded point, and the stopping memory is cleared
+    m, _ = toy_machine(0.9, perturb=lambda n, ext: n == 4, max_iter=8)
+    stages, _ = run_toy(m)
+    assert stages == ["A", "B", "A", "B", "A", "B", "C", "A"]
+    assert m.n_perturbed == 1
+
+
+def test_max_iter_counts_every_pass_in_both_modes():
+    for method in (None, "squarem"):
+        m, _ = toy_machine(0.999, method=method, max_iter=7)
+        run_toy(m)
+        assert m.n_iter == 7 and m.done and not m.converged
+    m, _ = toy_machine(0.5, max_iter=0)
+    assert m.proposal() is None
+
+
+# --------------------------------------------------------------------------
+# (a) monotone accepted log-likelihood on adversarial data
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ctype", TYPES)
+def test_accepted_loglik_never_decreases_on_adversarial_data(ctype):
+    X = adversarial()
+    n_rejected = 0
+    for seed in range(3):
+        start = random_start(X, 4, ctype, seed)
+        plain = gaussian_machine(start, None, 1e-8, 500)
+        trajectory(X, plain)
+        m = gaussian_machine(start, "squarem", 1e-8, 500)
+        trajectory(X, m)
+        h = np.array(m.history)
+        # round-off of a mean log-likelihood of 3312 rows: the sum's last bits
+        assert np.diff(h).min() >= -1e-11 * max(1.0, abs(h[-1])), (seed, np.diff(h).min())
+        assert m.lower_bound == h[-1] == max(h)
+        assert m.converged
+        # never ends below plain EM from the same start at the same tol
+        assert m.lower_bound >= plain.lower_bound - 1e-9, (seed, m.lower_bound, plain.lower_bound)
+        n_rejected += m.n_rejected
+        assert m.n_extrapolations > 0
+    # the guard was exercised on this data (else this test shows nothing about it); with one variance
+    # per component no extrapolation of these starts overshoots
+    if ctype != "spherical":
+        assert n_rejected > 0
+
+
+# --------------------------------------------------------------------------
+# (b) same optimum as plain EM, (c) far fewer passes
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ctype", TYPES)
+def test_accelerated_em_ends_at_plain_em_optimum(ctype):
+    # reg_covar moves EM's fixed point off the likelihood's maximum (by ~reg / variance), and SQUAREM,
+    # which keeps any point of higher likelihood, drifts toward the maximum: compare with a negligible one
+    X = overlapping_2d(2000, noise=0.4)
+    start = random_start(X, 3, ctype, 0)
+    plain = gaussian_machine(start, None, 0.0, 3000, reg=1e-12)  # tol 0: run to the cap
+    trajectory(X, plain)
+    assert plain.history[-1] - plain.history[-2] < 1e-14  # plain EM is at its fixed point
+    m = gaussian_machine(start, "squarem", 1e-13, 3000, reg=1e-12)
+    trajectory(X, m)
+    assert m.converged and m.n_iter < 150
+    a, b = sort_components(plain.params), sort_components(m.params)
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+    assert m.lower_bound == pytest.approx(plain.lower_bound, abs=1e-11)
+
+
+@pytest.mark.parametrize("ctype", ["full", "diag"])
+def test_accelerated_em_needs_far_fewer_passes_to_reach_the_optimum(ctype):
+    X = overlapping_2d()
+    start = random_start(X, 3, ctype, 2)
+    plain = trajectory(X, gaussian_machine(start, None, 1e-12, 5000))
+    sq = trajectory(X, gaussian_machine(start, "squarem", 1e-12, 5000))
+    lstar = max(plain[-1][1], sq[-1][1])
+    n_plain = next(n for n, ll in plain if ll >= lstar - 1e-4)
+    n_sq = next(n for n, ll in sq if ll >= lstar - 1e-4)
+    print(f"\n{ctype}: passes to L* - 1e-4: plain {n_plain}, SQUAREM {n_sq}, ratio {n_sq / n_plain:.2f}")
+    assert n_plain >= 50  # a slowly converging case, or the comparison says nothing
+    assert n_sq <= 0.6 * n_plain
+
+
+# --------------------------------------------------------------------------
+# (d) plain mode is today's engine.run_em, exactly
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ctype", ["full", "diag"])
+def test_plain_mode_equals_run_em_exactly(ctype):
+    X = overlapping_2d(3000)
+    starts = [random_start(X, 3, ctype, s) for s in (0, 1)]
+    model = MixtureModel(reg_covar=REG)
+    runs = [engine.Run(params=p) for p in starts]
+    with dask.config.set(scheduler="synchronous"):
+        engine.run_em(da.from_array(X, chunks=(len(X), 2)), model, runs, tol=1e-5, max_iter=300)
+    machines = [gaussian_machine(p, None, 1e-5, 300) for p in starts]
+    drive(machines, stats_fn(X))
+    for r, m in zip(runs, machines):
+        assert r.history == m.history  # bit for bit
+        assert r.n_iter == m.n_iter and r.converged == m.converged and r.lower_bound == m.lower_bound
+        for key, a in r.params.to_arrays().items():
+            np.testing.assert_array_equal(m.params.to_arrays()[key], a)
+    assert runs[0].n_iter != runs[1].n_iter or runs[0].history != runs[1].history
+
+
+# --------------------------------------------------------------------------
+# (e) checkpoint: export, restore, continue = uninterrupted
+# --------------------------------------------------------------------------
+
+
+def _roundtrip(m: EMAccelerator, model: MixtureModel) -> EMAccelerator:
+    arrays, meta = m.state(model.params_state)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(json.dumps(meta, allow_nan=False))
+    fresh = gaussian_machine(m.points["x0"], m.method, m.tol, m.max_iter)
+    return EMAccelerator.from_state(
+        arrays,
+        meta,
+        model.params_from_state,
+        m_step=fresh.m_step,
+        objective=fresh.objective,
+        to_vector=gaussian_to_vector,
+        from_vector=gaussian_from_vector,
+    )
+
+
+@pytest.mark.parametrize("ctype", ["full", "spherical"])
+def test_state_export_restore_mid_cycle_gives_the_identical_run(ctype):
+    X = overlapping_2d(2000)
+    start = random_start(X, 3, ctype, 3)
+    model = MixtureModel(reg_covar=REG)
+    ref = gaussian_machine(start, "squarem", 1e-10, 400)
+    ref_traj, stages = [], []
+    while (p := ref.proposal()) is not None:
+        stages.append(ref.stage)
+        ref.receive(chunk_statistics(X, [p])[0])
+        ref_traj.append((ref.n_iter, ref.lower_bound))
+    assert ref.n_extrapolations >= 3
+    # kill before the first three passes of each stage (and never after the last one)
+    kills = sorted({i for st in "ABCD" for i in [j for j, s in enumerate(stages) if s == st][:3] if i > 0})
+    seen = set()
+    for kill_at in kills:
+        m = gaussian_machine(start, "squarem", 1e-10, 400)
+        for _ in range(kill_at):
+            m.receive(chunk_statistics(X, [m.proposal()])[0])
+        seen.add(m.stage)
+        before = m.state(model.params_state)
+        m = _roundtrip(m, model)
+        after = m.state(model.params_state)
+        assert after[1] == before[1]  # every field restored
+        assert after[0].keys() == before[0].keys()
+        for key, a in before[0].items():
+            np.testing.assert_array_equal(after[0][key], a, err_msg=key)
+        rest = trajectory(X, m)
+        assert ref_traj[kill_at:] == rest
+        assert m.history == ref.history and m.step_max == ref.step_max
+        for key, a in ref.params.to_arrays().items():
+            np.testing.assert_array_equal(m.params.to_arrays()[key], a)
+    assert seen == {"A", "B", "C", "D"}  # killed in every stage of a cycle
+
+
+def test_state_of_a_plain_run_restores_too():
+    X = overlapping_2d(1000)
+    start = random_start(X, 3, "diag", 0)
+    model = MixtureModel(reg_covar=REG)
+    ref = gaussian_machine(start, None, 1e-8, 200)
+    trajectory(X, ref)
+    m = gaussian_machine(start, None, 1e-8, 200)
+    for _ in range(5):
+        m.receive(chunk_statistics(X, [m.proposal()])[0])
+    m = _roundtrip(m, model)
+    trajectory(X, m)
+    assert m.history == ref.history and m.n_iter == ref.n_iter
+
+
+# --------------------------------------------------------------------------
+# (f) the Gaussian parameterisation
+# --------------------------------------------------------------------------
+
+
+def _assert_valid(p: GaussianParams) -> None:
+    assert np.isfinite(p.weights).all() and (p.weights > 0).all()
+    assert p.weights.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.isfinite(p.means).all()
+    ct = p.covariance_type
+    if ct in ("full", "tied"):
+        covs = p.covariances if ct == "full" else p.covariances[None]
+        pcs = p.precisions_cholesky if ct == "full" else p.precisions_cholesky[None]
+        for cov, u in zip(covs, pcs):
+            np.linalg.cholesky(cov)  # positive definite
+            np.testing.assert_allclose(cov, cov.T, rtol=0, atol=1e-12 * np.abs(cov).max())
+            assert np.allclose(np.tril(u, -1), 0.0) and (np.diag(u) > 0).all()
+            # precision = U U^T is the inverse of the covariance (to the accuracy its condition allows)
+            cond = np.linalg.cond(cov)
+            np.testing.assert_allclose(u.T @ cov @ u, np.eye(len(u)), atol=1e-14 * cond + 1e-12)
+    else:
+        assert (p.covariances > 0).all()
+        np.testing.assert_allclose(p.precisions_cholesky**2 * p.covariances, 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("ctype", TYPES)
+def test_vector_roundtrip_and_every_extrapolated_point_is_a_valid_model(ctype):
+    X = adversarial()
+    p0 = random_start(X, 4, ctype, 0)
+    p1 = m_step(chunk_statistics(X, [p0])[0], p0, REG)[0]
+    p2 = m_step(chunk_statistics(X, [p1])[0], p1, REG)[0]
+    for p in (p0, p1, p2):
+        v = gaussian_to_vector(p)
+        back = gaussian_from_vector(v, p)
+        for key, a in p.to_arrays().items():
+            np.testing.assert_allclose(back.to_arrays()[key], a, rtol=1e-10, atol=1e-14, err_msg=key)
+        np.testing.assert_allclose(gaussian_to_vector(back), v, rtol=1e-12, atol=1e-12)
+    v0, v1, v2 = (gaussian_to_vector(p) for p in (p0, p1, p2))
+    r, v = v1 - v0, v2 - 2 * v1 + v0
+    valid = []
+    for alpha in (1.0, 1.5, 4.0, 16.0, 64.0, 256.0, 1024.0, 1e5, 1e8):
+        q = gaussian_from_vector(v0 + 2 * alpha * r + alpha**2 * v, p0)
+        valid.append(q is not None)
+        if q is not None:
+            _assert_valid(q)
+            ll = chunk_statistics(X, [q])[0].mean_loglik
+            assert not math.isnan(ll)
+    # small steps always give a model; the largest overflow (None: the machine rejects them)
+    assert valid[:3] == [True] * 3 and not valid[-1]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        q = gaussian_from_vector(v0 + rng.normal(scale=3.0, size=v0.shape), p0)
+        if q is not None:
+            _assert_valid(q)
+    assert gaussian_from_vector(np.full_like(v0, np.nan), p0) is None
+    huge = v0.copy()
+    huge[-1] = 1e4  # a precision (or its Cholesky diagonal) of exp(1e4)
+    assert gaussian_from_vector(huge, p0) is None
