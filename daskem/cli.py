@@ -746,9 +746,15 @@ def _on_interrupt(signum: int, frame: Any) -> None:
 
 #: run in each worker process of a local cluster: Ctrl-C (sent to the whole process group)
 #: only silences the worker's logs; the command stops the workers itself, instead of every
-#: worker printing a traceback and its cancelled tasks
+#: worker printing a traceback and its cancelled tasks. The workers' own log lines share the
+#: command's terminal: only critical ones show (unless DASKEM_DEBUG=1), since every failure
+#: that matters reaches the command as an exception and is reported in one line (a loaded
+#: machine otherwise shows a worker's heartbeat traceback when the cluster closes).
 _WORKER_QUIET_ON_SIGINT = (
-    "import logging, signal\nsignal.signal(signal.SIGINT, lambda signum, frame: logging.disable(logging.CRITICAL))\n"
+    "import logging, os, signal\n"
+    "signal.signal(signal.SIGINT, lambda signum, frame: logging.disable(logging.CRITICAL))\n"
+    "if os.environ.get('DASKEM_DEBUG', '') in ('', '0'):\n"
+    "    logging.getLogger('distributed').setLevel(logging.CRITICAL)\n"
 )
 
 
