@@ -192,12 +192,34 @@ def pass_parts(
 
 
 def _read_group_pass(array: Any, bounds: Sequence[tuple[int, int]], dtype: Any, task: _PassTask) -> np.ndarray:
-    """One streamed task: read the chunks ``bounds`` in sequence, sum their statistics in order."""
+    """One streamed task: read the chunks ``bounds`` in sequence, sum their statistics in order.
+
+    One chunk in memory at a time: a chunk of the dask array, or a chunk of the
+    store where the dask chunks are pieces of the store's chunks (each store
+    chunk is then read once, not once per piece; :func:`_read_units`).
+    """
     vec = None
-    for start, stop in bounds:
+    for start, stop in _read_units(bounds, _store_rows(array)):
         v = task.block(_read_rows(array, start, stop, dtype), start)
         vec = v if vec is None else vec + v
     return vec[None, :]
+
+
+def _store_rows(array: Any) -> int | None:
+    chunks = getattr(array, "chunks", None)
+    if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], int):
+        return int(chunks[0])
+    return None
+
+
+def _read_units(bounds: Sequence[tuple[int, int]], store_rows: int | None) -> list[tuple[int, int]]:
+    """The reads of a group of consecutive chunks ``bounds``: the chunks, or the store's
+    chunks (cut to the group) when these are larger."""
+    if not store_rows or store_rows <= max(b - a for a, b in bounds):
+        return list(bounds)
+    start, stop = bounds[0][0], bounds[-1][1]
+    cuts = [start, *range((start // store_rows + 1) * store_rows, stop, store_rows), stop]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def _read_rows(array: Any, start: int, stop: int, dtype: Any, order: str = "C") -> np.ndarray:
