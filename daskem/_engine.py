@@ -184,25 +184,33 @@ def pass_parts(
         )
     array, dtype = source
     dsk = {
-        (name, g, 0): (_read_group_pass, array, bounds, dtype, key if delayed_params else task)
-        for g, bounds in enumerate(groups)
+        (name, g, 0): (_read_group_pass, array, cuts, dtype, key if delayed_params else task)
+        for g, cuts in enumerate(groups)
     }
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[arg] if delayed_params else [])
     return da.Array(graph, name, chunks=((1,) * len(groups), (size,)), dtype=np.float64)
 
 
-def _read_group_pass(array: Any, bounds: Sequence[tuple[int, int]], dtype: Any, task: _PassTask) -> np.ndarray:
-    """One streamed task: read the chunks ``bounds`` in sequence, sum their statistics in order.
+def _read_group_pass(array: Any, cuts: np.ndarray, dtype: Any, task: _PassTask) -> np.ndarray:
+    """One streamed task: read the chunks ``cuts[i]:cuts[i + 1]`` in sequence, sum their
+    statistics in order.
 
     One chunk in memory at a time: a chunk of the dask array, or a chunk of the
     store where the dask chunks are pieces of the store's chunks (each store
     chunk is then read once, not once per piece; :func:`_read_units`).
     """
     vec = None
-    for start, stop in _read_units(bounds, _store_rows(array)):
+    for start, stop in _read_units(cuts, _store_rows(array)):
         v = task.block(_read_rows(array, start, stop, dtype), start)
         vec = v if vec is None else vec + v
     return vec[None, :]
+
+
+def _read_rows(array: Any, start: int, stop: int, dtype: Any, order: str = "C") -> np.ndarray:
+    x = np.asarray(array[start:stop])
+    if x.dtype != dtype:
+        x = x.astype(dtype)
+    return np.asfortranarray(x) if order == "F" else x
 
 
 def _store_rows(array: Any) -> int | None:
@@ -212,21 +220,14 @@ def _store_rows(array: Any) -> int | None:
     return None
 
 
-def _read_units(bounds: Sequence[tuple[int, int]], store_rows: int | None) -> list[tuple[int, int]]:
-    """The reads of a group of consecutive chunks ``bounds``: the chunks, or the store's
+def _read_units(cuts: np.ndarray, store_rows: int | None) -> list[tuple[int, int]]:
+    """The reads of a group of consecutive chunks (row ``cuts``): the chunks, or the store's
     chunks (cut to the group) when these are larger."""
-    if not store_rows or store_rows <= max(b - a for a, b in bounds):
-        return list(bounds)
-    start, stop = bounds[0][0], bounds[-1][1]
-    cuts = [start, *range((start // store_rows + 1) * store_rows, stop, store_rows), stop]
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
-def _read_rows(array: Any, start: int, stop: int, dtype: Any, order: str = "C") -> np.ndarray:
-    x = np.asarray(array[start:stop])
-    if x.dtype != dtype:
-        x = x.astype(dtype)
-    return np.asfortranarray(x) if order == "F" else x
+    cuts = np.asarray(cuts, dtype=np.int64)
+    if store_rows and store_rows > int(np.diff(cuts).max()):
+        start, stop = int(cuts[0]), int(cuts[-1])
+        cuts = np.array([start, *range((start // store_rows + 1) * store_rows, stop, store_rows), stop])
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 #: the groups of the streamed arrays prepared by :func:`prepare_data` (by array
@@ -250,21 +251,19 @@ def _plan_stream(X: da.Array) -> None:
 STREAM_TASKS_PER_THREAD = 2
 
 
-def stream_groups(chunks: Sequence[int], threads: int | None = None) -> list[list[tuple[int, int]]]:
+def stream_groups(chunks: Sequence[int], threads: int | None = None) -> list[np.ndarray]:
     """Consecutive row chunks cut into at most ``STREAM_TASKS_PER_THREAD * threads`` groups
-    of about equal rows: the row ranges ``(start, stop)`` of each group's chunks."""
+    of about equal rows: each group as the row cuts of its chunks (``cuts[i]:cuts[i + 1]``
+    is its ``i``-th chunk), an int64 array (small to send, whatever the chunks)."""
     threads = threads or _thread_count()
-    bounds, pos = [], 0
-    for c in chunks:
-        bounds.append((pos, pos + int(c)))
-        pos += int(c)
-    n_groups = max(1, min(len(bounds), STREAM_TASKS_PER_THREAD * threads))
-    groups: list[list[tuple[int, int]]] = [[] for _ in range(n_groups)]
-    for b in bounds:
-        # the group of the chunk's middle row: consecutive, about equal rows each
-        g = min(n_groups - 1, int((b[0] + b[1]) / 2 * n_groups / max(pos, 1)))
-        groups[g].append(b)
-    return [grp for grp in groups if grp]
+    cuts = np.concatenate([[0], np.cumsum(np.asarray(chunks, dtype=np.int64))])
+    n_chunks = len(cuts) - 1
+    n_groups = max(1, min(n_chunks, STREAM_TASKS_PER_THREAD * threads))
+    total = max(int(cuts[-1]), 1)
+    # the group of each chunk's middle row: consecutive, about equal rows each
+    which = np.minimum(n_groups - 1, ((cuts[:-1] + cuts[1:]) * n_groups) // (2 * total))
+    edges = np.searchsorted(which, np.arange(n_groups + 1), side="left")
+    return [cuts[a : b + 1] for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def _row_source(X: da.Array) -> tuple[Any, np.dtype] | None:
@@ -534,9 +533,9 @@ def _local_pass(blocks: Sequence[np.ndarray], task: _PassTask, progress: bool) -
         return _local_group(blocks, starts, task, range(len(blocks)))
     groups = stream_groups([b.shape[0] for b in blocks], threads)
     index, i = [], 0
-    for grp in groups:
-        index.append(range(i, i + len(grp)))
-        i += len(grp)
+    for cuts in groups:
+        index.append(range(i, i + len(cuts) - 1))
+        i += len(cuts) - 1
     pool = _pool(threads)
     futures = [pool.submit(_local_group, blocks, starts, task, idx) for idx in index]
     if progress:

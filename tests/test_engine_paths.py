@@ -221,11 +221,14 @@ def test_stream_groups_are_consecutive_and_even() -> None:
     chunks = (50,) * 1999 + (20,)
     groups = engine.stream_groups(chunks, threads=3)
     assert len(groups) == engine.STREAM_TASKS_PER_THREAD * 3
-    flat = [b for grp in groups for b in grp]
+    flat = [(int(a), int(b)) for cuts in groups for a, b in zip(cuts[:-1], cuts[1:])]
     assert flat == [(i * 50, i * 50 + c) for i, c in enumerate(chunks)]  # every chunk once, in order
-    rows = [grp[-1][1] - grp[0][0] for grp in groups]
+    rows = [int(cuts[-1] - cuts[0]) for cuts in groups]
     assert max(rows) - min(rows) <= 2 * 50
-    assert engine.stream_groups((10, 10), threads=8) == [[(0, 10)], [(10, 20)]]
+    assert [c.tolist() for c in engine.stream_groups((10, 10), threads=8)] == [[0, 10], [10, 20]]
+    # pieces of larger store chunks: each store chunk is one read
+    assert engine._read_units(np.array([30, 40, 50, 60, 70, 80]), 25) == [(30, 50), (50, 75), (75, 80)]
+    assert engine._read_units(np.array([0, 50, 100]), 25) == [(0, 50), (50, 100)]
 
 
 def test_persist_row_chunks_caps_the_blocks_per_thread() -> None:
