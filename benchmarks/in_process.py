@@ -136,9 +136,12 @@ def make_small() -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--part", choices=["fits", "iterations", "all"], default="all")
     args = ap.parse_args()
-    whole_fits(rounds=3 if args.quick else 9)
-    per_iteration(n=100_000 if args.quick else 1_000_000, rounds=1 if args.quick else 3, iters=2)
+    if args.part in ("fits", "all"):
+        whole_fits(rounds=3 if args.quick else 9)
+    if args.part in ("iterations", "all"):
+        per_iteration(n=100_000 if args.quick else 1_000_000, rounds=1 if args.quick else 3, iters=2)
 
 
 if __name__ == "__main__":

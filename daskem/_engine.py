@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import inspect
 import math
+import os
 import sys
 import threading
 import time
@@ -173,6 +174,12 @@ def pass_parts(
     # the data must be part of the name: the same parameters over other data
     # (another array, another dataset) are other tasks
     name = "daskem-stats-" + dask.base.tokenize(X.name, key, groups)
+    cuts = _block_cuts.get(X.name) if groups is None else None
+    if cuts is not None and len(cuts) == X.numblocks[0]:
+        task_arg = key if delayed_params else task
+        dsk = {(name, i, 0): (_cuts_pass, k, c, task_arg) for i, ((k,), c) in enumerate(zip(X.__dask_keys__(), cuts))}
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[X, arg] if delayed_params else [X])
+        return da.Array(graph, name, chunks=((1,) * len(cuts), (size,)), dtype=np.float64)
     if groups is None:
         return X.map_blocks(
             _apply_pass,
@@ -244,6 +251,27 @@ def _plan_stream(X: da.Array) -> None:
     _stream_plans[X.name] = stream_groups(X.chunks[0])
     while len(_stream_plans) > _STREAM_PLANS_KEPT:
         _stream_plans.pop(next(iter(_stream_plans)))
+
+
+#: the chunk cuts inside the blocks of persisted arrays (by array name; global rows)
+_block_cuts: dict[str, list] = {}
+
+
+def _remember_cuts(name: str, cuts: list) -> None:
+    _block_cuts.pop(name, None)
+    _block_cuts[name] = cuts
+    while len(_block_cuts) > _STREAM_PLANS_KEPT:
+        _block_cuts.pop(next(iter(_block_cuts)))
+
+
+def _cuts_pass(x: np.ndarray, cuts: np.ndarray, task: _PassTask) -> np.ndarray:
+    """One persisted block: the statistics of its chunks (global row ``cuts``) summed in order."""
+    vec = None
+    first = int(cuts[0])
+    for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        v = task.block(x[a - first : b - first], a)
+        vec = v if vec is None else vec + v
+    return vec[None, :]
 
 
 #: streamed passes: tasks per worker thread (a few, so that a slow or busy
@@ -344,7 +372,8 @@ def reduce_statistics(
     _count(counter)
     blocks = in_process_blocks(X)
     if blocks is not None:
-        vec = _local_pass(blocks, _PassTask(model, tuple(params_list), split), progress)
+        cuts = _block_cuts.get(X.name)
+        vec = _local_pass(blocks, _PassTask(model, tuple(params_list), split), progress, cuts)
         return _unpack(vec, model, params_list)
     parts = pass_parts(X, model, params_list, split=split)
     client = _active_client() if _uses_distributed() else None
@@ -421,6 +450,9 @@ MIN_BLOCK_ROWS = 4096
 
 _pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+# a forked child has the pools but not their threads: it starts its own
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _thread_count() -> int:
@@ -518,7 +550,7 @@ def in_process_blocks(X: da.Array) -> list[np.ndarray] | None:
     return blocks
 
 
-def _local_pass(blocks: Sequence[np.ndarray], task: _PassTask, progress: bool) -> np.ndarray:
+def _local_pass(blocks: Sequence[np.ndarray], task: _PassTask, progress: bool, cuts: list | None = None) -> np.ndarray:
     """One pass in process: the blocks' statistics on a thread pool, summed in block order.
 
     Consecutive blocks are grouped (a few groups per thread), each group's
@@ -528,16 +560,18 @@ def _local_pass(blocks: Sequence[np.ndarray], task: _PassTask, progress: bool) -
     as in Dask's threaded scheduler.
     """
     starts = np.cumsum([0] + [b.shape[0] for b in blocks[:-1]]).tolist()
+    if cuts is None or len(cuts) != len(blocks):
+        cuts = [np.array([s, s + b.shape[0]]) for s, b in zip(starts, blocks)]
     threads = _local_threads()
     if threads == 1 or len(blocks) == 1:
-        return _local_group(blocks, starts, task, range(len(blocks)))
+        return _local_group(blocks, cuts, task, range(len(blocks)))
     groups = stream_groups([b.shape[0] for b in blocks], threads)
     index, i = [], 0
-    for cuts in groups:
-        index.append(range(i, i + len(cuts) - 1))
-        i += len(cuts) - 1
+    for group in groups:
+        index.append(range(i, i + len(group) - 1))
+        i += len(group) - 1
     pool = _pool(threads)
-    futures = [pool.submit(_local_group, blocks, starts, task, idx) for idx in index]
+    futures = [pool.submit(_local_group, blocks, cuts, task, idx) for idx in index]
     if progress:
         _local_progress(futures)
     vec = None
@@ -547,11 +581,11 @@ def _local_pass(blocks: Sequence[np.ndarray], task: _PassTask, progress: bool) -
     return vec
 
 
-def _local_group(blocks: Sequence[np.ndarray], starts: Sequence[int], task: _PassTask, idx: range) -> np.ndarray:
+def _local_group(blocks: Sequence[np.ndarray], cuts: Sequence[np.ndarray], task: _PassTask, idx: range) -> np.ndarray:
     vec = None
     with single_threaded_blas():
         for i in idx:
-            v = task.block(blocks[i], starts[i])
+            v = _cuts_pass(blocks[i], cuts[i], task)[0]
             vec = v if vec is None else vec + v
     return vec
 
@@ -730,8 +764,23 @@ def _persist(X: da.Array, order: str = "C", narrow: Any = None) -> da.Array:
     """
     client = _active_client() if _uses_distributed() else None
     slots = _worker_slots() if client is not None else []
-    rows = persist_row_chunks(X.chunks[0], len(slots) if client is not None else _local_threads())
+    threads = len(slots) if client is not None else _local_threads()
+    cuts = None
+    if balanced_row_chunks(X.chunks[0], threads) is None and len(X.chunks[0]) > PERSIST_BLOCKS_PER_THREAD * threads:
+        # balanced already: each block is a streamed pass's group of chunks, and a pass
+        # over it sums the chunks' statistics in the same order (the same bits as streaming)
+        groups = stream_groups(X.chunks[0], threads)
+        rows = tuple(int(c[-1] - c[0]) for c in groups)
+        cuts = groups
+    else:
+        rows = persist_row_chunks(X.chunks[0], threads)
     source = _row_source(X)
+    if cuts is not None and source is not None:
+        # a streamed pass reads (and sums) by the store's chunks where these are larger
+        store_rows = _store_rows(source[0])
+        cuts = [
+            np.array([u[0] for u in units] + [units[-1][1]]) for units in (_read_units(c, store_rows) for c in cuts)
+        ]
     if source is not None and (rows is not None or narrow is not None or order == "F"):
         dtype = narrow if narrow is not None else X.dtype
         X = _read_blocks(X, rows if rows is not None else X.chunks[0], (source[0], dtype), order)
@@ -742,6 +791,8 @@ def _persist(X: da.Array, order: str = "C", narrow: Any = None) -> da.Array:
             X = X.rechunk({0: rows, 1: X.shape[1]})
         if order == "F":
             X = X.map_blocks(np.asfortranarray, dtype=X.dtype)
+    if cuts is not None:
+        _remember_cuts(X.name, cuts)
     if client is None or len(set(slots)) <= 1:
         return X.persist()
     blocks = X.to_delayed(optimize_graph=True)  # (row chunks, column chunks)

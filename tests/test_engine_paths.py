@@ -199,12 +199,15 @@ def test_a_pass_over_many_chunks_is_a_few_tasks_per_thread(cluster, tmp_path) ->
             persisted, was = engine.prepare_data(streamed, True)
             wait(persisted)
             assert was and persisted.numblocks[0] <= engine.PERSIST_BLOCKS_PER_THREAD * threads
-            counts = {}
+            counts, vecs = {}, {}
             for name, arr in (("persisted", persisted), ("streamed", streamed)):
                 counter.n = 0
                 (got,) = engine.reduce_statistics(arr, model, [p])
                 counts[name] = counter.n
-                np.testing.assert_allclose(got.pack(), expected, rtol=1e-10, err_msg=name)
+                vecs[name] = got.pack()
+                np.testing.assert_allclose(vecs[name], expected, rtol=1e-10, err_msg=name)
+            # persisted blocks are the streamed groups, summed by the same chunks in the same order
+            np.testing.assert_array_equal(vecs["persisted"], vecs["streamed"])
             # the counter counts: a graph of one task per chunk runs a task per chunk
             counter.n = 0
             (got,) = engine.reduce_statistics(da.from_array(X, chunks=(500, d)).map_blocks(np.copy), model, [p])
