@@ -1,12 +1,25 @@
 """The EM engine: the only module that builds Dask graphs.
 
-One pass over the data is one ``map_blocks`` (every chunk computes the packed
-statistics of every live run) followed by a tree ``sum`` with a configurable
-fan-in, so that only the small summed vector reaches the client; on a
-distributed cluster, when the chunk vectors are few (16 MiB together at
-most), they are gathered and summed on the client instead, which saves the
-last reduction level (:func:`reduce_statistics`). Nothing per row ever
-reaches the client. The engine knows
+One pass over the data runs the model's chunk statistics over row blocks and
+sums the packed vectors in a fixed order, so that only the small summed
+vector reaches the client (nothing per row ever does). Three executors, one
+kernel:
+
+* **in process** (:func:`in_process_blocks`): data already in this process's
+  memory (numpy input, :func:`local_array`; data persisted without a
+  distributed client) are passed over on a thread pool, without Dask graphs
+  (:func:`_local_pass`); with a distributed client only up to
+  :data:`IN_PROCESS_BYTES`;
+* **persisted** on a cluster (:func:`prepare_data`, :func:`_persist`): a few
+  row blocks per worker thread, one task per block;
+* **streamed** from a store (:func:`_row_source`): one task per group of
+  consecutive chunks (:func:`stream_groups`), reading them in sequence;
+  other dask arrays (arbitrary graphs) are one task per chunk.
+
+On a cluster the task vectors end in a tree ``sum`` with a configurable
+fan-in or, when they are few (16 MiB together at most), are gathered and
+summed on the client, which saves the last reduction level
+(:func:`reduce_statistics`). The engine knows
 nothing of Gaussians: it talks to a *model* (:class:`daskem._model.MixtureModel`)
 that supplies the per-chunk statistics and their packing. The EM loop itself
 lives in :mod:`daskem._fitloop`.
@@ -149,13 +162,15 @@ def pass_parts(
 ) -> da.Array:
     """The lazy statistics of one pass, one packed row per task: shape (tasks, size).
 
-    A pass over an array read from a store (or a memory map) through
-    ``from_zarr``/``from_array`` (:func:`_row_source`) is one task per group of
-    consecutive chunks: :func:`stream_groups` groups, a small multiple of the
-    worker threads, each reading its chunks in sequence (one chunk in memory at
-    a time) and summing their statistics in chunk order. Any other array
-    (persisted data, which :func:`_persist` cuts into a few blocks per thread,
-    or an arbitrary graph) is one task per chunk.
+    A pass over an array read from a store through ``from_zarr``/``from_array``
+    (:func:`_row_source`) is one task per group of consecutive chunks
+    (:func:`stream_groups`: a small multiple of the worker threads, fixed when
+    :func:`prepare_data` streams the array), each reading its chunks in
+    sequence (one chunk in memory at a time) and summing their statistics in
+    chunk order. Persisted data (:func:`_persist`: a few blocks per thread)
+    are one task per block; where a block is a streamed group, its chunks'
+    statistics are summed in the same order as streaming would. Any other
+    array (an arbitrary graph) is one task per chunk.
     """
     size = sum(model.packed_size(p) for p in params_list)
     task = _PassTask(model, tuple(params_list), split)
