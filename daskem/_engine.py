@@ -217,12 +217,14 @@ def _read_group_pass(array: Any, cuts: np.ndarray, dtype: Any, task: _PassTask) 
     """One streamed task: read the chunks ``cuts[i]:cuts[i + 1]`` in sequence, sum their
     statistics in order.
 
-    One chunk in memory at a time: a chunk of the dask array, or a chunk of the
-    store where the dask chunks are pieces of the store's chunks (each store
-    chunk is then read once, not once per piece; :func:`_read_units`).
+    One read in memory at a time (:func:`_read_units`): a chunk of the dask
+    array, or a chunk of the store where the dask chunks are pieces of the
+    store's chunks (each store chunk is then read once, not once per piece),
+    or consecutive chunks smaller than :data:`MIN_READ_BYTES` together.
     """
     vec = None
-    for start, stop in _read_units(cuts, _store_rows(array)):
+    row_bytes = int(array.shape[1]) * np.dtype(dtype).itemsize
+    for start, stop in _read_units(cuts, _store_rows(array), row_bytes):
         v = task.block(_read_rows(array, start, stop, dtype), start)
         vec = v if vec is None else vec + v
     return vec[None, :]
@@ -242,14 +244,34 @@ def _store_rows(array: Any) -> int | None:
     return None
 
 
-def _read_units(cuts: np.ndarray, store_rows: int | None) -> list[tuple[int, int]]:
+#: streamed reads: consecutive chunks smaller than this are read (and passed to
+#: the kernel) together, so that tiny store chunks do not cost a read call and a
+#: kernel call each; a chunk larger than this is read alone
+MIN_READ_BYTES = 4 * 2**20
+
+
+def _read_units(cuts: np.ndarray, store_rows: int | None, row_bytes: int = 0) -> list[tuple[int, int]]:
     """The reads of a group of consecutive chunks (row ``cuts``): the chunks, or the store's
-    chunks (cut to the group) when these are larger."""
+    chunks (cut to the group) when these are larger; consecutive ones merged up to
+    :data:`MIN_READ_BYTES` (``row_bytes`` per row)."""
     cuts = np.asarray(cuts, dtype=np.int64)
     if store_rows and store_rows > int(np.diff(cuts).max()):
         start, stop = int(cuts[0]), int(cuts[-1])
         cuts = np.array([start, *range((start // store_rows + 1) * store_rows, stop, store_rows), stop])
+    if row_bytes > 0:
+        min_rows = max(1, MIN_READ_BYTES // row_bytes)
+        keep = [int(cuts[0])]
+        for c in cuts[1:-1].tolist():
+            if c - keep[-1] >= min_rows:
+                keep.append(c)
+        keep.append(int(cuts[-1]))
+        cuts = np.array(keep)
     return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _unit_cuts(cuts: np.ndarray, store_rows: int | None, row_bytes: int) -> np.ndarray:
+    units = _read_units(cuts, store_rows, row_bytes)
+    return np.array([u[0] for u in units] + [units[-1][1]], dtype=np.int64)
 
 
 #: the groups of the streamed arrays prepared by :func:`prepare_data` (by array
@@ -791,11 +813,11 @@ def _persist(X: da.Array, order: str = "C", narrow: Any = None) -> da.Array:
         rows = persist_row_chunks(X.chunks[0], threads)
     source = _row_source(X)
     if cuts is not None and source is not None:
-        # a streamed pass reads (and sums) by the store's chunks where these are larger
-        store_rows = _store_rows(source[0])
-        cuts = [
-            np.array([u[0] for u in units] + [units[-1][1]]) for units in (_read_units(c, store_rows) for c in cuts)
-        ]
+        # summed by the units a streamed pass reads: the same bits with cache=True and False
+        store_rows, row_bytes = _store_rows(source[0]), X.shape[1] * X.dtype.itemsize
+        cuts = [_unit_cuts(c, store_rows, row_bytes) for c in cuts]
+    else:
+        cuts = None  # one kernel call per block
     if source is not None and (rows is not None or narrow is not None or order == "F"):
         dtype = narrow if narrow is not None else X.dtype
         X = _read_blocks(X, rows if rows is not None else X.chunks[0], (source[0], dtype), order)

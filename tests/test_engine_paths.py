@@ -232,6 +232,10 @@ def test_stream_groups_are_consecutive_and_even() -> None:
     # pieces of larger store chunks: each store chunk is one read
     assert engine._read_units(np.array([30, 40, 50, 60, 70, 80]), 25) == [(30, 50), (50, 75), (75, 80)]
     assert engine._read_units(np.array([0, 50, 100]), 25) == [(0, 50), (50, 100)]
+    # small chunks read together, up to MIN_READ_BYTES
+    rows = engine.MIN_READ_BYTES // 8
+    cuts = np.arange(0, 10 * rows + 1, rows // 4)
+    assert engine._read_units(cuts, None, 8) == [(i * rows, (i + 1) * rows) for i in range(10)]
 
 
 def test_persist_row_chunks_caps_the_blocks_per_thread() -> None:
