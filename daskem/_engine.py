@@ -1,12 +1,25 @@
 """The EM engine: the only module that builds Dask graphs.
 
-One pass over the data is one ``map_blocks`` (every chunk computes the packed
-statistics of every live run) followed by a tree ``sum`` with a configurable
-fan-in, so that only the small summed vector reaches the client; on a
-distributed cluster, when the chunk vectors are few (16 MiB together at
-most), they are gathered and summed on the client instead, which saves the
-last reduction level (:func:`reduce_statistics`). Nothing per row ever
-reaches the client. The engine knows
+One pass over the data runs the model's chunk statistics over row blocks and
+sums the packed vectors in a fixed order, so that only the small summed
+vector reaches the client (nothing per row ever does). Three executors, one
+kernel:
+
+* **in process** (:func:`in_process_blocks`): data already in this process's
+  memory (numpy input, :func:`local_array`; data persisted without a
+  distributed client) are passed over on a thread pool, without Dask graphs
+  (:func:`_local_pass`); with a distributed client only up to
+  :data:`IN_PROCESS_BYTES`;
+* **persisted** on a cluster (:func:`prepare_data`, :func:`_persist`): a few
+  row blocks per worker thread, one task per block;
+* **streamed** from a store (:func:`_row_source`): one task per group of
+  consecutive chunks (:func:`stream_groups`), reading them in sequence;
+  other dask arrays (arbitrary graphs) are one task per chunk.
+
+On a cluster the task vectors end in a tree ``sum`` with a configurable
+fan-in or, when they are few (16 MiB together at most), are gathered and
+summed on the client, which saves the last reduction level
+(:func:`reduce_statistics`). The engine knows
 nothing of Gaussians: it talks to a *model* (:class:`daskem._model.MixtureModel`)
 that supplies the per-chunk statistics and their packing. The EM loop itself
 lives in :mod:`daskem._fitloop`.
@@ -17,11 +30,16 @@ here, on the :class:`PassCounter` the caller hands in.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import inspect
 import math
+import os
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +50,10 @@ import distributed
 import numpy as np
 import psutil
 from dask.diagnostics import ProgressBar
+from dask.highlevelgraph import HighLevelGraph
 from distributed.diagnostics.progressbar import TextProgressBar
 
+from ._blas import single_threaded_blas
 from ._model import MixtureModel
 
 DEFAULT_SPLIT_EVERY = 8
@@ -102,14 +122,17 @@ class _PassTask:
     params_list: tuple
     split: RowSplit | None
 
-    def __call__(self, x: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+    def block(self, x: np.ndarray, start: int) -> np.ndarray:
+        """The packed statistics (1-D) of the rows ``x``, global rows ``start:start + len(x)``."""
         mask = None
         if self.split is not None:
-            start, stop = block_info[0]["array-location"][0]
-            mask = self.split.train_mask(start, stop)
+            mask = self.split.train_mask(start, start + x.shape[0])
         stats = self.model.statistics(x, self.params_list, mask)
-        out = np.concatenate([self.model.pack(s) for s in stats]) if stats else np.zeros(0)
-        return out[None, :]
+        return np.concatenate([self.model.pack(s) for s in stats]) if stats else np.zeros(0)
+
+    def __call__(self, x: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        start = block_info[0]["array-location"][0][0] if self.split is not None else 0
+        return self.block(x, start)[None, :]
 
 
 def _apply_pass(x: np.ndarray, task: _PassTask, block_info: dict | None = None) -> np.ndarray:
@@ -137,25 +160,209 @@ def pass_parts(
     *,
     split: RowSplit | None = None,
 ) -> da.Array:
-    """The lazy statistics of one pass, one packed row per chunk: shape (chunks, size)."""
+    """The lazy statistics of one pass, one packed row per task: shape (tasks, size).
+
+    A pass over an array read from a store through ``from_zarr``/``from_array``
+    (:func:`_row_source`) is one task per group of consecutive chunks
+    (:func:`stream_groups`: a small multiple of the worker threads, fixed when
+    :func:`prepare_data` streams the array), each reading its chunks in
+    sequence (one chunk in memory at a time) and summing their statistics in
+    chunk order. Persisted data (:func:`_persist`: a few blocks per thread)
+    are one task per block; where a block is a streamed group, its chunks'
+    statistics are summed in the same order as streaming would. Any other
+    array (an arbitrary graph) is one task per chunk.
+    """
     size = sum(model.packed_size(p) for p in params_list)
     task = _PassTask(model, tuple(params_list), split)
     states = [model.params_state(p) for p in params_list]
     key = "daskem-pass-params-" + dask.base.tokenize(model, split, states)
     nbytes = sum(np.asarray(a).nbytes for arrays, _ in states for a in arrays.values())
+    source = _row_source(X)
+    groups = None
+    if source is not None:
+        groups = _stream_plans.get(X.name) or stream_groups(X.chunks[0])
+    n_tasks = len(groups) if groups is not None else X.numblocks[0]
     arg: Any = task
-    if nbytes * X.numblocks[0] > INLINE_PARAMS_BYTES:
+    delayed_params = nbytes * n_tasks > INLINE_PARAMS_BYTES
+    if delayed_params:
         arg = dask.delayed(task, name=key, pure=True, traverse=False)
-    return X.map_blocks(
-        _apply_pass,
-        arg,
-        chunks=((1,) * X.numblocks[0], (size,)),
-        dtype=np.float64,
-        meta=np.empty((0, 0), dtype=np.float64),
-        # the data must be part of the name: the same parameters over other data
-        # (another array, another dataset) are other tasks
-        name="daskem-stats-" + dask.base.tokenize(X.name, key),
-    )
+    # the data must be part of the name: the same parameters over other data
+    # (another array, another dataset) are other tasks
+    name = "daskem-stats-" + dask.base.tokenize(X.name, key, groups)
+    cuts = _block_cuts.get(X.name) if groups is None else None
+    if cuts is not None and len(cuts) == X.numblocks[0]:
+        task_arg = key if delayed_params else task
+        dsk = {(name, i, 0): (_cuts_pass, k, c, task_arg) for i, ((k,), c) in enumerate(zip(X.__dask_keys__(), cuts))}
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[X, arg] if delayed_params else [X])
+        return da.Array(graph, name, chunks=((1,) * len(cuts), (size,)), dtype=np.float64)
+    if groups is None:
+        return X.map_blocks(
+            _apply_pass,
+            arg,
+            chunks=((1,) * X.numblocks[0], (size,)),
+            dtype=np.float64,
+            meta=np.empty((0, 0), dtype=np.float64),
+            name=name,
+        )
+    array, dtype = source
+    dsk = {
+        (name, g, 0): (_read_group_pass, array, cuts, dtype, key if delayed_params else task)
+        for g, cuts in enumerate(groups)
+    }
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[arg] if delayed_params else [])
+    return da.Array(graph, name, chunks=((1,) * len(groups), (size,)), dtype=np.float64)
+
+
+def _read_group_pass(array: Any, cuts: np.ndarray, dtype: Any, task: _PassTask) -> np.ndarray:
+    """One streamed task: read the chunks ``cuts[i]:cuts[i + 1]`` in sequence, sum their
+    statistics in order.
+
+    One read in memory at a time (:func:`_read_units`): a chunk of the dask
+    array, or a chunk of the store where the dask chunks are pieces of the
+    store's chunks (each store chunk is then read once, not once per piece),
+    or consecutive chunks smaller than :data:`MIN_READ_BYTES` together.
+    """
+    vec = None
+    row_bytes = int(array.shape[1]) * np.dtype(dtype).itemsize
+    for start, stop in _read_units(cuts, _store_rows(array), row_bytes):
+        v = task.block(_read_rows(array, start, stop, dtype), start)
+        vec = v if vec is None else vec + v
+    return vec[None, :]
+
+
+def _read_rows(array: Any, start: int, stop: int, dtype: Any, order: str = "C") -> np.ndarray:
+    x = np.asarray(array[start:stop])
+    if x.dtype != dtype:
+        x = x.astype(dtype)
+    return np.asfortranarray(x) if order == "F" else x
+
+
+def _store_rows(array: Any) -> int | None:
+    chunks = getattr(array, "chunks", None)
+    if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], int):
+        return int(chunks[0])
+    return None
+
+
+#: streamed reads: consecutive chunks smaller than this are read (and passed to
+#: the kernel) together, so that tiny store chunks do not cost a read call and a
+#: kernel call each; a chunk larger than this is read alone
+MIN_READ_BYTES = 4 * 2**20
+
+
+def _read_units(cuts: np.ndarray, store_rows: int | None, row_bytes: int = 0) -> list[tuple[int, int]]:
+    """The reads of a group of consecutive chunks (row ``cuts``): the chunks, or the store's
+    chunks (cut to the group) when these are larger; consecutive ones merged up to
+    :data:`MIN_READ_BYTES` (``row_bytes`` per row)."""
+    cuts = np.asarray(cuts, dtype=np.int64)
+    if store_rows and store_rows > int(np.diff(cuts).max()):
+        start, stop = int(cuts[0]), int(cuts[-1])
+        cuts = np.array([start, *range((start // store_rows + 1) * store_rows, stop, store_rows), stop])
+    if row_bytes > 0:
+        min_rows = max(1, MIN_READ_BYTES // row_bytes)
+        keep = [int(cuts[0])]
+        for c in cuts[1:-1].tolist():
+            if c - keep[-1] >= min_rows:
+                keep.append(c)
+        keep.append(int(cuts[-1]))
+        cuts = np.array(keep)
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _unit_cuts(cuts: np.ndarray, store_rows: int | None, row_bytes: int) -> np.ndarray:
+    units = _read_units(cuts, store_rows, row_bytes)
+    return np.array([u[0] for u in units] + [units[-1][1]], dtype=np.int64)
+
+
+#: the groups of the streamed arrays prepared by :func:`prepare_data` (by array
+#: name): fixed for a fit, so that the sums' order does not follow the workers
+#: that come and go
+_stream_plans: dict[str, list] = {}
+_STREAM_PLANS_KEPT = 64
+
+
+def _plan_stream(X: da.Array) -> None:
+    if _row_source(X) is None:
+        return
+    _stream_plans.pop(X.name, None)
+    _stream_plans[X.name] = stream_groups(X.chunks[0])
+    while len(_stream_plans) > _STREAM_PLANS_KEPT:
+        _stream_plans.pop(next(iter(_stream_plans)))
+
+
+#: the chunk cuts inside the blocks of persisted arrays (by array name; global rows)
+_block_cuts: dict[str, list] = {}
+
+
+def _remember_cuts(name: str, cuts: list) -> None:
+    _block_cuts.pop(name, None)
+    _block_cuts[name] = cuts
+    while len(_block_cuts) > _STREAM_PLANS_KEPT:
+        _block_cuts.pop(next(iter(_block_cuts)))
+
+
+def _cuts_pass(x: np.ndarray, cuts: np.ndarray, task: _PassTask) -> np.ndarray:
+    """One persisted block: the statistics of its chunks (global row ``cuts``) summed in order."""
+    vec = None
+    first = int(cuts[0])
+    for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        v = task.block(x[a - first : b - first], a)
+        vec = v if vec is None else vec + v
+    return vec[None, :]
+
+
+#: streamed passes: tasks per worker thread (a few, so that a slow or busy
+#: thread does not hold the pass back: the others take more groups)
+STREAM_TASKS_PER_THREAD = 2
+
+
+def stream_groups(chunks: Sequence[int], threads: int | None = None) -> list[np.ndarray]:
+    """Consecutive row chunks cut into at most ``STREAM_TASKS_PER_THREAD * threads`` groups
+    of about equal rows: each group as the row cuts of its chunks (``cuts[i]:cuts[i + 1]``
+    is its ``i``-th chunk), an int64 array (small to send, whatever the chunks)."""
+    threads = threads or _thread_count()
+    cuts = np.concatenate([[0], np.cumsum(np.asarray(chunks, dtype=np.int64))])
+    n_chunks = len(cuts) - 1
+    n_groups = max(1, min(n_chunks, STREAM_TASKS_PER_THREAD * threads))
+    total = max(int(cuts[-1]), 1)
+    # the group of each chunk's middle row: consecutive, about equal rows each
+    which = np.minimum(n_groups - 1, ((cuts[:-1] + cuts[1:]) * n_groups) // (2 * total))
+    edges = np.searchsorted(which, np.arange(n_groups + 1), side="left")
+    return [cuts[a : b + 1] for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _row_source(X: da.Array) -> tuple[Any, np.dtype] | None:
+    """The array a dask array reads its rows from, and the dtype it casts them to, or None.
+
+    Recognised: ``da.from_zarr(z)`` and ``da.from_array(a)`` (a Zarr array, a
+    memory map; what :func:`daskem.io.open_array` builds), whole rows per
+    chunk, optionally followed by one ``astype``. Anything else: None.
+    """
+    graph = X.__dask_graph__()
+    layers = getattr(graph, "layers", None)
+    if not layers or len(layers) > 3 or len(X.chunks) != 2 or len(X.chunks[1]) != 1:
+        return None
+    originals = [n for n in layers if n.startswith("original-") and n[len("original-") :] in layers]
+    if len(originals) != 1:
+        return None
+    orig = originals[0]
+    base = orig[len("original-") :]
+    rest = [n for n in layers if n not in (orig, base)]
+    if rest and (len(rest) != 1 or not rest[0].startswith("astype-") or rest[0] != X.name):
+        return None
+    if not rest and base != X.name:
+        return None
+    layer = layers[orig]
+    try:
+        array = layer[orig]
+    except KeyError:
+        return None
+    if len(layer) != 1 or getattr(array, "shape", None) != tuple(X.shape) or isinstance(array, da.Array):
+        return None
+    if isinstance(array, np.ndarray) or not hasattr(array, "__getitem__") or getattr(array, "dtype", None) is None:
+        # a numpy array (or memory map) would travel whole inside every task
+        return None
+    return array, X.dtype
 
 
 def pass_graph(
@@ -182,7 +389,9 @@ def reduce_statistics(
 ) -> list:
     """One pass over ``X``: the summed statistics of every parameter set.
 
-    With a distributed client and few enough chunks (:data:`GATHER_BYTES`),
+    Data held in this process's memory (:func:`in_process_blocks`) are passed
+    over in process, without a Dask graph (:func:`_local_pass`). Otherwise,
+    with a distributed client and few enough chunks (:data:`GATHER_BYTES`),
     the chunk vectors come to the client and are summed there in chunk
     order; otherwise the pass ends in a tree ``sum`` with fan-in
     ``split_every``. Both orders are fixed, so that a re-run chunk (a lost
@@ -198,6 +407,11 @@ def reduce_statistics(
     if not params_list:
         return []
     _count(counter)
+    blocks = in_process_blocks(X)
+    if blocks is not None:
+        cuts = _block_cuts.get(X.name)
+        vec = _local_pass(blocks, _PassTask(model, tuple(params_list), split), progress, cuts)
+        return _unpack(vec, model, params_list)
     parts = pass_parts(X, model, params_list, split=split)
     client = _active_client() if _uses_distributed() else None
     if client is not None and parts.shape[0] * parts.shape[1] * 8 <= GATHER_BYTES:
@@ -210,6 +424,10 @@ def reduce_statistics(
     else:
         graph = parts.sum(axis=0, split_every=split_every)
         vec = _compute(graph, progress) if progress else dask.compute(graph)[0]
+    return _unpack(vec, model, params_list)
+
+
+def _unpack(vec: np.ndarray, model: MixtureModel, params_list: Sequence[Params]) -> list:
     out, pos = [], 0
     for p in params_list:
         size = model.packed_size(p)
@@ -249,6 +467,196 @@ def _compute(graph: da.Array, progress: bool) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------
+# in process: data in this process's memory, passes without Dask graphs
+# --------------------------------------------------------------------------
+
+#: With a distributed client active, in-memory (numpy) input up to this size is
+#: fitted in process all the same; larger input is persisted on the cluster.
+#: Measured (benchmarks/README.md, "In process"): a pass on a 2-worker
+#: LocalCluster costs about 10-25 ms more than the same pass in process,
+#: whatever the data; at 64 MiB a full D=16 K=8 pass takes about 0.1 s on two
+#: cores, so the cluster's overhead is about 10% of a pass there and shrinks
+#: beyond, while a larger cluster's cores start to pay.
+IN_PROCESS_BYTES = 64 * 2**20
+
+#: In-process row blocks: at most this many bytes each (then as many blocks as
+#: threads, or a multiple), and no block under ``MIN_BLOCK_ROWS`` rows: a
+#: small array is one block, computed in the calling thread.
+LOCAL_BLOCK_BYTES = 32 * 2**20
+MIN_BLOCK_ROWS = 4096
+
+_pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+# a forked child has the pools but not their threads: it starts its own
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pools.clear)
+
+
+def _thread_count() -> int:
+    """Threads of a pass: the distributed cluster's, else Dask's ``num_workers`` or the cores."""
+    if _uses_distributed() and _active_client() is not None:
+        slots = _worker_slots()
+        if slots:
+            return len(slots)
+    return _local_threads()
+
+
+def _local_threads() -> int:
+    """Threads of an in-process pass: 1 for Dask's synchronous scheduler, else its
+    ``num_workers`` setting, else the cores this process may use."""
+    if dask.config.get("scheduler", None) in ("sync", "synchronous", "single-threaded"):
+        return 1
+    n = dask.config.get("num_workers", None)
+    return max(1, int(n)) if n else max(1, int(dask.system.CPU_COUNT))
+
+
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="daskem-pass")
+        return pool
+
+
+def local_row_chunks(n_rows: int, row_bytes: int, threads: int | None = None) -> tuple[int, ...]:
+    """Row blocks of an in-process array: equal, a multiple of the threads, at most
+    :data:`LOCAL_BLOCK_BYTES` each, none under :data:`MIN_BLOCK_ROWS` rows (one
+    block for a small array)."""
+    threads = threads or _local_threads()
+    n_blocks = threads * max(1, math.ceil(n_rows * row_bytes / (threads * LOCAL_BLOCK_BYTES)))
+    n_blocks = max(1, min(n_blocks, n_rows // MIN_BLOCK_ROWS))
+    base, extra = divmod(n_rows, n_blocks)
+    return tuple(base + (1 if i < extra else 0) for i in range(n_blocks))
+
+
+def local_array(x: np.ndarray, chunks: Sequence[int] | None = None) -> da.Array:
+    """A dask array whose blocks are views of ``x`` (no copy), held in this process.
+
+    Its passes run in process (:func:`in_process_blocks`); as a dask array it
+    can still be persisted on a cluster.
+    """
+    if chunks is None:
+        chunks = local_row_chunks(x.shape[0], x.shape[1] * x.dtype.itemsize)
+    return _blocks_array([b for b in _split_rows(x, chunks)], x.shape[1], x.dtype)
+
+
+def _split_rows(x: np.ndarray, chunks: Sequence[int]) -> list[np.ndarray]:
+    out, pos = [], 0
+    for c in chunks:
+        out.append(x[pos : pos + c])
+        pos += c
+    return out
+
+
+def _blocks_array(blocks: Sequence[np.ndarray], n_cols: int, dtype: Any) -> da.Array:
+    name = "daskem-local-" + uuid.uuid4().hex
+    dsk = {(name, i, 0): b for i, b in enumerate(blocks)}
+    chunks = (tuple(int(b.shape[0]) for b in blocks), (int(n_cols),))
+    return da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=()), name, chunks, dtype=dtype)
+
+
+def local_blocks(X: da.Array) -> list[np.ndarray] | None:
+    """The blocks of ``X`` when every one is a numpy array held in this process
+    (:func:`local_array`, or an array persisted with a local scheduler), else None."""
+    if len(X.chunks) != 2 or len(X.chunks[1]) != 1:
+        return None
+    graph = X.__dask_graph__()
+    if len(graph) != X.numblocks[0]:
+        return None
+    blocks = []
+    for (key,) in X.__dask_keys__():
+        value = graph.get(key)
+        if not isinstance(value, np.ndarray):
+            return None
+        blocks.append(value)
+    return blocks
+
+
+def in_process_blocks(X: da.Array) -> list[np.ndarray] | None:
+    """The blocks of ``X`` if its passes run in process, else None.
+
+    In process: data held in this process's memory (:func:`local_blocks`)
+    when no distributed client computes (Dask's local schedulers), or when
+    they are at most :data:`IN_PROCESS_BYTES`.
+    """
+    blocks = local_blocks(X)
+    if blocks is None:
+        return None
+    if _uses_distributed() and _active_client() is not None and X.nbytes > IN_PROCESS_BYTES:
+        return None
+    return blocks
+
+
+def _local_pass(blocks: Sequence[np.ndarray], task: _PassTask, progress: bool, cuts: list | None = None) -> np.ndarray:
+    """One pass in process: the blocks' statistics on a thread pool, summed in block order.
+
+    Consecutive blocks are grouped (a few groups per thread), each group's
+    statistics summed in block order in its thread, the groups' sums in group
+    order here: the result does not depend on thread timing. BLAS runs
+    single-threaded in each thread (:func:`daskem._blas.single_threaded_blas`),
+    as in Dask's threaded scheduler.
+    """
+    starts = np.cumsum([0] + [b.shape[0] for b in blocks[:-1]]).tolist()
+    if cuts is None or len(cuts) != len(blocks):
+        cuts = [np.array([s, s + b.shape[0]]) for s, b in zip(starts, blocks)]
+    threads = _local_threads()
+    if threads == 1 or len(blocks) == 1:
+        return _local_group(blocks, cuts, task, range(len(blocks)))
+    groups = stream_groups([b.shape[0] for b in blocks], threads)
+    index, i = [], 0
+    for group in groups:
+        index.append(range(i, i + len(group) - 1))
+        i += len(group) - 1
+    pool = _pool(threads)
+    futures = [pool.submit(_local_group, blocks, cuts, task, idx) for idx in index]
+    if progress:
+        _local_progress(futures)
+    vec = None
+    for f in futures:
+        v = f.result()
+        vec = v if vec is None else vec + v
+    return vec
+
+
+def _local_group(blocks: Sequence[np.ndarray], cuts: Sequence[np.ndarray], task: _PassTask, idx: range) -> np.ndarray:
+    vec = None
+    with single_threaded_blas():
+        for i in idx:
+            v = _cuts_pass(blocks[i], cuts[i], task)[0]
+            vec = v if vec is None else vec + v
+    return vec
+
+
+def _local_progress(futures: list, minimum: float = 1.0) -> None:
+    """A progress bar on stderr for an in-process pass that takes more than ``minimum`` seconds."""
+    t0 = time.perf_counter()
+    shown = False
+    while True:
+        done, _ = concurrent.futures.wait(futures, timeout=0.1)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= minimum or (shown and len(done) == len(futures)):
+            frac = len(done) / len(futures)
+            bar = "#" * int(40 * frac)
+            sys.stderr.write(f"\r[{bar:<40}] | {100 * frac:3.0f}% Completed | {elapsed:4.1f}s")
+            shown = True
+        if len(done) == len(futures):
+            break
+    if shown:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _local_rows(blocks: Sequence[np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """The rows ``idx`` (sorted global indices) of in-process blocks."""
+    starts = np.cumsum([0] + [b.shape[0] for b in blocks])
+    which = np.searchsorted(starts, idx, side="right") - 1
+    parts = [blocks[j][idx[which == j] - starts[j]] for j in np.unique(which)]
+    if not parts:
+        return np.empty((0, blocks[0].shape[1]), dtype=blocks[0].dtype)
+    return np.concatenate(parts)
+
+
+# --------------------------------------------------------------------------
 # sampling rows out-of-core
 # --------------------------------------------------------------------------
 
@@ -269,6 +677,9 @@ def sample_rows(
     idx = np.sort(rng.choice(N, size=n, replace=False)) if n < N else np.arange(N)
     if split is not None:
         idx = idx[split.is_train(idx)]
+    blocks = in_process_blocks(X)
+    if blocks is not None:
+        return np.asarray(_local_rows(blocks, idx), dtype=np.float64)
     (rows,) = dask.compute(X[idx])
     return np.asarray(rows, dtype=np.float64)
 
@@ -331,28 +742,95 @@ def balanced_row_chunks(chunks: Sequence[int], threads: int, tolerance: float = 
     return tuple(base + (1 if i < extra else 0) for i in range(total))
 
 
-def _persist(X: da.Array, order: str = "C") -> da.Array:
+#: Persisted data: at most this many blocks per worker thread (each pass is one
+#: task per block; two per thread leave the last cut of a store room to balance).
+PERSIST_BLOCKS_PER_THREAD = 2
+
+
+def persist_row_chunks(chunks: Sequence[int], threads: int) -> tuple[int, ...] | None:
+    """The row chunks to persist ``chunks`` in, or None to keep them.
+
+    Balanced over ``threads`` (:func:`balanced_row_chunks`), and no more than
+    :data:`PERSIST_BLOCKS_PER_THREAD` per thread: a pass over persisted data is
+    one task per block, so that its scheduling does not grow with the chunks.
+    """
+    chunks = tuple(int(c) for c in chunks)
+    threads = max(1, int(threads))
+    rows = balanced_row_chunks(chunks, threads)
+    current = rows if rows is not None else chunks
+    limit = PERSIST_BLOCKS_PER_THREAD * threads
+    if len(current) > limit:
+        n = sum(chunks)
+        total = min(n, limit)
+        base, extra = divmod(n, total)
+        rows = tuple(base + (1 if i < extra else 0) for i in range(total))
+    return rows
+
+
+def _read_blocks(X: da.Array, rows: Sequence[int], source: tuple[Any, Any], order: str) -> da.Array:
+    """``X`` in row chunks ``rows``, each read from ``X``'s store by one task (one chunk
+    of memory beyond the block), cast and laid out as the persisted copy wants."""
+    array, dtype = source
+    name = "daskem-persist-" + dask.base.tokenize(X.name, tuple(rows), str(dtype), order)
+    dsk, pos = {}, 0
+    for i, c in enumerate(rows):
+        dsk[(name, i, 0)] = (_read_rows, array, pos, pos + c, dtype, order)
+        pos += c
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
+    return da.Array(graph, name, chunks=(tuple(rows), (X.shape[1],)), dtype=dtype)
+
+
+def _persist(X: da.Array, order: str = "C", narrow: Any = None) -> da.Array:
     """Persist ``X`` on the cluster, every worker thread holding the same number of rows.
 
-    The rows are first cut into chunks that balance the threads
-    (:func:`balanced_row_chunks`) and laid out in ``order`` (``"F"``:
+    The rows are first cut into a few chunks per thread that balance the
+    threads (:func:`persist_row_chunks`: at most
+    :data:`PERSIST_BLOCKS_PER_THREAD` per thread, so that a pass is O(threads)
+    tasks whatever the store's chunking) and laid out in ``order`` (``"F"``:
     column-major chunks, whose transposed blocks, the kernel's layout, are
-    contiguous); then runs of consecutive chunks are
+    contiguous), cast to ``narrow`` if given. An array read from a store
+    (:func:`_row_source`) is read block by block, one task per block reading
+    its store chunks in sequence. Then runs of consecutive chunks are
     computed on each worker in turn, as many per worker as it has threads.
     The scheduler's own placement left 3 of 4 chunks on one of two workers in
     about half of the benchmark's runs, and every pass then took as long as
     that worker's 3 chunks. The placement is a preference, not a rule
     (``allow_other_workers``): chunks lost with a worker are recomputed on
-    the others.
+    the others. Without a distributed client the data are persisted in this
+    process (the passes then run in process, :func:`in_process_blocks`).
     """
-    client = _active_client()
-    slots = _worker_slots()
-    rows = balanced_row_chunks(X.chunks[0], len(slots))
-    if rows is not None:
-        X = X.rechunk({0: rows, 1: X.shape[1]})
-    if order == "F":
-        X = X.map_blocks(np.asfortranarray, dtype=X.dtype)
-    if len(set(slots)) <= 1:
+    client = _active_client() if _uses_distributed() else None
+    slots = _worker_slots() if client is not None else []
+    threads = len(slots) if client is not None else _local_threads()
+    cuts = None
+    if balanced_row_chunks(X.chunks[0], threads) is None and len(X.chunks[0]) > PERSIST_BLOCKS_PER_THREAD * threads:
+        # balanced already: each block is a streamed pass's group of chunks, and a pass
+        # over it sums the chunks' statistics in the same order (the same bits as streaming)
+        groups = stream_groups(X.chunks[0], threads)
+        rows = tuple(int(c[-1] - c[0]) for c in groups)
+        cuts = groups
+    else:
+        rows = persist_row_chunks(X.chunks[0], threads)
+    source = _row_source(X)
+    if cuts is not None and source is not None:
+        # summed by the units a streamed pass reads: the same bits with cache=True and False
+        store_rows, row_bytes = _store_rows(source[0]), X.shape[1] * X.dtype.itemsize
+        cuts = [_unit_cuts(c, store_rows, row_bytes) for c in cuts]
+    else:
+        cuts = None  # one kernel call per block
+    if source is not None and (rows is not None or narrow is not None or order == "F"):
+        dtype = narrow if narrow is not None else X.dtype
+        X = _read_blocks(X, rows if rows is not None else X.chunks[0], (source[0], dtype), order)
+    else:
+        if narrow is not None:
+            X = X.astype(narrow)
+        if rows is not None:
+            X = X.rechunk({0: rows, 1: X.shape[1]})
+        if order == "F":
+            X = X.map_blocks(np.asfortranarray, dtype=X.dtype)
+    if cuts is not None:
+        _remember_cuts(X.name, cuts)
+    if client is None or len(set(slots)) <= 1:
         return X.persist()
     blocks = X.to_delayed(optimize_graph=True)  # (row chunks, column chunks)
     n = blocks.shape[0]
@@ -368,17 +846,40 @@ def _persist(X: da.Array, order: str = "C") -> da.Array:
     return rebuild({key: futures[key] for key in dask.core.flatten(X.__dask_keys__())}, *args)
 
 
+def _local_copy(X: da.Array, narrow: Any, order: str) -> da.Array:
+    """In-process blocks cast to ``narrow`` and laid out in ``order``: a copy, in this process."""
+    blocks = []
+    for b in local_blocks(X) or []:
+        if narrow is not None:
+            b = b.astype(narrow, order="F" if order == "F" else "C")
+        elif order == "F":
+            b = np.asfortranarray(b)
+        blocks.append(b)
+    return _blocks_array(blocks, X.shape[1], narrow if narrow is not None else X.dtype)
+
+
 def prepare_data(
     X: da.Array, cache: bool | str = "auto", in_memory: bool = False, dtype: Any = None, order: str = "C"
 ) -> tuple[da.Array, bool]:
     """Persist ``X`` once when it fits (``cache='auto'``) or when asked; else stream.
 
-    Returns the array to iterate over and whether it was persisted. Data that
-    already sit in this process's memory (numpy input) are not copied again
-    with a local scheduler, and are sent to the workers once (not with every
-    pass) when a distributed client is active. Persisted data are cut into
-    row chunks that give every worker thread the same work per pass
-    (:func:`balanced_row_chunks`); streamed data keep the store's chunks.
+    Returns the array to iterate over and whether it was persisted (or copied).
+
+    In-memory input (``in_memory``: numpy, wrapped by :func:`local_array`) is
+    passed over in process, without Dask graphs (:func:`in_process_blocks`),
+    when no distributed client is active or when it is at most
+    :data:`IN_PROCESS_BYTES`; larger in-memory input is sent to the cluster's
+    workers once (persisted) when a client is active. In process, a cast
+    (``dtype``) or column-major (``order="F"``) copy is made once when
+    ``cache`` allows it (it fits in half the free memory with ``"auto"``),
+    else the blocks are views of the input and are cast block by block.
+
+    Other data are persisted when they fit (``cache='auto'``): on the
+    cluster with a distributed client, else in this process (the passes then
+    run in process). Persisted data are cut into a few row blocks per worker
+    thread that balance the threads (:func:`persist_row_chunks`); streamed
+    data keep the store's chunks, read by one task per group of consecutive
+    chunks (:func:`pass_parts`).
 
     With a compute ``dtype`` narrower than the data's (float32 compute on
     float64 data), the persisted copy is cast once: half the memory, and
@@ -390,21 +891,26 @@ def prepare_data(
     narrow = None
     if dtype is not None and X.dtype.kind == "f" and np.dtype(dtype).itemsize < X.dtype.itemsize:
         narrow = np.dtype(dtype)
+    size = X.nbytes if narrow is None else X.size * narrow.itemsize
 
     def persist(X: da.Array) -> da.Array:
-        return _persist(X if narrow is None else X.astype(narrow), order)
+        return _persist(X, order, narrow)
 
     if in_memory:
-        if _active_client() is not None:
-            return persist(X), True
-        return X, False
-    if cache is False:
+        if in_process_blocks(X) is None:
+            if _active_client() is not None:
+                return persist(X), True
+            return X, False
+        if (narrow is not None or order == "F") and (
+            cache is True or (cache == "auto" and size < 0.5 * psutil.virtual_memory().available)
+        ):
+            return _local_copy(X, narrow, order), True
         return X, False
     if cache == "auto":
-        size = X.nbytes if narrow is None else X.size * narrow.itemsize
         cache = size < 0.5 * _cluster_memory()
     if cache:
         return persist(X), True
+    _plan_stream(X)
     return X, False
 
 
@@ -427,8 +933,12 @@ def data_fingerprint(X: da.Array) -> dict:
     fixed rows (first, last and evenly spaced; not counted as a pass)."""
     n = X.shape[0]
     idx = np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(np.int64))
-    (rows,) = dask.compute(X[idx])
-    sample = np.asarray(rows)
+    blocks = in_process_blocks(X)
+    if blocks is not None:
+        sample = np.asarray(_local_rows(blocks, idx))
+    else:
+        (rows,) = dask.compute(X[idx])
+        sample = np.asarray(rows)
     return {
         "shape": list(X.shape),
         "dtype": str(X.dtype),

@@ -223,6 +223,11 @@ class BaseMixture(DensityMixin, BaseEstimator):
         return Xd, False
 
     def _dask(self, a: Any) -> da.Array:
+        """The engine's view of validated data: in-memory (numpy) rows as in-process blocks
+        (:func:`daskem._engine.local_array`: fitted without Dask graphs unless a cluster
+        should take them), anything else as a lazy dask array."""
+        if isinstance(a, np.ndarray):
+            return engine.local_array(a)
         return a if isinstance(a, da.Array) else open_array(a, chunk_bytes=self.chunk_bytes)
 
     # ------------------------------------------------------------------ fit

@@ -114,9 +114,10 @@ def test_local_cluster_equals_threaded(tmp_path) -> None:
             assert isinstance(labels, da.Array)
             labels = labels.compute()
             # cached on the cluster: 9 chunks of 700 rows (one of 400) would leave
-            # one thread 3500 rows and the other 2500; they are cut into 10 x 600
+            # one thread 3500 rows and the other 2500; they are cut into 4 x 1500
+            # (two blocks per thread at most: a pass is O(threads) tasks)
             Xp, persisted = engine.prepare_data(daskem.open_array(path, chunk_bytes=700 * 4 * 8), True)
-            assert persisted and Xp.chunks[0] == (600,) * 10
+            assert persisted and Xp.chunks[0] == (1500,) * 4
             cached = daskem.GaussianMixture(3, **{**opts, "cache": True, "chunk_bytes": 700 * 4 * 8}).fit(path)
     assert distributed.n_iter_ == threaded.n_iter_ == cached.n_iter_
     for name in ("weights_", "means_", "covariances_", "history_"):

@@ -1,0 +1,261 @@
+"""The engine's paths give the same fit: in process (numpy), Dask's threaded scheduler, a LocalCluster;
+and a pass over many chunks is a number of tasks bounded by the worker threads, not by the chunks."""
+
+from __future__ import annotations
+
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from conftest import COVARIANCE_TYPES, make_blobs, write_zarr
+from distributed import Client, LocalCluster, wait
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+import daskem
+from daskem import _engine as engine
+from daskem import _gaussian as g
+from daskem._gaussian_model import GaussianModel
+
+ATTRS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "history_")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cl:
+        yield cl
+
+
+def _dask_graph(X: np.ndarray, chunks: int) -> da.Array:
+    """The rows of ``X`` behind one task per chunk (a dask array of numpy slices would count as
+    data in this process's memory and be passed over in process)."""
+    Xd = da.from_array(X, chunks=(chunks, X.shape[1])).map_blocks(np.copy)
+    assert engine.local_blocks(Xd) is None
+    return Xd
+
+
+def _three_ways(cluster, fit, X: np.ndarray, chunks: int, tmp_path) -> dict:
+    """``fit`` on numpy input without a client (in process), on a dask array of the same data with
+    Dask's threaded scheduler, and on a Zarr store of the same data on a LocalCluster."""
+    assert engine.in_process_blocks(engine.local_array(X)) is not None
+    out = {"in_process": fit(X)}
+    with dask.config.set(scheduler="threads"):
+        out["threaded"] = fit(_dask_graph(X, chunks))
+    store = write_zarr(tmp_path / "x.zarr", X, chunk_rows=chunks)
+    with Client(cluster):
+        out["cluster"] = fit(daskem.open_array(store, chunk_bytes=chunks * X.shape[1] * 8))
+    return out
+
+
+def _assert_same(fits: dict, rtol: float = 1e-9) -> None:
+    ref = fits["in_process"]
+    for name, other in fits.items():
+        assert other.n_iter_ == ref.n_iter_, name
+        assert other.n_passes_ == ref.n_passes_, name
+        for attr in ATTRS:
+            np.testing.assert_allclose(getattr(other, attr), getattr(ref, attr), rtol=rtol, atol=1e-12, err_msg=attr)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_in_process_equals_dask_paths_with_restarts(cluster, covariance_type, tmp_path) -> None:
+    X = make_blobs(n=3000, d=3, k=3, seed=21)
+
+    def fit(data):
+        opts = dict(covariance_type=covariance_type, n_init=3, tol=1e-6, max_iter=200, random_state=7, cache=False)
+        return daskem.GaussianMixture(3, **opts).fit(data)
+
+    fits = _three_ways(cluster, fit, X, 700, tmp_path)
+    _assert_same(fits)
+    assert len(fits["in_process"].runs_) == 3
+
+
+def test_in_process_equals_dask_paths_with_missing_values(cluster, tmp_path) -> None:
+    X = make_blobs(n=3000, d=4, k=3, seed=22)
+    rng = np.random.default_rng(0)
+    X[rng.random(X.shape) < 0.1] = np.nan
+
+    def fit(data):
+        opts = dict(missing="marginalize", n_init=2, tol=1e-6, max_iter=200, random_state=3, cache=False)
+        return daskem.GaussianMixture(3, **opts).fit(data)
+
+    _assert_same(_three_ways(cluster, fit, X, 600, tmp_path))
+
+
+def test_in_process_equals_dask_paths_in_float32(cluster, tmp_path) -> None:
+    """dtype='float32': the in-process copy is cast once, the streamed dask blocks one by one."""
+    X = make_blobs(n=3000, d=3, k=3, seed=23)
+
+    def fit(data):
+        return daskem.GaussianMixture(3, dtype="float32", tol=1e-6, max_iter=200, random_state=5).fit(data)
+
+    prepared, copied = engine.prepare_data(engine.local_array(X), "auto", in_memory=True, dtype="float32")
+    assert copied and prepared.dtype == np.float32 and engine.in_process_blocks(prepared) is not None
+    fits = _three_ways(cluster, fit, X, 700, tmp_path)
+    ref = fits["in_process"]
+    for name, other in fits.items():
+        assert other.n_iter_ == ref.n_iter_, name
+        np.testing.assert_allclose(other.means_, ref.means_, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(other.history_, ref.history_, rtol=1e-6)
+
+
+def test_in_process_equals_dask_paths_for_select_k(cluster, tmp_path) -> None:
+    """A validation split (RowSplit, per block from global row indices) and the scoring pass."""
+    X = make_blobs(n=4000, d=3, k=3, seed=24)
+
+    def fit(data):
+        return daskem.select_k(data, [2, 3, 4], n_init=2, tol=1e-6, random_state=9, cache=False)
+
+    results = _three_ways(cluster, fit, X, 1500, tmp_path)
+    ref = results["in_process"]
+    for name, res in results.items():
+        assert res.best_k == ref.best_k == 3, name
+        assert res.n_passes == ref.n_passes, name
+        for row, ref_row in zip(res.table, ref.table):
+            assert row["n_iter"] == ref_row["n_iter"]
+            for key in ("train_loglik", "validation_loglik", "bic", "aic"):
+                np.testing.assert_allclose(row[key], ref_row[key], rtol=1e-9, err_msg=f"{name} {key}")
+
+
+def test_numpy_with_a_client_goes_in_process_when_small_and_to_the_cluster_when_large(cluster) -> None:
+    small = engine.local_array(make_blobs(n=2000, d=3, seed=1))
+    with Client(cluster):
+        assert engine.in_process_blocks(small) is not None
+        prepared, was = engine.prepare_data(small, "auto", in_memory=True)
+        assert prepared is small and was is False
+        big = engine.local_array(np.zeros((engine.IN_PROCESS_BYTES // 8 // 4 + 1000, 4)))
+        assert engine.in_process_blocks(big) is None
+        persisted, was = engine.prepare_data(big, "auto", in_memory=True)
+        assert was and engine.local_blocks(persisted) is None  # futures on the workers
+        assert persisted.numblocks[0] <= engine.PERSIST_BLOCKS_PER_THREAD * 2
+        del persisted
+    # no client: in process whatever the size
+    assert engine.in_process_blocks(big) is not None
+
+
+def test_a_checkpoint_of_the_in_process_path_is_taken_by_the_dask_path(tmp_path) -> None:
+    """The data fingerprint is the same whichever path reads the rows: the Dask path takes the
+    in-process fit's checkpoint (it refuses one written for other data) and ends where it ended."""
+    X = make_blobs(n=3000, d=3, k=3, seed=25)
+    opts = dict(tol=0.0, max_iter=6, random_state=2, checkpoint=str(tmp_path / "ck"))
+    with pytest.warns(daskem.ConvergenceWarning):
+        first = daskem.GaussianMixture(3, **opts).fit(X)
+    with dask.config.set(scheduler="threads"), pytest.warns(daskem.ConvergenceWarning):
+        resumed = daskem.GaussianMixture(3, cache=False, **opts).fit(_dask_graph(X, 500))
+    assert resumed.n_passes_ < first.n_passes_  # nothing left to iterate
+    np.testing.assert_array_equal(resumed.means_, first.means_)
+    np.testing.assert_array_equal(resumed.history_, first.history_)
+    with pytest.raises(daskem.InputError, match="other data"):
+        daskem.GaussianMixture(3, cache=False, **opts).fit(_dask_graph(X + 1.0, 500))
+
+
+def test_in_process_rows_match_the_dask_rows() -> None:
+    """Row sampling and the fingerprint read the same rows from in-process blocks."""
+    X = make_blobs(n=10_000, d=3, seed=26)
+    local = engine.local_array(X, chunks=(3000, 3000, 4000))
+    split = engine.RowSplit(0.2, seed=4)
+    with dask.config.set(scheduler="threads"):
+        Xd = _dask_graph(X, 1234)
+        np.testing.assert_array_equal(
+            engine.sample_rows(local, 500, 3, split=split), engine.sample_rows(Xd, 500, 3, split=split)
+        )
+        assert engine.data_fingerprint(local) == engine.data_fingerprint(Xd)
+
+
+# --------------------------------------------------------------------------
+# tasks per pass
+# --------------------------------------------------------------------------
+
+
+class _TaskCounter(SchedulerPlugin):
+    """Tasks the scheduler ran (processing -> memory) since the last reset."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if start == "processing" and finish == "memory":
+            self.n += 1
+
+
+def test_a_pass_over_many_chunks_is_a_few_tasks_per_thread(cluster, tmp_path) -> None:
+    """2,000 chunks (pieces of 20 store chunks): persisted in at most two blocks per thread, streamed
+    in groups of consecutive chunks; the statistics equal the kernel's on the whole array."""
+    n, d, k = 100_000, 4, 3
+    X = make_blobs(n=n, d=d, k=k, seed=27)
+    store = write_zarr(tmp_path / "x.zarr", X, chunk_rows=5_000)
+    p = g.GaussianParams.from_covariances(np.full(k, 1 / k), X[:k].copy(), np.ones((k, d)), "diag")
+    model = GaussianModel()
+    (expected,) = model.statistics(X, [p], None)
+    expected = expected.pack()
+    counter = _TaskCounter()
+    cluster.scheduler.add_plugin(counter, name="daskem-task-counter")
+    threads = 2
+    try:
+        with Client(cluster):
+            streamed = da.from_zarr(zarr.open_array(store, mode="r"), chunks=(50, d))
+            assert streamed.numblocks[0] == 2000
+            persisted, was = engine.prepare_data(streamed, True)
+            wait(persisted)
+            assert was and persisted.numblocks[0] <= engine.PERSIST_BLOCKS_PER_THREAD * threads
+            counts, vecs = {}, {}
+            for name, arr in (("persisted", persisted), ("streamed", streamed)):
+                counter.n = 0
+                (got,) = engine.reduce_statistics(arr, model, [p])
+                counts[name] = counter.n
+                vecs[name] = got.pack()
+                np.testing.assert_allclose(vecs[name], expected, rtol=1e-10, err_msg=name)
+            # persisted blocks are the streamed groups, summed by the same chunks in the same order
+            np.testing.assert_array_equal(vecs["persisted"], vecs["streamed"])
+            # the counter counts: a graph of one task per chunk runs a task per chunk
+            counter.n = 0
+            (got,) = engine.reduce_statistics(da.from_array(X, chunks=(500, d)).map_blocks(np.copy), model, [p])
+            counts["per_chunk"] = counter.n
+            np.testing.assert_allclose(got.pack(), expected, rtol=1e-10)
+    finally:
+        cluster.scheduler.remove_plugin(name="daskem-task-counter")
+    assert counts["persisted"] <= engine.PERSIST_BLOCKS_PER_THREAD * threads
+    assert counts["streamed"] <= engine.STREAM_TASKS_PER_THREAD * threads
+    assert counts["per_chunk"] >= 200
+
+
+def test_stream_groups_are_consecutive_and_even() -> None:
+    chunks = (50,) * 1999 + (20,)
+    groups = engine.stream_groups(chunks, threads=3)
+    assert len(groups) == engine.STREAM_TASKS_PER_THREAD * 3
+    flat = [(int(a), int(b)) for cuts in groups for a, b in zip(cuts[:-1], cuts[1:])]
+    assert flat == [(i * 50, i * 50 + c) for i, c in enumerate(chunks)]  # every chunk once, in order
+    rows = [int(cuts[-1] - cuts[0]) for cuts in groups]
+    assert max(rows) - min(rows) <= 2 * 50
+    assert [c.tolist() for c in engine.stream_groups((10, 10), threads=8)] == [[0, 10], [10, 20]]
+    # pieces of larger store chunks: each store chunk is one read
+    assert engine._read_units(np.array([30, 40, 50, 60, 70, 80]), 25) == [(30, 50), (50, 75), (75, 80)]
+    assert engine._read_units(np.array([0, 50, 100]), 25) == [(0, 50), (50, 100)]
+    # small chunks read together, up to MIN_READ_BYTES
+    rows = engine.MIN_READ_BYTES // 8
+    cuts = np.arange(0, 10 * rows + 1, rows // 4)
+    assert engine._read_units(cuts, None, 8) == [(i * rows, (i + 1) * rows) for i in range(10)]
+
+
+def test_persist_row_chunks_caps_the_blocks_per_thread() -> None:
+    assert engine.persist_row_chunks((50,) * 2000, 2) == (25_000,) * 4
+    assert engine.persist_row_chunks((250_000,) * 4, 2) is None
+    assert engine.persist_row_chunks((262144, 262144, 262144, 213568), 2) == (250_000,) * 4
+
+
+def test_in_process_pass_sums_in_block_order_whatever_the_threads() -> None:
+    """The same blocks give the same bits with 1 thread and with several (fixed order)."""
+    X = make_blobs(n=40_000, d=5, k=3, seed=28)
+    p = g.GaussianParams.from_covariances(np.full(3, 1 / 3), X[:3].copy(), np.ones((3, 5)), "diag")
+    local = engine.local_array(X, chunks=(5000,) * 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with dask.config.set(num_workers=4):
+            (a,) = engine.reduce_statistics(local, GaussianModel(), [p])
+        with dask.config.set(num_workers=4):
+            (b,) = engine.reduce_statistics(local, GaussianModel(), [p])
+    np.testing.assert_array_equal(a.pack(), b.pack())
+    with dask.config.set(scheduler="synchronous"):
+        (c,) = engine.reduce_statistics(local, GaussianModel(), [p])
+    np.testing.assert_allclose(c.pack(), a.pack(), rtol=1e-12)
