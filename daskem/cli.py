@@ -128,9 +128,15 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster (default: a local cluster sized to this machine)")
     x = g.add_mutually_exclusive_group()
-    x.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler, e.g. tcp://host:8786")
     x.add_argument(
-        "--scheduler-file", metavar="FILE", help="scheduler file written by `dask scheduler --scheduler-file`"
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running Dask scheduler, e.g. tcp://host:8786 (default: start a local cluster)",
+    )
+    x.add_argument(
+        "--scheduler-file",
+        metavar="FILE",
+        help="scheduler file written by `dask scheduler --scheduler-file` (default: start a local cluster)",
     )
     g.add_argument(
         "--security",
@@ -138,8 +144,18 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
         help="TLS: a Dask config file with the client's certificates (default: security.yaml beside "
         "--scheduler-file, as deploy/local/start-cluster.sh writes it)",
     )
-    g.add_argument("--n-workers", type=int, metavar="N", help="local cluster: worker processes")
-    g.add_argument("--threads-per-worker", type=int, metavar="N", help="local cluster: threads per worker")
+    g.add_argument(
+        "--n-workers",
+        type=int,
+        metavar="N",
+        help="local cluster: worker processes (default: chosen by Dask for this machine's cores)",
+    )
+    g.add_argument(
+        "--threads-per-worker",
+        type=int,
+        metavar="N",
+        help="local cluster: threads per worker (default: chosen by Dask)",
+    )
     g.add_argument(
         "--memory-limit", metavar="BYTES", help="local cluster: memory per worker, e.g. 4GiB (default: auto)"
     )
@@ -279,7 +295,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         separation=args.separation,
         target=target,
     )
-    _say(args, f"wrote {args.n_samples:,} x {args.n_features} rows in {time.perf_counter() - t0:.1f} s")
+    _say(
+        args,
+        f"wrote {args.n_samples:,} rows x {args.n_features:,} features in {time.perf_counter() - t0:.1f} s",
+    )
     _say_written(args, target)
     print(f"{args.out}\t(true parameters: {truth_path(args.out)})")
     return 0
@@ -497,6 +516,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = jobs.list_jobs()
     if not rows:
         _say(args, f"no jobs recorded in {jobs.registry_dir()}")
+        return 0
+    print("JOB ID\tSTATE\tOUTPUT")
     for s in rows:
         print(f"{s['id']}\t{s['state']}\t{s.get('output', '')}")
     return 0
@@ -564,14 +585,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write rows of a random Gaussian mixture to a Zarr array, chunk by chunk "
         "(out-of-core); the true parameters go to OUT.truth.json.",
     )
-    p.add_argument("out", metavar="OUT.zarr")
+    p.add_argument("out", metavar="OUT.zarr", help="the Zarr store to write (true parameters go to OUT.truth.json)")
     _add_overwrite(p)
-    p.add_argument("--n-samples", type=int, required=True, metavar="N")
-    p.add_argument("--n-features", type=int, required=True, metavar="D")
-    p.add_argument("--n-components", type=int, required=True, metavar="K")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-samples", type=int, required=True, metavar="N", help="rows to write (required)")
+    p.add_argument("--n-features", type=int, required=True, metavar="D", help="columns (required)")
+    p.add_argument("--n-components", type=int, required=True, metavar="K", help="true mixture components (required)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the parameters and the rows (default: 0)")
     p.add_argument("--chunk-rows", type=int, default=100_000, metavar="N", help="rows per Zarr chunk (default: 100000)")
-    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument(
+        "--dtype", choices=["float64", "float32"], default="float64", help="dtype of the stored rows (default: float64)"
+    )
     p.add_argument(
         "--separation",
         type=float,
@@ -609,7 +632,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(p)
     p.add_argument("--k", required=True, metavar="RANGE", help="K values: a range 2:12 (inclusive) or a list 2,4,8")
-    p.add_argument("--criterion", choices=["validation", "bic", "aic"], default="validation")
+    p.add_argument(
+        "--criterion",
+        choices=["validation", "bic", "aic"],
+        default="validation",
+        help="how K is chosen: 'validation' the highest mean log-likelihood on held-out rows, 'bic' or 'aic' "
+        "the lowest criterion on the training rows (default: validation)",
+    )
     p.add_argument("--validation-fraction", type=float, default=0.1, metavar="F", help="held-out rows (default: 0.1)")
     p.add_argument(
         "--out",
@@ -686,8 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status",
         help="state of a job, or of all recorded jobs",
-        description="State (queued, running, done, failed) of a job, or a list of all recorded jobs "
-        "(registry: $DASKEM_HOME/jobs, default ~/.daskem/jobs).",
+        description="State of a job, or a list of all recorded jobs (registry: $DASKEM_HOME/jobs, default "
+        "~/.daskem/jobs). States: queued (submitted, not started), running, done, failed (with the error), and "
+        "superseded (the job's output folder now holds a later job of the same file).",
     )
     p.add_argument("job_id", nargs="?", metavar="JOB_ID")
     _add_common(p)
