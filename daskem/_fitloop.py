@@ -37,6 +37,7 @@ import numpy as np
 from . import _engine as engine
 from ._blas import single_threaded_blas
 from ._model import MixtureModel
+from ._squarem import EMAccelerator
 from .errors import ConvergenceWarning, InputError
 from .io import atomic_savez, atomic_write_text
 
@@ -153,16 +154,161 @@ class Run:
             "n_reseeds": self.n_reseeds,
         }
 
+    def strategy_state(self, model: MixtureModel) -> tuple[dict[str, np.ndarray], dict]:
+        """What a checkpoint must hold beyond the fields of :class:`Run` (plain EM: nothing)."""
+        return {}, {}
+
+    def restore_strategy(self, model: MixtureModel, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
+        """Inverse of :meth:`strategy_state` (called on a run built from the checkpoint's fields)."""
+
+
+@dataclass
+class AcceleratedRun(Run):
+    """One run accelerated by SQUAREM: :class:`daskem._squarem.EMAccelerator` behind :class:`Run`'s interface.
+
+    Each pass the machine proposes one parameter set (the cycle's current
+    point: an EM point or an extrapolated one) and takes its statistics. The
+    M-step is the model's, with the re-seeding of empty components (the
+    machine treats a re-seeded M-step as no EM step: it restarts the cycle,
+    or rejects the extrapolated point that needed it). Extrapolation happens
+    in the model's :meth:`~daskem._model.MixtureModel.to_vector` space.
+
+    The :class:`Run` fields follow the machine after every pass: ``params``
+    is the M-step image of the last accepted point, ``history`` the accepted
+    log-likelihoods (non-decreasing), ``lower_bound`` the last of them,
+    ``n_iter`` the passes this run took (extrapolated ones included: what
+    ``max_iter`` counts), ``n_reseeds`` the M-steps that re-seeded.
+    ``converged`` means the estimated remaining gain fell below ``tol``
+    (see :mod:`daskem._squarem`).
+    """
+
+    method: str = "squarem"
+    machine: EMAccelerator | None = field(default=None, repr=False)
+
+    def _machine(self) -> EMAccelerator:
+        if self.machine is None:
+            # tol, max_iter and the model's callables are bound at each receive (_bind)
+            self.machine = EMAccelerator(
+                self.params,
+                m_step=_unbound,
+                objective=_unbound,
+                to_vector=_unbound,
+                from_vector=_unbound,
+                method=self.method,
+                tol=0.0,
+                max_iter=2**62,
+            )
+            self.machine.n_iter = self.n_iter
+        return self.machine
+
+    def _bind(self, step: Step) -> EMAccelerator:
+        m = self._machine()
+        model = step.model
+
+        def m_step(stats: Any, params: Any) -> tuple[Any, bool]:
+            new, empty = model.m_step(stats, params)
+            if not empty.any():
+                return new, False
+            if m.stage == "C":
+                # the M-step at an extrapolated point: the machine rejects the point, the image is not used
+                return new, True
+            warnings.warn(
+                f"{int(empty.sum())} component(s) of run {self.tag} received no rows at "
+                f"iteration {m.n_iter} and were re-seeded on poorly explained rows",
+                RuntimeWarning,
+                stacklevel=6,
+            )
+            return model.reseed(new, empty, step.pool()), True
+
+        m.m_step = m_step
+        m.objective = model.objective
+        m.to_vector = model.to_vector
+        m.from_vector = model.from_vector
+        m.tol = float(step.tol)
+        m.max_iter = int(step.max_iter)
+        return m
+
+    def proposal(self) -> list:
+        p = self._machine().proposal()
+        return [] if p is None else [p]
+
+    def receive(self, stats: Sequence[Any], step: Step) -> None:
+        (s,) = stats
+        if step.model.loglik(s)[1] == 0:
+            raise InputError("no training rows to fit on")
+        m = self._bind(step)
+        m.receive(s)
+        self._sync()
+
+    def _sync(self) -> None:
+        m = self._machine()
+        self.params = m.params
+        self.history = m.history
+        self.n_iter = m.n_iter
+        self.converged = m.converged
+        self.done = m.done
+        self.lower_bound = m.lower_bound
+        self.n_reseeds = m.n_perturbed
+
+    def summary(self) -> dict:
+        out = super().summary()
+        m = self._machine()
+        out.update(
+            accelerate=self.method,
+            n_extrapolations=m.n_extrapolations,
+            n_rejected=m.n_rejected,
+            history=list(self.history),
+        )
+        return out
+
+    def strategy_state(self, model: MixtureModel) -> tuple[dict[str, np.ndarray], dict]:
+        return self._machine().state(model.params_state)
+
+    def restore_strategy(self, model: MixtureModel, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
+        self.machine = EMAccelerator.from_state(
+            dict(arrays),
+            dict(meta),
+            model.params_from_state,
+            m_step=_unbound,
+            objective=_unbound,
+            to_vector=_unbound,
+            from_vector=_unbound,
+        )
+        self.method = self.machine.method
+        self._sync()
+
+
+def _unbound(*args: Any) -> Any:
+    raise RuntimeError("an accelerated run's model callables are bound at each pass")
+
+
+#: ``accelerate`` -> run strategy (``Settings.run_class``)
+STRATEGIES: dict[str | None, type[Run]] = {None: Run, "squarem": AcceleratedRun}
+
+
+def run_strategy(accelerate: str | None) -> type[Run]:
+    """The run strategy of an ``accelerate`` option: :class:`Run` (None) or :class:`AcceleratedRun`."""
+    try:
+        return STRATEGIES[accelerate]
+    except (KeyError, TypeError):
+        raise InputError(f"accelerate must be one of {list(STRATEGIES)}, got {accelerate!r}") from None
+
 
 @dataclass
 class IterationInfo:
-    """What a progress callback receives after each pass."""
+    """What a progress callback receives after each pass.
+
+    ``iteration`` is the largest ``n_iter`` of the runs this pass advanced,
+    ``n_passes`` the passes over the data made by the fit so far
+    (initialisation included).
+    """
 
     iteration: int
     runs: list
     seconds: float
     n_live: int
     advanced: list = field(default_factory=list)
+    n_passes: int = 0
 
 
 def best_run(runs: Sequence[Run], rtol: float = 1e-9) -> Run:
@@ -210,6 +356,9 @@ class Checkpoint:
             p_arrays, p_meta = self.model.params_state(r.params)
             for name, a in p_arrays.items():
                 arrays[f"run{i}_{name}"] = a
+            s_arrays, s_meta = r.strategy_state(self.model)
+            for name, a in s_arrays.items():
+                arrays[f"run{i}_strategy_{name}"] = np.asarray(a)
             meta_runs.append(
                 {
                     "params": p_meta,
@@ -221,6 +370,7 @@ class Checkpoint:
                     "done": r.done,
                     "lower_bound": r.lower_bound if math.isfinite(r.lower_bound) else None,
                     "n_reseeds": r.n_reseeds,
+                    "strategy": {"arrays": sorted(s_arrays), "meta": s_meta},
                 }
             )
         # arrays first, then the JSON that names them: a reader sees the old
@@ -231,6 +381,7 @@ class Checkpoint:
             "digest": self.digest,
             "fingerprint": self.fingerprint,
             "stage": stage,
+            "run_class": self.run_class.__name__,
             "arrays": f"state-{token}.npz",
             "runs": meta_runs,
         }
@@ -254,22 +405,31 @@ class Checkpoint:
                 f"(differs in: {', '.join(diff) or 'format'}); use another checkpoint path "
                 "or delete it"
             )
+        saved_class = doc.get("run_class", Run.__name__)
+        if saved_class != self.run_class.__name__:
+            raise InputError(
+                f"the checkpoint at {self.path} was written by a {saved_class} fit, not a "
+                f"{self.run_class.__name__} one (another accelerate option); use another checkpoint path or delete it"
+            )
         runs = []
         with np.load(self.path / doc["arrays"], allow_pickle=False) as npz:
             for i, m in enumerate(doc["runs"]):
                 arrays = {k: npz[f"run{i}_{k}"] for k in m["arrays"]}
-                runs.append(
-                    self.run_class(
-                        params=self.model.params_from_state(arrays, m["params"]),
-                        tag=m["tag"],
-                        history=list(m["history"]),
-                        n_iter=m["n_iter"],
-                        converged=m["converged"],
-                        done=m["done"],
-                        lower_bound=-math.inf if m["lower_bound"] is None else m["lower_bound"],
-                        n_reseeds=m.get("n_reseeds", 0),
-                    )
+                run = self.run_class(
+                    params=self.model.params_from_state(arrays, m["params"]),
+                    tag=m["tag"],
+                    history=list(m["history"]),
+                    n_iter=m["n_iter"],
+                    converged=m["converged"],
+                    done=m["done"],
+                    lower_bound=-math.inf if m["lower_bound"] is None else m["lower_bound"],
+                    n_reseeds=m.get("n_reseeds", 0),
                 )
+                strategy = m.get("strategy") or {"arrays": [], "meta": {}}
+                if strategy["meta"] or strategy["arrays"]:
+                    s_arrays = {k: npz[f"run{i}_strategy_{k}"] for k in strategy["arrays"]}
+                    run.restore_strategy(self.model, s_arrays, strategy["meta"])
+                runs.append(run)
         return doc["stage"], runs
 
 
@@ -368,7 +528,9 @@ def iterate(
         if checkpoint is not None:
             checkpoint.save(runs, stage)
         if callback is not None:
-            callback(IterationInfo(max(r.n_iter for r in live), runs, time.perf_counter() - t0, len(live), live))
+            iteration = max(r.n_iter for r in live)
+            seconds = time.perf_counter() - t0
+            callback(IterationInfo(iteration, runs, seconds, len(live), live, n_passes=passes.n_passes))
     return runs
 
 
@@ -391,9 +553,10 @@ class Settings:
     """The loop's options (shared by every candidate of one fit).
 
     ``init`` is handed to the model's initialisation hook as it is;
-    ``run_class`` is the run strategy (:class:`Run`: plain EM; an
-    accelerated strategy subclasses it and overrides ``proposal`` and
-    ``receive``).
+    ``run_class`` is the run strategy of the fit's EM runs (:class:`Run`:
+    plain EM; :class:`AcceleratedRun`: SQUAREM; :func:`run_strategy` maps
+    an ``accelerate`` option to it). The initialisation's own runs (Lloyd's
+    k-means, :meth:`Passes.iterate`) are always plain.
     """
 
     tol: float = 1e-3
@@ -441,7 +604,8 @@ def _progress_printer(verbose: int, interval: int) -> Callable[[IterationInfo], 
         tag = " ".join(f"{k}={v}" for k, v in best.tag.items())
         print(
             f"iter {info.iteration:4d}  loglik {ll: .6f}  delta {delta}  "
-            f"{info.seconds:6.2f} s/iter  live runs {info.n_live}  (leading live run: {tag})",
+            f"{info.seconds:6.2f} s/iter  passes {info.n_passes}  live runs {info.n_live}  "
+            f"(leading live run: {tag})",
             file=sys.stderr,
             flush=True,
         )

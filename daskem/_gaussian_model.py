@@ -33,6 +33,15 @@ from ._gaussian import (
 from ._model import DataPasses
 from .errors import InputError
 
+
+def _n_zero(params: GaussianParams) -> int:
+    """Entries of the precision factors that are zero by construction (lower triangles)."""
+    if params.layout not in ("full", "tied"):
+        return 0
+    d = params.n_features
+    return (params.n_components if params.layout == "full" else 1) * d * (d - 1) // 2
+
+
 NAN_MESSAGE = (
     "the data hold NaN or infinite values; clean them, or fit with missing='marginalize' to use the observed entries"
 )
@@ -160,38 +169,76 @@ class GaussianModel:
         return GaussianParams.from_arrays(dict(arrays), meta["covariance_type"])
 
     def to_vector(self, params: GaussianParams) -> np.ndarray:
-        """``[log weights, means, log diag(U), strict upper triangle of U]`` (U: precision Cholesky)."""
-        with np.errstate(divide="ignore"):
-            parts = [np.log(params.weights), params.means.ravel()]
-        pc = params.precisions_cholesky
-        if params.layout in ("full", "tied"):
-            mats = pc if params.layout == "full" else pc[None]
-            d = mats.shape[-1]
-            iu = np.triu_indices(d, 1)
-            parts += [np.log(np.diagonal(mats, axis1=1, axis2=2)).ravel(), mats[:, iu[0], iu[1]].ravel()]
-        else:
-            parts.append(np.log(pc).ravel())
+        """An unconstrained real vector for ``params``: the space SQUAREM extrapolates in.
+
+        Layout: the centred log-weights ``log w_k - mean_j log w_j`` (K; the
+        softmax is blind to a common shift, so the centring removes the
+        normalisation's direction from the step lengths), the means (K*D),
+        then for ``full`` / ``tied`` the precision Cholesky factors ``U``
+        (``precision = U U^T``): ``log diag(U)`` and the strict upper
+        triangles (row by row), and for ``diag`` / ``spherical`` the log
+        precisions (SQUAREM's step lengths were tuned on this scaling: the
+        photo's pixels and the adversarial data of ``tests/test_squarem.py``).
+        Any vector maps back to a valid model, or to None (see
+        :meth:`from_vector`).
+        """
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logw = np.log(np.asarray(params.weights, dtype=np.float64))
+            logw = logw - logw.mean()
+            parts = [logw, np.asarray(params.means, dtype=np.float64).ravel()]
+            pc = np.asarray(params.precisions_cholesky, dtype=np.float64)
+            if params.layout in ("full", "tied"):
+                mats = pc if params.layout == "full" else pc[None]
+                d = mats.shape[-1]
+                iu = np.triu_indices(d, 1)
+                parts += [np.log(np.diagonal(mats, axis1=1, axis2=2)).ravel(), mats[:, iu[0], iu[1]].ravel()]
+            else:
+                parts.append(2.0 * np.log(pc).ravel())
         return np.concatenate(parts)
 
-    def from_vector(self, vec: np.ndarray, like: GaussianParams) -> GaussianParams:
+    def from_vector(self, vec: np.ndarray, like: GaussianParams) -> GaussianParams | None:
+        """The mixture of :meth:`to_vector`'s ``vec``; None where there is no valid model.
+
+        Shapes and the structure come from ``like``. Every derived quantity
+        is rebuilt from the vector: the weights by a softmax, the precision
+        Cholesky factors (positive diagonal by construction), the covariances
+        from them. None when something is not finite or a weight or a
+        precision underflows to zero or overflows, and for a structure stored
+        in another structure's layout (its constraints are not coordinates of
+        the vector, so an extrapolated point would leave the model): an
+        accelerated run then rejects the extrapolation without spending a pass.
+        """
+        if cov_.layout(like.covariance_type) != like.covariance_type:
+            return None
         k, d = like.means.shape
         vec = np.asarray(vec, dtype=np.float64)
+        if vec.shape != (k + k * d + like.precisions_cholesky.size - _n_zero(like),) or not np.isfinite(vec).all():
+            return None
         logw = vec[:k]
         weights = np.exp(logw - logw.max())
         weights /= weights.sum()
-        means = vec[k : k + k * d].reshape(k, d)
+        if not (weights > 0.0).all():
+            return None
+        means = vec[k : k + k * d].reshape(k, d).copy()
         rest = vec[k + k * d :]
-        shape = like.precisions_cholesky.shape
-        if like.layout in ("full", "tied"):
-            m = k if like.layout == "full" else 1
-            mats = np.zeros((m, d, d))
-            mats[:, np.arange(d), np.arange(d)] = np.exp(rest[: m * d].reshape(m, d))
-            iu = np.triu_indices(d, 1)
-            mats[:, iu[0], iu[1]] = rest[m * d :].reshape(m, -1)
-            pc = mats if like.layout == "full" else mats[0]
-        else:
-            pc = np.exp(rest).reshape(shape)
-        cov = covariances_from_precision_cholesky(pc, like.covariance_type)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+            if like.layout in ("full", "tied"):
+                m = k if like.layout == "full" else 1
+                diag = np.exp(rest[: m * d].reshape(m, d))
+                if not (np.isfinite(diag).all() and (diag > 0.0).all()):
+                    return None
+                mats = np.zeros((m, d, d))
+                mats[:, np.arange(d), np.arange(d)] = diag
+                iu = np.triu_indices(d, 1)
+                mats[:, iu[0], iu[1]] = rest[m * d :].reshape(m, -1)
+                pc = mats if like.layout == "full" else mats[0]
+            else:
+                pc = np.exp(0.5 * rest).reshape(like.precisions_cholesky.shape)
+                if not (np.isfinite(pc).all() and (pc > 0.0).all()):
+                    return None
+            cov = covariances_from_precision_cholesky(pc, like.covariance_type)
+            if not np.isfinite(cov).all() or (like.layout in ("diag", "spherical") and not (cov > 0.0).all()):
+                return None
         return GaussianParams(weights, means, cov, pc, like.covariance_type)
 
     def scoring_model(self) -> GaussianModel:

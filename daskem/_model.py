@@ -151,8 +151,10 @@ class MixtureModel(Protocol[Params, Stats]):
         """An unconstrained real vector for ``params`` (acceleration: SQUAREM extrapolates
         in this space)."""
 
-    def from_vector(self, vec: np.ndarray, like: Params) -> Params:
-        """Inverse of :meth:`to_vector`; ``like`` gives the shapes and the structure."""
+    def from_vector(self, vec: np.ndarray, like: Params) -> Params | None:
+        """Inverse of :meth:`to_vector`; ``like`` gives the shapes and the structure. None where
+        ``vec`` is no valid model (overflow, non-finite): the accelerated run rejects that point
+        without spending a pass."""
 
     def sample(self, params: Params, n_samples: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
         """``n_samples`` rows drawn from the mixture and their components (``sample``)."""

@@ -11,7 +11,7 @@ for SQUAREM, ``to_vector`` / ``from_vector``).
 
 Plain EM (``method=None``) is the machine with one state: every pass is an
 E-step at the current parameters followed by the M-step, exactly as
-:func:`daskem._engine.run_em` does today.
+:class:`daskem._fitloop.Run` does.
 
 SQUAREM (``method="squarem"``; Varadhan & Roland 2008, scheme S3, with the
 safeguards of the reference implementation, R's ``SQUAREM::squarem1``) runs
@@ -94,9 +94,11 @@ the current cycle, the stage, the step bounds, the history) as arrays plus a
 JSON-able dict, and :meth:`EMAccelerator.from_state` rebuilds a machine that
 continues exactly as the uninterrupted one would.
 
-The functions :func:`gaussian_to_vector` and :func:`gaussian_from_vector` at
-the end of the module are the Gaussian model's parameterisation for the
-extrapolation (they move next to the model at merge).
+The parameterisation the extrapolation works in is the model's
+(:meth:`daskem._model.MixtureModel.to_vector` / ``from_vector``; the Gaussian
+one is :meth:`daskem._gaussian_model.GaussianModel.to_vector`): this module
+knows no model. The fit loop's :class:`daskem._fitloop.AcceleratedRun` wraps
+one machine per run.
 """
 
 from __future__ import annotations
@@ -106,8 +108,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-
-from ._gaussian import GaussianParams, covariances_from_precision_cholesky
 
 Params = Any
 Stats = Any
@@ -643,81 +643,3 @@ def drive(
         for (m, _), s in zip(live, stats):
             m.receive(s)
     return passes
-
-
-# --------------------------------------------------------------------------
-# Gaussian parameterisation: moves into the Gaussian model at merge
-# --------------------------------------------------------------------------
-
-
-def gaussian_to_vector(params: GaussianParams) -> np.ndarray:
-    """An unconstrained vector for a Gaussian mixture, for extrapolation.
-
-    Layout: the centred log-weights ``log w_k - mean_j log w_j`` (K), the means
-    (K*D), then for ``full`` / ``tied`` the upper triangle (row by row) of
-    each precision Cholesky factor ``U`` (``precision = U U^T``) with its
-    diagonal as ``log U_ii``, and for ``diag`` / ``spherical`` the log
-    precisions. Any vector maps back to a valid model (or to None when it
-    overflows): see :func:`gaussian_from_vector`.
-    """
-    ctype = params.covariance_type
-    if ctype not in ("full", "tied", "diag", "spherical"):
-        raise ValueError(f"no vector parameterisation for covariance_type={ctype!r}")
-    with np.errstate(divide="ignore"):
-        logw = np.log(np.asarray(params.weights, dtype=np.float64))
-    logw = logw - logw.mean()
-    pc = np.asarray(params.precisions_cholesky, dtype=np.float64)
-    if ctype in ("full", "tied"):
-        mats = pc if ctype == "full" else pc[None]
-        d = mats.shape[-1]
-        iu = np.triu_indices(d)
-        tri = mats[:, iu[0], iu[1]].copy()  # (K or 1, D(D+1)/2)
-        on_diag = iu[0] == iu[1]
-        tri[:, on_diag] = np.log(tri[:, on_diag])
-        cov = tri.ravel()
-    else:
-        cov = 2.0 * np.log(pc).ravel()
-    return np.concatenate([logw, np.asarray(params.means, dtype=np.float64).ravel(), cov])
-
-
-def gaussian_from_vector(vec: np.ndarray, like: GaussianParams) -> GaussianParams | None:
-    """The Gaussian mixture of :func:`gaussian_to_vector`'s vector ``vec``; None if infeasible.
-
-    Shapes and the covariance type come from ``like``. Every derived
-    quantity is rebuilt from the vector: weights by a softmax, the precision
-    Cholesky factors (positive diagonal by construction), and the
-    covariances from them. Infeasible means that something is not finite, or
-    that a weight or a precision underflows to zero or overflows.
-    """
-    ctype = like.covariance_type
-    k, d = like.means.shape
-    vec = np.asarray(vec, dtype=np.float64)
-    if not np.isfinite(vec).all():
-        return None
-    logw, means, rest = vec[:k], vec[k : k + k * d].reshape(k, d).copy(), vec[k + k * d :]
-    w = np.exp(logw - logw.max())
-    weights = w / w.sum()
-    if not (weights > 0.0).all():
-        return None
-    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-        if ctype in ("full", "tied"):
-            n_mats = k if ctype == "full" else 1
-            iu = np.triu_indices(d)
-            tri = rest.reshape(n_mats, -1).copy()
-            on_diag = iu[0] == iu[1]
-            tri[:, on_diag] = np.exp(tri[:, on_diag])
-            if not (np.isfinite(tri).all() and (tri[:, on_diag] > 0.0).all()):
-                return None
-            mats = np.zeros((n_mats, d, d))
-            mats[:, iu[0], iu[1]] = tri
-            pc = mats if ctype == "full" else mats[0]
-            cov = covariances_from_precision_cholesky(pc, ctype)
-        else:
-            logprec = rest.reshape(k, d) if ctype == "diag" else rest.reshape(k)
-            pc = np.exp(0.5 * logprec)
-            cov = np.exp(-logprec)
-        if not (np.isfinite(cov).all() and np.isfinite(pc).all()):
-            return None
-        if ctype in ("diag", "spherical") and not ((cov > 0.0).all() and (pc > 0.0).all()):
-            return None
-    return GaussianParams(weights, means, cov, pc, ctype)

@@ -101,6 +101,7 @@ class BaseMixture(DensityMixin, BaseEstimator):
         "dtype": (lambda v: str(np.dtype(v)) in ("float32", "float64"), "'float32' or 'float64'"),
         "split_every": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
         "chunk_bytes": (lambda v: v is None or (_is_int(v) and v > 0), "None or a positive integer"),
+        "accelerate": (lambda v: v is None or v in _fitloop.STRATEGIES, "None or 'squarem'"),
     }
 
     #: an attribute that exists once the model's parameters are set
@@ -246,6 +247,8 @@ class BaseMixture(DensityMixin, BaseEstimator):
             verbose=int(self.verbose),
             verbose_interval=int(self.verbose_interval),
             init=self._init_options(n_features),
+            # hard EM stays plain whatever ``accelerate`` says
+            run_class=_fitloop.run_strategy(None if getattr(model, "hard", False) else self.accelerate),
         )
 
     def _candidate(self) -> _fitloop.Candidate:

@@ -36,10 +36,35 @@ class GaussianMixture(BaseMixture):
         EM); the log-likelihood it reports is the classification likelihood
         ``mean_n max_k log pi_k N(x_n | k)``, which hard EM never decreases.
     tol : float, default=1e-3
-        Convergence threshold on the change of the mean log-likelihood per row.
+        When to stop, on the mean log-likelihood per row ``L``; its meaning
+        depends on ``accelerate``. Plain EM (``accelerate=None``):
+        scikit-learn's rule, stop after the iteration at which ``L`` changed by
+        less than ``tol`` (``|L_t - L_(t-1)| < tol``). Accelerated EM
+        (``'squarem'``): stop when the *estimated remaining gain*
+        ``L_inf - L_t`` is below ``tol`` (the larger of Aitken's estimate of
+        the limit and one from EM's observed rate of convergence), so a slowly
+        creeping fit does not stop while it still has more than ``tol`` to
+        gain, as one step's change below ``tol`` would let it. In both modes
+        ``max_iter`` caps the passes.
     reg_covar : float, default=1e-6
         Added to the diagonal of every covariance.
     max_iter : int, default=100
+        Iterations at most: passes over the data of each run (with
+        ``accelerate``, extrapolated points count too).
+    accelerate : {None, 'squarem'}, default=None
+        ``None`` is plain EM, step for step scikit-learn's trajectory.
+        ``'squarem'`` accelerates EM with SQUAREM (Varadhan & Roland 2008,
+        step length S3, with the step bounds and fall-backs of R's
+        ``SQUAREM::squarem1``): cycles of two EM steps and one extrapolated
+        point (in log-weights, means and Cholesky factors of the precisions,
+        so every point is a valid model), kept only when its log-likelihood
+        is not below the plain EM point's, so the accepted log-likelihood
+        never decreases. It typically needs a fraction of plain EM's passes
+        on slowly converging data, and stops on the estimated remaining gain
+        (see ``tol``). Restarts share every pass, checkpoints hold the whole
+        acceleration state, and it works with every ``covariance_type``,
+        ``missing`` policy and ``dtype``. ``algorithm='hard'`` and the k-means
+        initialisation stay plain.
     n_init : int, default=1
         Restarts; all of them advance in the same passes over the data, and
         the one with the highest final log-likelihood is kept.
@@ -98,20 +123,27 @@ class GaussianMixture(BaseMixture):
         Same shapes, the Cholesky factors of the precisions.
     converged_ : bool
     n_iter_ : int
+        Passes over the data of the chosen run (EM iterations; with
+        ``accelerate``, extrapolated points included).
     lower_bound_ : float
         Mean log-likelihood per row of the chosen run at its last E-step.
     lower_bounds_ : list of float
-        Mean log-likelihood per row after each iteration of the chosen run.
+        Mean log-likelihood per row after each iteration of the chosen run
+        (with ``accelerate``: of each accepted point, non-decreasing; shorter
+        than ``n_iter_`` when extrapolated points were rejected).
     history_ : list of float
         The same list as ``lower_bounds_`` (daskem's first name for it).
     n_passes_ : int
-        Passes over the data made by ``fit`` (initialisation included).
+        Passes over the data made by ``fit``: initialisation (samples of rows
+        included), EM of every restart (they share passes) and, for
+        :func:`daskem.select_k`, the scoring pass.
     n_features_in_ : int
     feature_names_in_ : ndarray of str
         Column names, when fitted on a pandas DataFrame.
     runs_ : list of dict
         Every restart's ``tag``, ``history``, ``n_iter``, ``converged``,
-        ``lower_bound`` and ``n_reseeds``.
+        ``lower_bound`` and ``n_reseeds`` (with ``accelerate``, also
+        ``accelerate``, ``n_extrapolations`` and ``n_rejected``).
 
     Fitted attributes are float32 for float32 input (statistics are
     accumulated in float64 whatever the input).
@@ -127,6 +159,7 @@ class GaussianMixture(BaseMixture):
         reg_covar: float = 1e-6,
         max_iter: int = 100,
         n_init: int = 1,
+        accelerate: str | None = None,
         init_params: str = "kmeans",
         weights_init: Any = None,
         means_init: Any = None,
@@ -149,6 +182,7 @@ class GaussianMixture(BaseMixture):
         self.reg_covar = reg_covar
         self.max_iter = max_iter
         self.n_init = n_init
+        self.accelerate = accelerate
         self.init_params = init_params
         self.weights_init = weights_init
         self.means_init = means_init

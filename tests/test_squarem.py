@@ -2,7 +2,7 @@
 
 Statistics come from daskem._gaussian.chunk_statistics on in-memory data and
 the M-step from daskem._gaussian.m_step; plain mode is compared with the
-engine's run_em on a dask array.
+fit loop's plain Run (daskem._fitloop.iterate) on a dask array.
 """
 
 from __future__ import annotations
@@ -16,19 +16,17 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from daskem import _engine as engine
-from daskem._gaussian import DEFAULT_BLOCK_ROWS, GaussianParams, MixtureModel, chunk_statistics, m_step
-from daskem._squarem import (
-    EMAccelerator,
-    aitken_remaining,
-    drive,
-    em_remaining,
-    gaussian_from_vector,
-    gaussian_to_vector,
-)
+from daskem import _fitloop
+from daskem._gaussian import DEFAULT_BLOCK_ROWS, GaussianParams, chunk_statistics, m_step
+from daskem._gaussian_model import GaussianModel
+from daskem._squarem import EMAccelerator, aitken_remaining, drive, em_remaining
 
 REG = 1e-6
 TYPES = ("full", "tied", "diag", "spherical")
+
+# the extrapolation's parameterisation is the model's own (the machine knows no model)
+gaussian_to_vector = GaussianModel().to_vector
+gaussian_from_vector = GaussianModel().from_vector
 
 
 # --------------------------------------------------------------------------
@@ -310,18 +308,19 @@ def test_accelerated_em_needs_far_fewer_passes_to_reach_the_optimum(ctype):
 
 
 # --------------------------------------------------------------------------
-# (d) plain mode is today's engine.run_em, exactly
+# (d) plain mode is the fit loop's plain Run, exactly
 # --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("ctype", ["full", "diag"])
-def test_plain_mode_equals_run_em_exactly(ctype):
+def test_plain_mode_equals_the_fit_loops_plain_run_exactly(ctype):
     X = overlapping_2d(3000)
     starts = [random_start(X, 3, ctype, s) for s in (0, 1)]
-    model = MixtureModel(reg_covar=REG)
-    runs = [engine.Run(params=p) for p in starts]
+    model = GaussianModel(reg_covar=REG)
+    runs = [_fitloop.Run(p) for p in starts]
     with dask.config.set(scheduler="synchronous"):
-        engine.run_em(da.from_array(X, chunks=(len(X), 2)), model, runs, tol=1e-5, max_iter=300)
+        passes = _fitloop.Passes(da.from_array(X, chunks=(len(X), 2)), model)
+        _fitloop.iterate(passes, model, runs, tol=1e-5, max_iter=300)
     machines = [gaussian_machine(p, None, 1e-5, 300) for p in starts]
     drive(machines, stats_fn(X))
     for r, m in zip(runs, machines):
@@ -337,7 +336,7 @@ def test_plain_mode_equals_run_em_exactly(ctype):
 # --------------------------------------------------------------------------
 
 
-def _roundtrip(m: EMAccelerator, model: MixtureModel) -> EMAccelerator:
+def _roundtrip(m: EMAccelerator, model: GaussianModel) -> EMAccelerator:
     arrays, meta = m.state(model.params_state)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -361,7 +360,7 @@ def _roundtrip(m: EMAccelerator, model: MixtureModel) -> EMAccelerator:
 def test_state_export_restore_mid_cycle_gives_the_identical_run(ctype):
     X = overlapping_2d(2000)
     start = random_start(X, 3, ctype, 3)
-    model = MixtureModel(reg_covar=REG)
+    model = GaussianModel(reg_covar=REG)
     ref = gaussian_machine(start, "squarem", 1e-10, 400)
     ref_traj, stages = [], []
     while (p := ref.proposal()) is not None:
@@ -395,7 +394,7 @@ def test_state_export_restore_mid_cycle_gives_the_identical_run(ctype):
 def test_state_of_a_plain_run_restores_too():
     X = overlapping_2d(1000)
     start = random_start(X, 3, "diag", 0)
-    model = MixtureModel(reg_covar=REG)
+    model = GaussianModel(reg_covar=REG)
     ref = gaussian_machine(start, None, 1e-8, 200)
     trajectory(X, ref)
     m = gaussian_machine(start, None, 1e-8, 200)
@@ -462,5 +461,10 @@ def test_vector_roundtrip_and_every_extrapolated_point_is_a_valid_model(ctype):
             _assert_valid(q)
     assert gaussian_from_vector(np.full_like(v0, np.nan), p0) is None
     huge = v0.copy()
-    huge[-1] = 1e4  # a precision (or its Cholesky diagonal) of exp(1e4)
+    k, d = p0.means.shape
+    huge[k + k * d] = 1e4  # the first log-diagonal entry of a precision factor: exp(1e4)
     assert gaussian_from_vector(huge, p0) is None
+    assert gaussian_from_vector(v0[:-1], p0) is None  # a vector of another shape
+    # a structure stored in another's layout (internal k-means): its constraints are no coordinates
+    km = GaussianParams.from_covariances(p0.weights, p0.means, np.ones(len(p0.weights)), "kmeans")
+    assert gaussian_from_vector(gaussian_to_vector(km), km) is None
