@@ -77,6 +77,14 @@ _MODEL_OPTIONS: list[tuple[str, dict]] = [
         "init_params",
         {"choices": ["kmeans", "k-means++", "random_from_data", "random"], "help": "initialisation (default: kmeans)"},
     ),
+    (
+        "accelerate",
+        {
+            "choices": ["none", "squarem"],
+            "help": "squarem: SQUAREM-accelerated EM (fewer passes on slowly converging data); none: plain EM, "
+            "scikit-learn's trajectory (default: none)",
+        },
+    ),
     ("missing", {"choices": ["error", "marginalize"], "help": "what to do with NaN entries (default: error)"}),
     (
         "checkpoint",
@@ -110,6 +118,8 @@ def model_options(args: argparse.Namespace) -> dict:
             continue
         if name == "cache":
             v = {"auto": "auto", "true": True, "false": False}[v]
+        if name == "accelerate":
+            v = None if v == "none" else v
         out[name] = v
     return out
 

@@ -103,6 +103,9 @@ def model_summary(gm: Any) -> dict:
         "converged": bool(gm.converged_),
         "n_iter": int(gm.n_iter_),
         "lower_bound": float(gm.lower_bound_),
+        # every read of the data that fit made: initialisation, EM and scoring passes
+        "n_passes": int(getattr(gm, "n_passes_", 0)),
+        "accelerate": getattr(gm, "accelerate", None),
         "weights": np.asarray(gm.weights_).tolist(),
         "means": np.asarray(gm.means_).tolist(),
         "runs": [
@@ -113,6 +116,8 @@ def model_summary(gm: Any) -> dict:
                 "converged": r["converged"],
                 "lower_bound": r["lower_bound"],
                 "n_reseeds": r.get("n_reseeds", 0),
+                "n_extrapolations": r.get("n_extrapolations", 0),
+                "n_rejected": r.get("n_rejected", 0),
             }
             for r in getattr(gm, "runs_", [])
         ],
