@@ -1022,7 +1022,7 @@ def m_step(
     empty = nk_raw < empty_threshold
     delta = stats.s1 / nk[:, None]
     means = params.reference() + delta
-    cov = struct.covariances(stats.s2, delta, nk, reg_covar)
+    cov = struct.covariances(stats.s2, delta, nk, reg_covar, params.covariances)
     if empty.any():
         # keep what the empty components had; the caller re-seeds them
         means[empty] = params.means[empty]

@@ -30,7 +30,17 @@ class GaussianMixture(BaseMixture):
     ----------
     n_components : int, default=1
         Number of mixture components K.
-    covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
+    covariance_type : str, default='full'
+        One of mclust's fourteen models, ``'EII'``, ``'VII'``, ``'EEI'``, ``'VEI'``,
+        ``'EVI'``, ``'VVI'``, ``'EEE'``, ``'VEE'``, ``'EVE'``, ``'VVE'``, ``'EEV'``,
+        ``'VEV'``, ``'EVV'``, ``'VVV'`` (volume, shape and orientation of
+        ``Sigma_k = lambda_k D_k A_k D_k^T`` each Equal, Variable or the Identity;
+        Celeux & Govaert, 1995; M-steps and degrees of freedom as mclust's), or
+        scikit-learn's ``'full'`` (= VVV), ``'tied'`` (= EEE), ``'diag'`` (= VVI)
+        and ``'spherical'`` (= VII). The covariances are stored as mclust
+        represents them: ``(K,)`` for EII and VII, ``(K, D)`` for EEI, VEI, EVI
+        and VVI, ``(D, D)`` for EEE, ``(K, D, D)`` for the others (and as
+        scikit-learn for its four names). The name is kept as given.
     algorithm : {'soft', 'hard'}, default='soft'
         ``'hard'`` assigns each row to its most probable component (classification
         EM); the log-likelihood it reports is the classification likelihood
@@ -91,7 +101,8 @@ class GaussianMixture(BaseMixture):
     weights_ : ndarray of shape (n_components,)
     means_ : ndarray of shape (n_components, n_features)
     covariances_ : ndarray
-        ``(K, D, D)`` full, ``(D, D)`` tied, ``(K, D)`` diag, ``(K,)`` spherical.
+        ``(K, D, D)`` full (and the full-layout mclust models), ``(D, D)`` tied/EEE,
+        ``(K, D)`` diag (and EEI, VEI, EVI, VVI), ``(K,)`` spherical (EII, VII).
     precisions_ : ndarray
         Same shapes, the inverse covariances.
     precisions_cholesky_ : ndarray
