@@ -165,10 +165,39 @@ def _mclust_m_step(name: str, layout_: str) -> Callable[..., np.ndarray]:
             fill = dense if layout_ == "full" else np.diagonal(dense, axis1=1, axis2=2)
             w = w.copy()
             w[empty] = nk[empty].reshape((-1,) + (1,) * (w.ndim - 1)) * fill[empty]
-        return _mclust.m_step_covariance(name, nk, w, reg_covar=reg_covar, previous=previous)
+        cov = _mclust.m_step_covariance(name, nk, w, reg_covar=reg_covar, previous=previous)
+        if previous is None or not _mclust.MODELS[name].iterative:
+            return cov
+        # The inner iterations stop on a relative change, and from the previous covariances they can stop
+        # short of mclust's fixed start (VVE's MM creeps): keep the best of the warm start, the cold start
+        # and the previous covariances for the M-step's objective, so that EM never goes down.
+        candidates = [cov, previous]
+        try:
+            candidates.append(_mclust.m_step_covariance(name, nk, w, reg_covar=reg_covar))
+        except np.linalg.LinAlgError:
+            pass
+        scores = [_m_step_objective(c, w, nk, name, k, d) for c in candidates]
+        return candidates[int(np.nanargmax(scores))]
 
     covariances.__name__ = f"_{name.lower()}"
     return covariances
+
+
+def _m_step_objective(cov: np.ndarray, w: np.ndarray, nk: np.ndarray, name: str, k: int, d: int) -> float:
+    """sum_k -n_k/2 log det Sigma_k - 1/2 tr(Sigma_k^-1 W_k): what the M-step maximises over the covariances."""
+    dense = dense_covariances(cov, name, k, d)
+    if w.ndim == 2:  # diagonal scatter, diagonal covariances
+        var = np.diagonal(dense, axis1=1, axis2=2)
+        if np.any(var <= 0):
+            return -np.inf
+        return float(np.sum(-0.5 * nk * np.log(var).sum(axis=1) - 0.5 * (w / var).sum(axis=1)))
+    try:
+        chol = np.linalg.cholesky(dense)
+    except np.linalg.LinAlgError:
+        return -np.inf
+    logdet = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+    trace = np.einsum("kij,kji->k", np.linalg.inv(dense), w)
+    return float(np.sum(-0.5 * nk * logdet - 0.5 * trace))
 
 
 def _mclust_row(name: str, **kw) -> CovarianceStructure:

@@ -1,0 +1,209 @@
+"""daskem's fourteen covariance models against R's mclust 6.0, end to end, from the fixtures (no R needed).
+
+The fixtures (tests/fixtures/mclust, see export.R) hold mclust's fitted parameters, log-likelihoods, df,
+BIC and ICL, one E+M step from the fitted parameters, and the hierarchical starting partition, per data set.
+
+(a) From mclust's fitted parameters, one daskem E-step (:meth:`GaussianModel.statistics` on the data) and
+    M-step (:meth:`GaussianModel.m_step`) equal mclust's next iterate (``mstep``).
+(b) daskem's log-likelihood of mclust's parameters, df (``n_parameters``), BIC and ICL equal mclust's
+    (daskem's ``bic()`` and ``icl()`` are minus mclust's: lower is better).
+(c) From mclust's starting partition (one M-step from the one-hot classification), daskem's EM ends within
+    1e-3 of mclust's log-likelihood.
+
+A sample of the cases runs by default; the full grid is marked slow.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from test_mclust_models import CASES, fit_ref, load, log_resp_and_loglik, params
+
+import daskem
+from daskem import _covariance as cov_
+from daskem._gaussian import GaussianParams
+from daskem._gaussian_model import GaussianModel
+from daskem._init import responsibility_statistics
+from daskem._mclust import scatter_statistics
+from daskem.base import information_criteria
+
+MODELS = cov_.MCLUST_MODELS
+
+
+def to_layout(model: str, sigma: np.ndarray) -> np.ndarray:
+    """mclust's (G, D, D) covariances in daskem's storage for ``model``."""
+    return {
+        "spherical": lambda: sigma[:, 0, 0].copy(),
+        "diag": lambda: np.diagonal(sigma, axis1=1, axis2=2).copy(),
+        "tied": lambda: sigma[0].copy(),
+        "full": lambda: sigma.copy(),
+    }[cov_.layout(model)]()
+
+
+def mclust_params(name: str, model: str, G: int) -> GaussianParams:
+    pro, mean, sigma = params(fit_ref(name, model, G))
+    return GaussianParams.from_covariances(pro, mean, to_layout(model, sigma), model)
+
+
+def estimator_at(params: GaussianParams, X: np.ndarray) -> daskem.GaussianMixture:
+    """A GaussianMixture whose fitted parameters are ``params`` (as after ``fit``)."""
+    gm = daskem.GaussianMixture(params.n_components, covariance_type=params.covariance_type, reg_covar=0.0)
+    gm._set_params_from(params, np.dtype(np.float64))
+    gm.n_features_in_ = X.shape[1]
+    return gm
+
+
+def hc_start(X: np.ndarray, name: str, model: str, G: int) -> GaussianParams:
+    """mclust's initial parameters: one M-step from the hierarchical partition (one cluster for G = 1)."""
+    _, ref = load(name)
+    labels = np.zeros(X.shape[0], int) if G == 1 else np.asarray(ref["hc_classification"][str(G)]) - 1
+    resp = np.eye(G)[labels]
+    stats, at = responsibility_statistics(X, resp, model)
+    p, empty = GaussianModel(covariance_type=model, reg_covar=0.0).m_step(stats, at)
+    assert not empty.any()
+    return p
+
+
+def _sample(cases: list, every: int) -> tuple[list, list]:
+    """Every ``every``-th case (deterministic) runs by default, the others are marked slow."""
+    fast, slow = [], []
+    for i, c in enumerate(cases):
+        if i % every == 0:
+            fast.append(c)
+        else:
+            slow.append(pytest.param(*c.values, id=c.id, marks=pytest.mark.slow))
+    return fast, slow
+
+
+MSTEP_CASES = [c for c in CASES if fit_ref(*c.values)["mstep"] is not None and c.values[1] in MODELS]
+_A_FAST, _A_SLOW = _sample(MSTEP_CASES, 3)
+_B_FAST, _B_SLOW = _sample(CASES, 3)
+EM_CASES = [c for c in CASES if c.values[2] <= 5]
+_C_FAST, _C_SLOW = _sample(EM_CASES, 37)
+
+
+@pytest.mark.parametrize(("name", "model", "G"), _A_FAST + _A_SLOW)
+def test_one_em_step_equals_mclust(name: str, model: str, G: int) -> None:
+    X, _ = load(name)
+    ms = fit_ref(name, model, G)["mstep"]
+    p = mclust_params(name, model, G)
+    gmodel = GaussianModel(covariance_type=model, reg_covar=0.0)
+    (stats,) = gmodel.statistics(X, [p], None)
+    new, empty = gmodel.m_step(stats, p)
+    assert not empty.any()
+    np.testing.assert_allclose(new.weights, ms["pro"], rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(new.means, ms["mean"], rtol=1e-8, atol=1e-10 * np.abs(X).max())
+    expected = to_layout(model, np.asarray(ms["sigma"], float))
+    scale = np.abs(expected).max()
+    if model in ("EVE", "VVE") and G == 1:
+        # mclust's MM stops ~1e-4 from the MLE here (see daskem._mclust); daskem returns the MLE
+        np.testing.assert_allclose(new.covariances, expected, rtol=1e-3, atol=1e-3 * scale)
+    elif model in ("VEI", "VEV", "VEE", "EVE", "VVE"):
+        # mclust's mstep() starts the inner iterations from a fixed point; daskem's EM, like mclust's, from
+        # the E-step's covariances. From mclust's start, the structure's M-step is mclust's:
+        delta = stats.s1 / stats.nk[:, None]
+        cold = cov_.structure(model).covariances(stats.s2, delta, stats.nk, 0.0, None)
+        np.testing.assert_allclose(cold, expected, rtol=1e-6, atol=1e-8 * scale)
+        # Warm-started, it never lowers the M-step's objective below the E-step's covariances' (EM stays
+        # monotone) and reaches mclust's optimum to ~1e-7 (VVE's MM creeps: ~1e-4, and ~1e-2 in the covariances)
+        q_new = m_step_objective(X, p, new, model)
+        q_ref = m_step_objective(X, p, _with_cov(new, expected), model)
+        q_old = m_step_objective(X, p, _with_cov(new, p.covariances), model)
+        assert q_new >= q_old - 1e-12 * abs(q_old), (q_new, q_old)
+        assert q_new >= q_ref - (2e-4 if model == "VVE" else 1e-6) * abs(q_ref), (q_new, q_ref)
+        np.testing.assert_allclose(new.covariances, expected, rtol=3e-2, atol=3e-2 * scale)
+    else:
+        np.testing.assert_allclose(new.covariances, expected, rtol=1e-8, atol=1e-11 * scale)
+
+
+def _with_cov(p: GaussianParams, cov: np.ndarray) -> GaussianParams:
+    return GaussianParams.from_covariances(p.weights, p.means, cov, p.covariance_type)
+
+
+def m_step_objective(X: np.ndarray, at: GaussianParams, new: GaussianParams, model: str) -> float:
+    """sum_k [-n_k/2 log det Sigma_k - 1/2 tr(Sigma_k^-1 W_k)], the covariance part of EM's Q at ``new``."""
+    log_resp, _ = log_resp_and_loglik(
+        X, at.weights, at.means, cov_.dense_covariances(at.covariances, model, *at.means.shape)
+    )
+    nk, _, W = scatter_statistics(X, np.exp(log_resp), "full")
+    sigma = cov_.dense_covariances(new.covariances, model, *new.means.shape)
+    _, logdet = np.linalg.slogdet(sigma)
+    return float(np.sum(-0.5 * nk * logdet - 0.5 * np.einsum("kij,kji->k", np.linalg.inv(sigma), W)))
+
+
+@pytest.mark.parametrize(("name", "model", "G"), _B_FAST + _B_SLOW)
+def test_loglik_df_bic_of_mclust_parameters(name: str, model: str, G: int) -> None:
+    X, _ = load(name)
+    fit = fit_ref(name, model, G)
+    p = mclust_params(name, model, G)
+    (stats,) = GaussianModel(covariance_type=model, reg_covar=0.0).statistics(X, [p], None)
+    np.testing.assert_allclose(stats.loglik, fit["estep_loglik"], rtol=1e-10)
+    assert p.n_parameters() == fit["df"]
+    bic = information_criteria(stats.loglik, X.shape[0], p.n_parameters())["bic"]
+    np.testing.assert_allclose(bic, -fit["estep_bic"], rtol=1e-10)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_estimator_scores_mclust_parameters(model: str) -> None:
+    """The estimator's own ``bic()`` (one pass, numpy and dask input): minus mclust's BIC."""
+    X, _ = load("faithful")
+    fit = fit_ref("faithful", model, 3)
+    gm = estimator_at(mclust_params("faithful", model, 3), X)
+    assert gm.bic(X) == pytest.approx(-fit["estep_bic"], rel=1e-10)
+    import dask.array as da
+
+    assert gm.bic(da.from_array(X, chunks=100)) == pytest.approx(-fit["estep_bic"], rel=1e-10)
+
+
+def _em(X: np.ndarray, p0: GaussianParams) -> daskem.GaussianMixture:
+    """daskem's EM from ``p0``: no regularisation, a tight tolerance."""
+    gm = daskem.GaussianMixture(
+        p0.n_components,
+        covariance_type=p0.covariance_type,
+        reg_covar=0.0,
+        tol=1e-10,
+        max_iter=50_000,
+        weights_init=p0.weights,
+        means_init=p0.means,
+        precisions_init=p0.precisions,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return gm.fit(X)
+
+
+#: where daskem's EM from mclust's start ends at another optimum than mclust's
+KNOWN_DIFFERENT = {
+    ("diabetes", "VVE", 3): "daskem's EM from the hc start stops at -2362.7674, mclust stopped at -2362.7657 and "
+    "continues to -2362.7613: the two paths (VVE's M-step is an inexact MM, warm-started) reach nearby optima",
+}
+
+
+@pytest.mark.parametrize(("name", "model", "G"), _C_FAST + _C_SLOW)
+def test_em_from_mclust_start_ends_at_mclusts_optimum(name: str, model: str, G: int) -> None:
+    """From mclust's starting partition daskem's EM reaches mclust's optimum.
+
+    Mclust stops at its default tolerance (a relative change of 1e-5 in the log-likelihood), up to a few
+    units short of the optimum it is heading for on slow fits; that optimum is where daskem's EM goes from
+    mclust's final parameters. daskem from mclust's start ends within 1e-3 of it, never below mclust.
+    """
+    if (name, model, G) in KNOWN_DIFFERENT:
+        pytest.xfail(KNOWN_DIFFERENT[(name, model, G)])
+    X, _ = load(name)
+    fit = fit_ref(name, model, G)
+    n = X.shape[0]
+    from_start = _em(X, hc_start(X, name, model, G))
+    from_mclust = _em(X, mclust_params(name, model, G))
+    ll_start, ll_mclust = from_start.score(X) * n, from_mclust.score(X) * n
+    assert from_start.converged_ and from_mclust.converged_
+    assert ll_mclust >= fit["estep_loglik"] - 1e-6 * abs(fit["estep_loglik"])
+    assert abs(ll_start - ll_mclust) < 1e-3, (ll_start, ll_mclust, fit["loglik"])
+    assert ll_start >= fit["loglik"] - 1e-3
+
+
+def test_sample_is_small_and_the_rest_is_marked_slow() -> None:
+    assert 10 <= len(_C_FAST) <= 30
+    assert len(_C_FAST) + len(_C_SLOW) == len(EM_CASES)
+    assert all(c.marks for c in _C_SLOW)
