@@ -552,4 +552,6 @@ def score(
         total, n = scorer.loglik(s)
         ho_total, ho_n = scorer.heldout_loglik(s)
         out.append({"loglik": float(total), "n": float(n), "heldout_loglik": float(ho_total), "heldout_n": float(ho_n)})
+        if hasattr(scorer, "log_map"):  # ICL's term (sum of log max responsibility), when the model has one
+            out[-1]["log_map"] = float(scorer.log_map(s))
     return out

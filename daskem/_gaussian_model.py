@@ -141,6 +141,10 @@ class GaussianModel:
     def heldout_loglik(self, stats: Stats) -> tuple[float, float]:
         return stats.loglik_heldout, stats.n_heldout
 
+    def log_map(self, stats: Stats) -> float:
+        """Sum over training rows of ``log max_k q_nk``: ICL = BIC - 2 log_map (daskem's sign)."""
+        return stats.log_map
+
     def m_step(self, stats: Stats, params: GaussianParams) -> tuple[GaussianParams, np.ndarray]:
         return m_step(stats, params, self.reg_covar)
 

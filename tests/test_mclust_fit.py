@@ -155,6 +155,42 @@ def test_estimator_scores_mclust_parameters(model: str) -> None:
     import dask.array as da
 
     assert gm.bic(da.from_array(X, chunks=100)) == pytest.approx(-fit["estep_bic"], rel=1e-10)
+    # ICL: daskem's sign (lower is better) is minus mclust's icl()
+    assert gm.icl(X) == pytest.approx(-fit["estep_icl"], rel=1e-10)
+    assert gm.icl(da.from_array(X, chunks=100)) == pytest.approx(-fit["estep_icl"], rel=1e-10)
+    assert gm.icl(X) >= gm.bic(X)
+
+
+@pytest.mark.parametrize(("name", "model", "G"), _B_FAST + _B_SLOW)
+def test_icl_of_mclust_parameters(name: str, model: str, G: int) -> None:
+    """The kernels' ``log_map`` (sum of log max responsibility) gives mclust's ICL."""
+    X, _ = load(name)
+    fit = fit_ref(name, model, G)
+    p = mclust_params(name, model, G)
+    (stats,) = GaussianModel(covariance_type=model, reg_covar=0.0).statistics(X, [p], None)
+    bic = information_criteria(stats.loglik, X.shape[0], p.n_parameters())["bic"]
+    np.testing.assert_allclose(bic - 2.0 * stats.log_map, -fit["estep_icl"], rtol=1e-10)
+    # restarts sharing a pass (the stacked kernel of the diagonal layouts): the same term for each
+    for s in GaussianModel(covariance_type=model, reg_covar=0.0).statistics(X, [p, p], None):
+        assert s.log_map == pytest.approx(stats.log_map, rel=1e-10)
+
+
+@pytest.mark.parametrize("model", ["VVV", "EEE", "VEI", "EII"])
+def test_log_map_of_the_missing_values_kernel(model: str) -> None:
+    """Rows with NaN: log max of the responsibilities on the observed entries, as the complete rows'."""
+    X, _ = load("iris")
+    p = mclust_params("iris", model, 3)
+    Xn = X.copy()
+    Xn[::7, 1] = np.nan
+    Xn[3::11, 2:] = np.nan
+    gmodel = GaussianModel(covariance_type=model, reg_covar=0.0, missing="marginalize")
+    (stats,) = gmodel.statistics(Xn, [p], None)
+    lp = gmodel.log_prob(Xn, p)
+    expected = float(np.sum(lp.max(axis=1) - np.logaddexp.reduce(lp, axis=1)))
+    assert stats.log_map == pytest.approx(expected, rel=1e-10)
+    # hard EM's responsibilities are one-hot: nothing to add
+    (hard,) = GaussianModel(covariance_type=model, hard=True, missing="marginalize").statistics(Xn, [p], None)
+    assert hard.log_map == 0.0
 
 
 def _em(X: np.ndarray, p0: GaussianParams) -> daskem.GaussianMixture:
