@@ -1,12 +1,14 @@
-"""Choosing the number of components: every K fitted together, scored on held-out rows.
+"""Choosing the number of components: every K fitted together, then scored.
 
-``select_k`` holds out a deterministic random subset of rows (a hash of the
+``select_k`` fits every candidate K with its restarts in one shared EM loop
+(one read of each chunk per iteration serves every K and every restart), then
+scores the chosen run of every K in one more pass: mean log-likelihood, BIC,
+ICL and AIC on the training rows, and the mean log-likelihood on the
+validation rows. With ``criterion='validation'`` (or a ``validation_fraction``)
+a deterministic random subset of rows is held out of training (a hash of the
 row index and the seed, computed inside each chunk task, so it is the same
-whatever the chunking and is never materialised), fits every candidate K with
-its restarts on the remaining rows in one shared EM loop (one read of each
-chunk per iteration serves every K and every restart), then scores the chosen
-run of every K in one more pass: mean log-likelihood on the training and on
-the validation rows, BIC and AIC on the training rows.
+whatever the chunking and is never materialised); with ``'bic'``, ``'icl'``
+or ``'aic'`` every row is used, as mclust does.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ from typing import Any
 import numpy as np
 
 from ._fitloop import seed_from
+from .base import information_criteria
 from .errors import ConvergenceWarning, InputError
 from .mixture import GaussianMixture
 
-CRITERIA = ("validation", "bic", "aic")
+CRITERIA = ("validation", "bic", "icl", "aic")
+
+#: validation_fraction when none is given
+DEFAULT_VALIDATION_FRACTION = {"validation": 0.1, "bic": 0.0, "icl": 0.0, "aic": 0.0}
 
 #: table keys, in order
-TABLE_KEYS = ("k", "train_loglik", "validation_loglik", "bic", "aic", "n_iter", "converged")
+TABLE_KEYS = ("k", "train_loglik", "validation_loglik", "bic", "icl", "aic", "df", "n_iter", "converged")
 
 
 @dataclass
@@ -43,10 +49,13 @@ class SelectKResult:
     table : list of dict
         One row per K (ascending) with the keys ``k``, ``train_loglik`` and
         ``validation_loglik`` (mean log-likelihood per row of the chosen run's
-        final parameters), ``bic`` and ``aic`` (on the training rows),
-        ``n_iter`` and ``converged``.
+        final parameters; NaN without a validation split), ``bic``, ``icl``
+        and ``aic`` (on the training rows; lower is better: ``bic`` and
+        ``icl`` are minus mclust's), ``df`` (free parameters), ``n_iter`` and
+        ``converged``.
     criterion : str
     validation_fraction : float
+        The fraction held out (0: every row trained on and scored).
     seed : int
         The seed of the split and of the initialisations; passing it as
         ``random_state`` reproduces the result.
@@ -54,6 +63,9 @@ class SelectKResult:
         The fitted model of every K.
     n_passes : int
         Passes over the data, initialisation and the scoring pass included.
+    at_range_edge : bool
+        The chosen K is the smallest or the largest of several candidates:
+        the range was probably too narrow (a warning says so too).
     """
 
     best_k: int
@@ -64,6 +76,7 @@ class SelectKResult:
     seed: int
     models: dict[int, GaussianMixture] = field(default_factory=dict, repr=False)
     n_passes: int = 0
+    at_range_edge: bool = False
 
 
 def _check_k_values(k_values: Any) -> list[int]:
@@ -82,7 +95,7 @@ def select_k(
     k_values: Iterable[int],
     *,
     criterion: str = "validation",
-    validation_fraction: float = 0.1,
+    validation_fraction: float | None = None,
     random_state: Any = None,
     **gm_params: Any,
 ) -> SelectKResult:
@@ -94,11 +107,14 @@ def select_k(
         Data of shape (n_samples, n_features).
     k_values : iterable of int
         Candidate numbers of components.
-    criterion : {'validation', 'bic', 'aic'}, default='validation'
+    criterion : {'validation', 'bic', 'icl', 'aic'}, default='validation'
         ``'validation'`` picks the highest mean log-likelihood on the held-out
-        rows; ``'bic'`` and ``'aic'`` the lowest criterion on the training rows.
-    validation_fraction : float, default=0.1
-        Fraction of rows held out of training, in (0, 1).
+        rows; ``'bic'``, ``'icl'`` and ``'aic'`` the lowest criterion on the
+        training rows.
+    validation_fraction : float, optional
+        Fraction of rows held out of training, in [0, 1). Default: 0.1 for
+        ``'validation'``, 0 (every row trained on and scored, as mclust) for
+        the other criteria.
     random_state : int, numpy Generator or None
         Seeds the split and the initialisations; the same integer gives the
         same table.
@@ -114,17 +130,16 @@ def select_k(
     Raises
     ------
     InputError
-        For an unknown criterion or option, a fraction outside (0, 1), a K
-        larger than the number of training rows, or bad data.
+        For an unknown criterion or option, a fraction outside [0, 1) (or 0
+        with ``'validation'``), a K larger than the number of training rows,
+        or bad data.
+
+    Warns
+    -----
+    UserWarning
+        When the chosen K is the smallest or the largest of the candidates.
     """
-    if criterion not in CRITERIA:
-        raise InputError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    if (
-        not isinstance(validation_fraction, numbers.Real)
-        or isinstance(validation_fraction, bool)
-        or not 0.0 < validation_fraction < 1.0
-    ):
-        raise InputError(f"validation_fraction must be a number in (0, 1), got {validation_fraction!r}")
+    fraction = _check_criterion(criterion, validation_fraction)
     ks = _check_k_values(k_values)
     names = set(GaussianMixture().get_params())
     for name in gm_params:
@@ -142,32 +157,13 @@ def select_k(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # warned below for the chosen K only
         scores, n_passes = GaussianMixture.fit_together(
-            X, [models[k] for k in ks], validation_fraction=float(validation_fraction), seed=seed
+            X, [models[k] for k in ks], validation_fraction=fraction or None, seed=seed
         )
 
-    table = []
-    for k, s in zip(ks, scores):
-        gm = models[k]
-        table.append(
-            {
-                "k": k,
-                "train_loglik": float(s["loglik"] / s["n"]) if s["n"] else float("nan"),
-                "validation_loglik": float(s["heldout_loglik"] / s["heldout_n"]) if s["heldout_n"] else float("nan"),
-                "bic": float(s["bic"]),
-                "aic": float(s["aic"]),
-                "n_iter": int(gm.n_iter_),
-                "converged": bool(gm.converged_),
-            }
-        )
-
-    if criterion == "validation":
-        values = [row["validation_loglik"] for row in table]
-        if not all(math.isfinite(v) for v in values):
-            raise InputError("no rows were held out for validation; use more data or a larger validation_fraction")
-        best = int(np.argmax(values))
-    else:
-        best = int(np.argmin([row[criterion] for row in table]))
+    table = [{"k": k, **score_row(models[k], s)} for k, s in zip(ks, scores)]
+    best = choose(table, criterion)
     best_k = table[best]["k"]
+    at_edge = warn_if_at_range_edge(best_k, ks, criterion)
     if models[best_k].max_iter > 0 and not table[best]["converged"]:
         warnings.warn(
             f"the best run for the chosen k={best_k} did not converge; increase max_iter or tol",
@@ -179,8 +175,66 @@ def select_k(
         best_model=models[best_k],
         table=table,
         criterion=criterion,
-        validation_fraction=float(validation_fraction),
+        validation_fraction=fraction,
         seed=seed,
         models=models,
         n_passes=n_passes,
+        at_range_edge=at_edge,
     )
+
+
+def _check_criterion(criterion: str, validation_fraction: float | None) -> float:
+    """The validation fraction to use (0: none), after checking both arguments."""
+    if criterion not in CRITERIA:
+        raise InputError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if validation_fraction is None:
+        return DEFAULT_VALIDATION_FRACTION[criterion]
+    if (
+        not isinstance(validation_fraction, numbers.Real)
+        or isinstance(validation_fraction, bool)
+        or not 0.0 <= validation_fraction < 1.0
+    ):
+        raise InputError(f"validation_fraction must be a number in [0, 1), got {validation_fraction!r}")
+    if criterion == "validation" and validation_fraction == 0:
+        raise InputError("criterion='validation' needs held-out rows: validation_fraction must be in (0, 1)")
+    return float(validation_fraction)
+
+
+def score_row(gm: GaussianMixture, s: dict) -> dict:
+    """A table row (without its key) from a fitted model and its scoring-pass result."""
+    p = gm.params_.n_parameters()
+    ic = information_criteria(s["loglik"], s["n"], p) if s["n"] else {"bic": math.nan, "aic": math.nan}
+    return {
+        "train_loglik": float(s["loglik"] / s["n"]) if s["n"] else float("nan"),
+        "validation_loglik": float(s["heldout_loglik"] / s["heldout_n"]) if s["heldout_n"] else float("nan"),
+        "bic": float(ic["bic"]),
+        "icl": float(ic["bic"] - 2.0 * s.get("log_map", math.nan)),
+        "aic": float(ic["aic"]),
+        "df": int(p),
+        "n_iter": int(gm.n_iter_),
+        "converged": bool(gm.converged_),
+    }
+
+
+def choose(table: list[dict], criterion: str) -> int:
+    """Index of the row the criterion prefers (the first of equals)."""
+    if criterion == "validation":
+        values = [row["validation_loglik"] for row in table]
+        if not all(math.isfinite(v) for v in values):
+            raise InputError("no rows were held out for validation; use more data or a larger validation_fraction")
+        return int(np.argmax(values))
+    return int(np.argmin([row[criterion] for row in table]))
+
+
+def warn_if_at_range_edge(best_k: int, ks: list[int], criterion: str, what: str = "") -> bool:
+    """Warn (as mclust does) when the chosen K is the smallest or the largest of several candidates."""
+    if len(ks) < 2 or best_k not in (min(ks), max(ks)):
+        return False
+    side = "smallest" if best_k == min(ks) else "largest"
+    warnings.warn(
+        f"{criterion} chose k={best_k}{what}, the {side} of the candidates {min(ks)}..{max(ks)}: "
+        "the range was probably too narrow; try more values of k",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
