@@ -49,6 +49,69 @@ _KERNELS = {
 }
 
 
+#: a covariance whose smallest generalized eigenvalue against the data's covariance is below this is collapsed
+DEGENERATE_EIGENVALUE = 1e-6
+
+
+def min_component_rows(covariance_type: str, n_features: int) -> float:
+    """Effective rows a component needs for its own covariance parameters (the degenerate rule's count).
+
+    ``D + 1`` for an unconstrained covariance per component (VVV/full), 2 for the other models where each
+    component has its own volume or shape (a variance needs two rows), 0 where every covariance parameter
+    is shared (EII, EEI, EEE/tied: a component cannot collapse on its own).
+    """
+    name = cov_.structure(covariance_type).mclust_name
+    if name == "VVV":
+        return n_features + 1.0
+    if name in ("EII", "EEI", "EEE") or not name:
+        return 0.0
+    return 2.0
+
+
+def degenerate_reason(params: GaussianParams, n_rows: float) -> str:
+    """Why a fitted mixture is degenerate, or ``""``.
+
+    A mixture is degenerate when a component with weight > 0 has collapsed:
+
+    * its effective rows ``n_rows * weight_k`` are fewer than its structure needs
+      (:func:`min_component_rows`), or
+    * its covariance is flat in some direction relative to the data: the smallest generalized
+      eigenvalue of ``Sigma_k`` against the data's covariance ``S`` (``eig(L^-1 Sigma_k L^-T)``,
+      ``S = L L^T``) is below :data:`DEGENERATE_EIGENVALUE`. ``S`` is the mixture's own total
+      covariance, ``sum_k w_k (Sigma_k + mu_k mu_k^T) - mu mu^T``, which is the data's at an EM fixed
+      point (exactly for the unconstrained models), so no pass over the data is needed.
+
+    Such optima (a component on a few identical rows of rounded data) have an unbounded likelihood
+    and win on BIC without describing the data.
+    """
+    k, d = params.means.shape
+    w = params.weights
+    live = w > 0
+    need = min_component_rows(params.covariance_type, d)
+    rows = n_rows * w
+    few = np.flatnonzero(live & (rows < need))
+    if few.size:
+        return f"component {int(few[0])} has {rows[few[0]]:.3g} effective rows, fewer than the {need:g} it needs"
+    covs = cov_.dense_covariances(params.covariances, params.covariance_type, k, d)
+    mean = w @ params.means
+    centred = params.means - mean
+    total = np.einsum("k,kij->ij", w, covs) + np.einsum("k,ki,kj->ij", w, centred, centred)
+    try:
+        chol = np.linalg.cholesky(0.5 * (total + total.T))
+    except np.linalg.LinAlgError:
+        return "the mixture's total covariance is singular"
+    inv = np.linalg.inv(chol)
+    rel = np.linalg.eigvalsh(inv @ covs @ inv.T)[:, 0]  # (K,): smallest generalized eigenvalue
+    flat = np.flatnonzero(live & (rel < DEGENERATE_EIGENVALUE))
+    if flat.size:
+        j = int(flat[np.argmin(rel[flat])])
+        return (
+            f"component {j} ({rows[j]:.3g} effective rows) has collapsed: its covariance's smallest eigenvalue "
+            f"relative to the data's covariance is {rel[j]:.2g} (< {DEGENERATE_EIGENVALUE:g})"
+        )
+    return ""
+
+
 @dataclass(frozen=True)
 class GaussianModel:
     """Gaussian mixture model: soft or hard EM, any covariance structure, a NaN policy.
@@ -153,6 +216,10 @@ class GaussianModel:
 
     def n_parameters(self, params: GaussianParams) -> int:
         return params.n_parameters()
+
+    def degenerate(self, params: GaussianParams, n_rows: float) -> str:
+        """Why a fitted run is degenerate (a component collapsed), or ``""``; see :func:`degenerate_reason`."""
+        return degenerate_reason(params, n_rows)
 
     def n_components(self, params: GaussianParams) -> int:
         return params.n_components

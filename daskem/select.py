@@ -33,7 +33,7 @@ CRITERIA = ("validation", "bic", "icl", "aic")
 DEFAULT_VALIDATION_FRACTION = {"validation": 0.1, "bic": 0.0, "icl": 0.0, "aic": 0.0}
 
 #: table keys, in order
-TABLE_KEYS = ("k", "train_loglik", "validation_loglik", "bic", "icl", "aic", "df", "n_iter", "converged")
+TABLE_KEYS = ("k", "train_loglik", "validation_loglik", "bic", "icl", "aic", "df", "n_iter", "converged", "degenerate")
 
 
 @dataclass
@@ -51,8 +51,10 @@ class SelectKResult:
         ``validation_loglik`` (mean log-likelihood per row of the chosen run's
         final parameters; NaN without a validation split), ``bic``, ``icl``
         and ``aic`` (on the training rows; lower is better: ``bic`` and
-        ``icl`` are minus mclust's), ``df`` (free parameters), ``n_iter`` and
-        ``converged``.
+        ``icl`` are minus mclust's), ``df`` (free parameters), ``n_iter``,
+        ``converged`` and ``degenerate`` (why the chosen run is degenerate, or
+        ``""``: see :func:`daskem._gaussian_model.degenerate_reason`; a
+        degenerate K is never chosen over a non-degenerate one).
     criterion : str
     validation_fraction : float
         The fraction held out (0: every row trained on and scored).
@@ -213,17 +215,23 @@ def score_row(gm: GaussianMixture, s: dict) -> dict:
         "df": int(p),
         "n_iter": int(gm.n_iter_),
         "converged": bool(gm.converged_),
+        "degenerate": gm._make_model().degenerate(gm.params_, s["n"]) if s["n"] else "",
     }
 
 
 def choose(table: list[dict], criterion: str) -> int:
-    """Index of the row the criterion prefers (the first of equals)."""
+    """Index of the row the criterion prefers (the first of equals), never a degenerate or failed row
+    when another is left."""
+    usable = [i for i, row in enumerate(table) if not row.get("failed")]
+    if not usable:
+        raise InputError("every candidate failed")
+    usable = [i for i in usable if not table[i].get("degenerate")] or usable
     if criterion == "validation":
-        values = [row["validation_loglik"] for row in table]
+        values = [table[i]["validation_loglik"] for i in usable]
         if not all(math.isfinite(v) for v in values):
             raise InputError("no rows were held out for validation; use more data or a larger validation_fraction")
-        return int(np.argmax(values))
-    return int(np.argmin([row[criterion] for row in table]))
+        return usable[int(np.argmax(values))]
+    return usable[int(np.argmin([table[i][criterion] for i in usable]))]
 
 
 def warn_if_at_range_edge(best_k: int, ks: list[int], criterion: str, what: str = "") -> bool:

@@ -193,18 +193,20 @@ def test_log_map_of_the_missing_values_kernel(model: str) -> None:
     assert hard.log_map == 0.0
 
 
-def _em(X: np.ndarray, p0: GaussianParams) -> daskem.GaussianMixture:
+def _em(X: np.ndarray, p0: GaussianParams, reg_covar: float = 0.0, quiet: bool = True) -> daskem.GaussianMixture:
     """daskem's EM from ``p0``: no regularisation, a tight tolerance."""
     gm = daskem.GaussianMixture(
         p0.n_components,
         covariance_type=p0.covariance_type,
-        reg_covar=0.0,
+        reg_covar=reg_covar,
         tol=1e-10,
         max_iter=50_000,
         weights_init=p0.weights,
         means_init=p0.means,
         precisions_init=p0.precisions,
     )
+    if not quiet:
+        return gm.fit(X)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return gm.fit(X)
@@ -243,3 +245,80 @@ def test_sample_is_small_and_the_rest_is_marked_slow() -> None:
     assert 10 <= len(_C_FAST) <= 30
     assert len(_C_FAST) + len(_C_SLOW) == len(EM_CASES)
     assert all(c.marks for c in _C_SLOW)
+
+
+# ------------------------------------------------------------------------------------------------
+# degenerate runs and failed restarts
+
+
+def _faithful_collapsed_start() -> GaussianParams:
+    """faithful, VVI, G=5: mclust's G=4 fit plus a component on the 14 rows with waiting == 83."""
+    X, _ = load("faithful")
+    pro, mean, sigma = params(fit_ref("faithful", "VVI", 4))
+    on = X[:, 1] == 83
+    weights = np.append(pro * (1 - on.mean()), on.mean())
+    means = np.vstack([mean, X[on].mean(axis=0)])
+    var = np.vstack([np.diagonal(sigma, axis1=1, axis2=2), [X[on, 0].var(), 1e-3]])
+    return GaussianParams.from_covariances(weights, means, var, "VVI")
+
+
+def test_faithful_collapsed_component_is_flagged_and_never_chosen() -> None:
+    """The issue's case: a component on 14 rows of rounded data (waiting = 83) wins on BIC; it is degenerate."""
+    X, _ = load("faithful")
+    ref = fit_ref("faithful", "VVI", 5)
+    with pytest.warns(RuntimeWarning, match="degenerate.*component 4 \\(14 effective rows\\) has collapsed"):
+        bad = _em(X, _faithful_collapsed_start(), reg_covar=1e-6, quiet=False)
+    assert bad.runs_[0]["degenerate"]
+    # far above mclust's optimum (+65 in log-likelihood), so its BIC would win
+    assert bad.score(X) * X.shape[0] > ref["loglik"] + 50
+    assert bad.bic(X) < -ref["bic"]
+    good = _em(X, mclust_params("faithful", "VVI", 5))
+    assert not good.runs_[0]["degenerate"]
+    # restarts: a degenerate run is never the chosen one, though its log-likelihood is the highest
+    found = 0
+    for seed in (2,):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gm = daskem.GaussianMixture(5, covariance_type="VVI", n_init=5, random_state=seed, tol=1e-6, max_iter=500)
+            gm.fit(X)
+        flagged = [r for r in gm.runs_ if r["degenerate"]]
+        found += len(flagged)
+        chosen = max((r for r in gm.runs_ if not r["degenerate"]), key=lambda r: r["lower_bound"])
+        assert gm.lower_bound_ == chosen["lower_bound"]
+        assert all(r["lower_bound"] > chosen["lower_bound"] for r in flagged)
+    assert found >= 1
+
+
+def test_select_k_never_chooses_a_degenerate_k() -> None:
+    from daskem.select import choose
+
+    table = [
+        {"k": 4, "bic": 2343.5, "degenerate": ""},
+        {"k": 5, "bic": 2230.0, "degenerate": "component 4 has collapsed"},
+        {"k": 6, "bic": 2360.0, "degenerate": ""},
+    ]
+    assert table[choose(table, "bic")]["k"] == 4
+    assert table[choose([dict(r, degenerate="x") for r in table], "bic")]["k"] == 5  # all degenerate: the best
+    X, _ = load("faithful")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = daskem.select_k(X, [4, 5], criterion="bic", covariance_type="VVI", n_init=5, random_state=2, tol=1e-6)
+    assert all(isinstance(r["degenerate"], str) for r in res.table)
+    assert not res.table[[r["k"] for r in res.table].index(res.best_k)]["degenerate"]
+
+
+def test_a_failed_restart_is_dropped_with_a_warning() -> None:
+    """With reg_covar=0, restarts whose component lands on 4 identical rows fail; the others carry the fit."""
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(size=(300, 2)), np.tile([6.0, 6.0], (4, 1))])
+    opts = dict(covariance_type="VVV", reg_covar=0.0, n_init=6, init_params="random_from_data", max_iter=200)
+    with pytest.warns(RuntimeWarning, match="run \\{'k': 3, 'init': \\d\\} failed at iteration \\d+ and was dropped"):
+        gm = daskem.GaussianMixture(3, random_state=0, **opts).fit(X)
+    failed = [r for r in gm.runs_ if r["failed"]]
+    assert 1 <= len(failed) < 6
+    assert np.isfinite(gm.lower_bound_) and gm.lower_bound_ == max(r["lower_bound"] for r in gm.runs_)
+    # one restart, and it fails: the fit fails, as scikit-learn's
+    with pytest.raises(ValueError, match="ill-defined"):
+        daskem.GaussianMixture(3, random_state=0, **{**opts, "n_init": 1, "means_init": [[6, 6], [0, 0], [1, 1]]}).fit(
+            X
+        )

@@ -54,10 +54,12 @@ def test_finds_five_components(results, stores, criterion):
     assert res.criterion == criterion
     assert [row["k"] for row in res.table] == KS
     assert all(
-        set(row) == {"k", "train_loglik", "validation_loglik", "bic", "icl", "aic", "df", "n_iter", "converged"}
+        set(row)
+        == {"k", "train_loglik", "validation_loglik", "bic", "icl", "aic", "df", "n_iter", "converged", "degenerate"}
         for row in res.table
     )
     assert not res.at_range_edge
+    assert not any(row["degenerate"] for row in res.table)
     gm = res.best_model
     assert isinstance(gm, daskem.GaussianMixture) and gm.n_components == 5
     # the right components: every true mean has a fitted mean next to it
