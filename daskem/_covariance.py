@@ -169,9 +169,9 @@ def _mclust_m_step(name: str, layout_: str) -> Callable[..., np.ndarray]:
         if previous is None or not _mclust.MODELS[name].iterative:
             return cov
         # The inner iterations stop on a relative change, and from the previous covariances they can stop
-        # short of mclust's fixed start (VVE's MM creeps): keep the best of the warm start, the cold start
-        # and the previous covariances for the M-step's objective, so that EM never goes down.
-        candidates = [cov, previous]
+        # short of mclust's fixed start (VVE's MM creeps): keep the better of the warm and the cold start
+        # for the M-step's objective. (Not the previous covariances: they need not have the structure.)
+        candidates = [cov]
         try:
             candidates.append(_mclust.m_step_covariance(name, nk, w, reg_covar=reg_covar))
         except np.linalg.LinAlgError:
@@ -305,3 +305,21 @@ def dense_covariances(covariances: np.ndarray, covariance_type: str, k: int, d: 
         "diag": lambda: np.stack([np.diag(c) for c in covariances]),
         "spherical": lambda: np.asarray(covariances)[:, None, None] * np.eye(d),
     }[layout(covariance_type)]()
+
+
+def project_covariances(dense: np.ndarray, weights: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Covariances with ``covariance_type``'s structure closest to ``dense`` (K, D, D): a starting point.
+
+    The structure's M-step with the scatter ``W_k = w_k dense_k`` about the means (the maximum-likelihood
+    covariances of the structure for data with these per-component covariances), so that the result has
+    the structure (an iterative M-step keeps whatever its previous covariances are not).
+    """
+    dense = np.asarray(dense, dtype=np.float64)
+    k, d = dense.shape[:2]
+    nk = np.asarray(weights, dtype=np.float64) / np.sum(weights) * 1e6  # counts: only their ratios matter
+    lay = layout(covariance_type)
+    scatter = nk[:, None, None] * dense
+    s2 = {"full": lambda: scatter, "tied": lambda: scatter.sum(axis=0)}.get(
+        lay, lambda: np.diagonal(scatter, axis1=1, axis2=2).copy()
+    )()
+    return structure(covariance_type).covariances(s2, np.zeros((k, d)), nk, 0.0, None)

@@ -131,6 +131,13 @@ class GaussianModel:
     covariance_type : str
         The structure new runs get at initialisation (the parameter sets
         carry their own, so runs of several structures may share a pass).
+    run_types : tuple of str
+        Several structures fitted together (:func:`daskem.select_model`): the
+        structure of every run, in the order of the ``components`` passed to
+        :meth:`initialize`. Runs of the same K and restart index start from
+        the same initialisation (made once, in a full or diagonal layout, and
+        projected on each structure), as mclust starts every model from the
+        same partition.
 
     Instances are small and picklable; one travels with each pass.
     """
@@ -141,6 +148,7 @@ class GaussianModel:
     block_rows: int = DEFAULT_BLOCK_ROWS
     missing: str = "error"
     covariance_type: str = "full"
+    run_types: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- workers
 
@@ -275,6 +283,8 @@ class GaussianModel:
         rng: np.random.Generator,
         options: Mapping[str, Any],
     ) -> list[GaussianParams]:
+        if self.run_types:
+            return self._initialize_types(passes, components, rng, options)
         cache: dict[str, np.ndarray] = {}
 
         def seeding_rows() -> np.ndarray:
@@ -295,6 +305,27 @@ class GaussianModel:
             means_init=options.get("means_init"),
             precisions_init=options.get("precisions_init"),
         )
+
+    def _initialize_types(
+        self, passes: DataPasses, components: Sequence[int], rng: np.random.Generator, options: Mapping[str, Any]
+    ) -> list[GaussianParams]:
+        if len(self.run_types) != len(components):
+            raise ValueError(f"run_types has {len(self.run_types)} entries for {len(components)} runs")
+        dense_types = any(cov_.layout(t) in ("full", "tied") for t in self.run_types)
+        base = dataclasses.replace(self, run_types=(), covariance_type="full" if dense_types else "diag")
+        keys, seen = [], {}
+        for t, k in zip(self.run_types, components):
+            i = seen[(t, k)] = seen.get((t, k), -1) + 1
+            keys.append((k, i))
+        unique = list(dict.fromkeys(keys))
+        inits = dict(zip(unique, base.initialize(passes, [k for k, _ in unique], rng, options)))
+        out = []
+        for t, key in zip(self.run_types, keys):
+            p = inits[key]
+            dense = cov_.dense_covariances(p.covariances, p.covariance_type, p.n_components, p.n_features)
+            cov = cov_.project_covariances(dense, p.weights, t)
+            out.append(GaussianParams.from_covariances(p.weights, p.means, cov, t))
+        return out
 
     # ---------------------------------------------------------------- estimator helpers
 

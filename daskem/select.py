@@ -13,6 +13,7 @@ or ``'aic'`` every row is used, as mclust does.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -22,6 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from . import _covariance as cov_
+from . import _engine as engine
+from . import _fitloop
 from ._fitloop import seed_from
 from .base import information_criteria
 from .errors import ConvergenceWarning, InputError
@@ -246,3 +250,214 @@ def warn_if_at_range_edge(best_k: int, ks: list[int], criterion: str, what: str 
         stacklevel=3,
     )
     return True
+
+
+# --------------------------------------------------------------------------
+# choosing the covariance model and K together
+# --------------------------------------------------------------------------
+
+#: table keys of :func:`select_model`, in order
+MODEL_TABLE_KEYS = (
+    "covariance_type",
+    "k",
+    "loglik",
+    "train_loglik",
+    "validation_loglik",
+    "bic",
+    "icl",
+    "aic",
+    "df",
+    "n_iter",
+    "converged",
+    "degenerate",
+    "failed",
+)
+
+
+@dataclass
+class SelectModelResult:
+    """What :func:`select_model` returns.
+
+    Attributes
+    ----------
+    best_covariance_type : str
+    best_k : int
+    best_model : GaussianMixture
+        The fitted model of the chosen pair.
+    table : list of dict
+        One row per (covariance_type, k) pair, in the order of the
+        candidates: :data:`MODEL_TABLE_KEYS`. ``loglik`` is the total
+        log-likelihood on the training rows (mclust's ``loglik``); ``bic``,
+        ``icl`` and ``aic`` are daskem's (lower is better: minus mclust's
+        BIC and ICL); ``failed`` marks a pair whose restarts all failed
+        (mclust's NA), with NaN scores.
+    criterion : str
+    validation_fraction : float
+    seed : int
+    models : dict of (str, int) to GaussianMixture
+        The fitted model of every pair that did not fail.
+    n_passes : int
+        Passes over the data, initialisation and the scoring pass included.
+    at_range_edge : bool
+        The chosen K is the smallest or the largest of several candidates.
+    """
+
+    best_covariance_type: str
+    best_k: int
+    best_model: GaussianMixture
+    table: list[dict]
+    criterion: str
+    validation_fraction: float
+    seed: int
+    models: dict[tuple[str, int], GaussianMixture] = field(default_factory=dict, repr=False)
+    n_passes: int = 0
+    at_range_edge: bool = False
+
+
+def _check_covariance_types(covariance_types: Any) -> list[str]:
+    if isinstance(covariance_types, str):
+        covariance_types = cov_.MCLUST_MODELS if covariance_types == "all" else [covariance_types]
+    if not isinstance(covariance_types, Iterable):
+        raise InputError(f"covariance_types must be 'all' or a list of names, got {covariance_types!r}")
+    types = list(dict.fromkeys(covariance_types))
+    bad = [t for t in types if t not in cov_.COVARIANCE_TYPES]
+    if not types or bad:
+        raise InputError(
+            f"covariance_types must be 'all' or a non-empty list of {', '.join(cov_.COVARIANCE_TYPES)}; got {bad or types}"
+        )
+    return types
+
+
+def select_model(
+    X: Any,
+    k_values: Iterable[int],
+    covariance_types: str | Iterable[str] = "all",
+    *,
+    criterion: str = "bic",
+    validation_fraction: float | None = None,
+    random_state: Any = None,
+    **gm_params: Any,
+) -> SelectModelResult:
+    """Fit every (covariance model, K) pair in shared passes and choose one, as mclust's ``Mclust``.
+
+    Every restart of every pair advances in the same passes over the data
+    (initialisation included: the runs of one K and restart index start from
+    the same partition, projected on each model), then one more pass scores
+    the chosen run of every pair. A pair whose restarts all fail is reported
+    as failed (mclust's NA) and the others are still compared; a degenerate
+    pair (a collapsed component) is never chosen over a non-degenerate one.
+
+    Parameters
+    ----------
+    X : array-like, dask array, zarr array, xarray DataArray, or a path/URL
+    k_values : iterable of int
+    covariance_types : 'all' or list of str, default='all'
+        mclust's fourteen models (``'all'``) or any of :data:`daskem._covariance.COVARIANCE_TYPES`.
+    criterion : {'bic', 'icl', 'aic', 'validation'}, default='bic'
+    validation_fraction : float, optional
+        As in :func:`select_k`: 0 (every row) unless ``criterion='validation'`` (0.1).
+    random_state : int, numpy Generator or None
+    **gm_params
+        Other :class:`GaussianMixture` parameters (``n_init``, ``tol``, ``max_iter``, ``reg_covar``, ...).
+
+    Returns
+    -------
+    SelectModelResult
+
+    Raises
+    ------
+    InputError
+        Bad arguments or data, or every pair failed.
+    """
+    fraction = _check_criterion(criterion, validation_fraction)
+    ks = _check_k_values(k_values)
+    types = _check_covariance_types(covariance_types)
+    names = set(GaussianMixture().get_params())
+    for name in gm_params:
+        if name not in names or name == "random_state":
+            raise InputError(f"unknown option {name!r} for select_model; valid: {sorted(names - {'random_state'})}")
+    for name in ("n_components", "covariance_type", "weights_init", "means_init", "precisions_init", "warm_start"):
+        if gm_params.get(name) not in (None, False):
+            raise InputError(f"select_model chooses the model and the number of components; {name} cannot be given")
+        gm_params.pop(name, None)
+
+    seed = seed_from(random_state)
+    pairs = [(t, k) for t in types for k in ks]
+    models = {
+        p: GaussianMixture(n_components=p[1], covariance_type=p[0], random_state=seed, **gm_params) for p in pairs
+    }
+    first = models[pairs[0]]
+    for est in models.values():
+        est._validate_params()
+    data, in_memory = first._data(X, reset=True)
+    Xd = first._dask(data)
+    n, d = Xd.shape
+    split = engine.RowSplit(fraction, seed) if fraction else None
+    n_train = n * (1.0 - fraction)
+    if max(ks) > n_train:
+        raise InputError(f"k={max(ks)} is larger than the about {int(n_train)} training rows ({n} rows)")
+    n_init = int(first.n_init)
+    model = dataclasses.replace(first._make_model(), run_types=tuple(t for t, _ in pairs for _ in range(n_init)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # warned below for the chosen pair only
+        result = _fitloop.fit(
+            Xd, model, [models[p]._candidate() for p in pairs], first._settings(d), in_memory=in_memory, split=split
+        )
+    runs = {p: result.runs[i * n_init : (i + 1) * n_init] for i, p in enumerate(pairs)}
+    bests: dict[tuple[str, int], Any] = {}
+    for p in pairs:
+        try:
+            bests[p] = _fitloop.best_run(runs[p])
+        except _fitloop.RunsFailedError:
+            warnings.warn(f"every restart of covariance_type={p[0]!r}, k={p[1]} failed", RuntimeWarning, stacklevel=2)
+    counter = engine.PassCounter(result.n_passes)
+    ok = [p for p in pairs if p in bests]
+    scores = dict(
+        zip(
+            ok,
+            _fitloop.score(
+                Xd, model, [bests[p].params for p in ok], split=split, split_every=first.split_every, counter=counter
+            ),
+        )
+    )
+    table = []
+    for p in pairs:
+        row = {"covariance_type": p[0], "k": p[1]}
+        if p not in bests:
+            nan = float("nan")
+            df = int(cov_.structure(p[0]).n_covariance_parameters(p[1], d) + p[1] * d + p[1] - 1)
+            row.update(loglik=nan, train_loglik=nan, validation_loglik=nan, bic=nan, icl=nan, aic=nan, df=df, n_iter=0)
+            row.update(converged=False, degenerate="", failed=True)
+            table.append({key: row[key] for key in MODEL_TABLE_KEYS})
+            continue
+        est = models[p]
+        est.n_features_in_ = first.n_features_in_
+        if hasattr(first, "feature_names_in_"):
+            est.feature_names_in_ = first.feature_names_in_
+        est._set_from_runs(runs[p], counter.n, Xd.dtype)
+        s = scores[p]
+        row.update(loglik=float(s["loglik"]), **score_row(est, s), failed=False)
+        table.append({key: row[key] for key in MODEL_TABLE_KEYS})
+    best = choose(table, criterion)
+    best_type, best_k = table[best]["covariance_type"], table[best]["k"]
+    at_edge = warn_if_at_range_edge(best_k, ks, criterion, what=f" (covariance_type={best_type!r})")
+    gm = models[(best_type, best_k)]
+    if gm.max_iter > 0 and not table[best]["converged"]:
+        warnings.warn(
+            f"the best run for the chosen covariance_type={best_type!r}, k={best_k} did not converge; "
+            "increase max_iter or tol",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return SelectModelResult(
+        best_covariance_type=best_type,
+        best_k=best_k,
+        best_model=gm,
+        table=table,
+        criterion=criterion,
+        validation_fraction=fraction,
+        seed=seed,
+        models={p: models[p] for p in ok},
+        n_passes=counter.n,
+        at_range_edge=at_edge,
+    )
