@@ -312,7 +312,11 @@ class GaussianModel:
         if len(self.run_types) != len(components):
             raise ValueError(f"run_types has {len(self.run_types)} entries for {len(components)} runs")
         dense_types = any(cov_.layout(t) in ("full", "tied") for t in self.run_types)
-        base = dataclasses.replace(self, run_types=(), covariance_type="full" if dense_types else "diag")
+        # the shared initialisation is regularised a little even with reg_covar=0, so that a model that cannot
+        # hold a collapsed partition fails in its own runs (dropped, reported) rather than the whole selection
+        base = dataclasses.replace(
+            self, run_types=(), covariance_type="full" if dense_types else "diag", reg_covar=max(self.reg_covar, 1e-6)
+        )
         keys, seen = [], {}
         for t, k in zip(self.run_types, components):
             i = seen[(t, k)] = seen.get((t, k), -1) + 1
@@ -323,7 +327,12 @@ class GaussianModel:
         for t, key in zip(self.run_types, keys):
             p = inits[key]
             dense = cov_.dense_covariances(p.covariances, p.covariance_type, p.n_components, p.n_features)
-            cov = cov_.project_covariances(dense, p.weights, t)
+            try:
+                cov = cov_.project_covariances(dense, p.weights, t)
+            except (np.linalg.LinAlgError, ValueError):
+                # a structure the partition cannot hold: start from the average variance, which has every structure
+                scale = float(np.mean(np.diagonal(dense, axis1=1, axis2=2)))
+                cov = scale * cov_.unit_covariances(t, p.n_components, p.n_features)
             out.append(GaussianParams.from_covariances(p.weights, p.means, cov, t))
         return out
 

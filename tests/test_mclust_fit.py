@@ -324,3 +324,76 @@ def test_a_failed_restart_is_dropped_with_a_warning() -> None:
         daskem.GaussianMixture(3, random_state=0, **{**opts, "n_init": 1, "means_init": [[6, 6], [0, 0], [1, 1]]}).fit(
             X
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# choosing the model and K together
+
+
+def mclust_choice(name: str, max_g: int = 9, models: tuple[str, ...] = MODELS) -> tuple[str, int, float]:
+    """Mclust's BIC choice from the fixtures: the largest BIC over the models and G."""
+    _, ref = load(name)
+    fits = [f for f in ref["fits"] if f["bic"] is not None and f["G"] <= max_g and f["model"] in models]
+    best = max(fits, key=lambda f: f["bic"])
+    return best["model"], best["G"], best["bic"]
+
+
+def _select(name: str, types, ks) -> daskem.select.SelectModelResult:
+    X, _ = load(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return daskem.select_model(X, ks, types, criterion="bic", random_state=0, tol=1e-6, max_iter=1000)
+
+
+def test_select_model_chooses_mclusts_model_and_g_on_iris() -> None:
+    """iris, the four models mclust's BIC ranks highest, G = 1..4: mclust's choice (VEV, 2) and its BIC."""
+    _, ref = load("iris")
+    fits = sorted((f for f in ref["fits"] if f["bic"] is not None and f["G"] <= 4), key=lambda f: -f["bic"])
+    types = list(dict.fromkeys(f["model"] for f in fits))[:4]
+    res = _select("iris", types, range(1, 5))
+    model, g, bic = mclust_choice("iris", 4)
+    assert (res.best_covariance_type, res.best_k) == (model, g) == ("VEV", 2)
+    row = next(r for r in res.table if (r["covariance_type"], r["k"]) == (model, g))
+    assert row["bic"] == pytest.approx(-bic, abs=1e-2)
+    assert row["df"] == fit_ref("iris", model, g)["df"]
+    assert [(r["covariance_type"], r["k"]) for r in res.table] == [(t, k) for t in types for k in range(1, 5)]
+    assert res.best_model.covariance_type == model and res.best_model.n_components == g
+    assert not res.at_range_edge
+    # every pair shared the passes: far fewer than one fit per pair would make
+    assert res.n_passes < 2 * max(r["n_iter"] for r in res.table) + 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["iris", "faithful", "diabetes", "banknote"])
+def test_select_model_all_models_chooses_mclusts(name: str) -> None:
+    res = _select(name, "all", range(1, 6))
+    model, g, bic = mclust_choice(name, 5)
+    assert (res.best_covariance_type, res.best_k) == (model, g)
+    row = next(r for r in res.table if (r["covariance_type"], r["k"]) == (model, g))
+    assert row["bic"] == pytest.approx(-bic, abs=1e-2)
+
+
+def test_select_model_reports_failed_and_degenerate_pairs() -> None:
+    """reg_covar=0 and a group with a constant column: VVI with 2 components fails in every restart (mclust's
+    NA), VVV with 2 collapses (degenerate); the selection goes on and chooses neither."""
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(200, 2)), rng.normal(size=(200, 2)) + 8
+    B[:, 1] = 8.0
+    X = np.vstack([A, B])
+    with pytest.warns(RuntimeWarning, match="every restart of covariance_type='VVI', k=2 failed"):
+        res = daskem.select_model(X, [1, 2], ["VVV", "EII", "VVI"], reg_covar=0.0, random_state=0)
+    rows = {(r["covariance_type"], r["k"]): r for r in res.table}
+    assert rows[("VVI", 2)]["failed"] and np.isnan(rows[("VVI", 2)]["bic"]) and ("VVI", 2) not in res.models
+    assert rows[("VVV", 2)]["degenerate"] and rows[("VVV", 2)]["bic"] < rows[("EII", 2)]["bic"]
+    assert (res.best_covariance_type, res.best_k) == ("EII", 2) and res.at_range_edge
+    assert set(rows[("EII", 2)]) == set(daskem.select.MODEL_TABLE_KEYS)
+
+
+def test_select_model_refuses_bad_arguments() -> None:
+    X, _ = load("faithful")
+    with pytest.raises(daskem.InputError, match="covariance_types"):
+        daskem.select_model(X, [1, 2], ["VVV", "XYZ"])
+    with pytest.raises(daskem.InputError, match="covariance_type cannot be given"):
+        daskem.select_model(X, [1, 2], "all", covariance_type="VVV")
+    with pytest.raises(daskem.InputError, match="criterion"):
+        daskem.select_model(X, [1, 2], "all", criterion="loglik")
