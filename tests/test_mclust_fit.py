@@ -397,3 +397,40 @@ def test_select_model_refuses_bad_arguments() -> None:
         daskem.select_model(X, [1, 2], "all", covariance_type="VVV")
     with pytest.raises(daskem.InputError, match="criterion"):
         daskem.select_model(X, [1, 2], "all", criterion="loglik")
+
+
+# ------------------------------------------------------------------------------------------------
+# what exists for the four sklearn names works for mclust's models
+
+
+@pytest.mark.parametrize("model", ["EII", "EEI", "VEI", "EVI", "VEE", "EVE", "EEV", "VEV", "EVV"])
+def test_every_model_fits_with_missing_values_float32_checkpoint_save_load_sample(model: str, tmp_path) -> None:
+    import dask.array as da
+
+    X, _ = load("iris")
+    Xn = X.astype(np.float32)
+    Xn[::9, 2] = np.nan
+    opts = dict(covariance_type=model, n_init=2, random_state=0, missing="marginalize", dtype="float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = daskem.GaussianMixture(3, checkpoint=tmp_path / "ck", **opts).fit(da.from_array(Xn, chunks=50))
+        again = daskem.GaussianMixture(3, checkpoint=tmp_path / "ck", **opts).fit(da.from_array(Xn, chunks=50))
+    assert gm.covariance_type == model and gm.get_params()["covariance_type"] == model
+    assert gm.covariances_.shape == cov_.covariance_shape(model, 3, 4) and gm.covariances_.dtype == np.float32
+    assert np.isfinite(gm.lower_bound_) and len(gm.runs_) == 2
+    # the structure holds: e.g. equal volumes for E.., a common orientation for .E.
+    dense = cov_.dense_covariances(gm.params_.covariances, model, 3, 4)
+    vols = np.linalg.det(dense) ** 0.25
+    if model[0] == "E":
+        np.testing.assert_allclose(vols, vols[0], rtol=1e-4)
+    np.testing.assert_array_equal(again.means_, gm.means_)  # resumed from the checkpoint: nothing left to do
+    gm.save(tmp_path / "model")
+    back = daskem.load(tmp_path / "model")
+    assert back.covariance_type == model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_array_equal(back.predict(Xn), gm.predict(Xn))
+        np.testing.assert_allclose(back.score_samples(Xn), gm.score_samples(Xn), rtol=1e-6)
+    Xs, labels = gm.sample(500)
+    assert Xs.shape == (500, 4) and set(labels) <= {0, 1, 2}
+    assert np.isfinite(gm.icl(X)) and gm.icl(X) >= gm.bic(X)
