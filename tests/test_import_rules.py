@@ -23,7 +23,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "daskem"
 
-KERNELS = {"_numeric", "_blas", "_covariance", "_gaussian", "_missing", "_init", "_model", "_gaussian_model"}
+KERNELS = {"_numeric", "_blas", "_mclust", "_covariance", "_gaussian", "_missing", "_init", "_model", "_gaussian_model"}
 MODELS_AND_ESTIMATORS = {
     "_covariance",
     "_gaussian",
