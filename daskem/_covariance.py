@@ -169,9 +169,10 @@ def _mclust_m_step(name: str, layout_: str) -> Callable[..., np.ndarray]:
         if previous is None or not _mclust.MODELS[name].iterative:
             return cov
         # The inner iterations stop on a relative change, and from the previous covariances they can stop
-        # short of mclust's fixed start (VVE's MM creeps): keep the better of the warm and the cold start
-        # for the M-step's objective. (Not the previous covariances: they need not have the structure.)
-        candidates = [cov]
+        # short of mclust's fixed start (VVE's MM creeps): keep the best of the warm start, the cold start
+        # and the previous covariances (when they have the structure) for the M-step's objective, so that
+        # EM does not go down.
+        candidates = [cov, previous] if _has_structure(name, previous) else [cov]
         try:
             candidates.append(_mclust.m_step_covariance(name, nk, w, reg_covar=reg_covar))
         except np.linalg.LinAlgError:
@@ -181,6 +182,38 @@ def _mclust_m_step(name: str, layout_: str) -> Callable[..., np.ndarray]:
 
     covariances.__name__ = f"_{name.lower()}"
     return covariances
+
+
+def _has_structure(name: str, cov: np.ndarray, rtol: float = 1e-7) -> bool:
+    """Whether covariances in ``name``'s representation satisfy its constraints (for the iterative models).
+
+    VEI: a common shape; VEV: common normalised eigenvalues; VEE: a common matrix up to scale; EVE, VVE: a
+    common orientation (the eigenvectors of the first covariance diagonalise all), and EVE equal volumes.
+    """
+    cov = np.asarray(cov, dtype=np.float64)
+    if not np.all(np.isfinite(cov)):
+        return False
+    if name == "VEI":
+        if np.any(cov <= 0):
+            return False
+        shape = cov / np.exp(np.log(cov).mean(axis=1))[:, None]
+        return bool(np.allclose(shape, shape[0], rtol=rtol, atol=0))
+    vals = np.linalg.eigvalsh(cov)
+    if np.any(vals <= 0):
+        return False
+    vol = np.exp(np.log(vals).mean(axis=1))
+    if name == "VEV":
+        shape = vals / vol[:, None]
+        return bool(np.allclose(shape, shape[0], rtol=rtol, atol=0))
+    if name == "VEE":
+        c = cov / vol[:, None, None]
+        return bool(np.allclose(c, c[0], rtol=rtol, atol=rtol * np.abs(c[0]).max()))
+    _, vecs = np.linalg.eigh(cov[0])
+    m = np.einsum("ji,kjl,lm->kim", vecs, cov, vecs)
+    off = m - np.einsum("kii->ki", m)[:, :, None] * np.eye(m.shape[-1])
+    if np.abs(off).max() > rtol * np.abs(m).max():
+        return False
+    return name != "EVE" or bool(np.allclose(vol, vol[0], rtol=rtol, atol=0))
 
 
 def _m_step_objective(cov: np.ndarray, w: np.ndarray, nk: np.ndarray, name: str, k: int, d: int) -> float:
