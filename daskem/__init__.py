@@ -11,7 +11,7 @@ from ._version import __version__
 from .errors import ConvergenceWarning, InputError, NotFittedError
 from .io import open_array
 from .mixture import GaussianMixture, load
-from .select import SelectKResult, select_k
+from .select import SelectKResult, SelectModelResult, select_k, select_model
 
 __all__ = [
     "ConvergenceWarning",
@@ -22,5 +22,7 @@ __all__ = [
     "load",
     "open_array",
     "select_k",
+    "select_model",
     "SelectKResult",
+    "SelectModelResult",
 ]

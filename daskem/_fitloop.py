@@ -66,6 +66,10 @@ def seed_from(random_state: Any) -> int:
 # --------------------------------------------------------------------------
 
 
+class RunsFailedError(ValueError):
+    """Every run of a fit (or of a candidate) failed."""
+
+
 @dataclass
 class Step:
     """What a run needs to take a step: the model, the stopping rule and a re-seeding pool."""
@@ -100,6 +104,10 @@ class Run:
     done: bool = False
     lower_bound: float = -math.inf
     n_reseeds: int = 0
+    #: the run failed (its covariance became ill-defined) and was dropped
+    failed: bool = False
+    #: why the fitted run is degenerate (``model.degenerate``), or ""
+    degenerate: str = ""
 
     def proposal(self) -> list:
         """The parameter sets this run needs the statistics of in the next pass."""
@@ -152,6 +160,8 @@ class Run:
             "converged": self.converged,
             "lower_bound": self.lower_bound,
             "n_reseeds": self.n_reseeds,
+            "failed": self.failed,
+            "degenerate": self.degenerate,
         }
 
     def strategy_state(self, model: MixtureModel) -> tuple[dict[str, np.ndarray], dict]:
@@ -294,6 +304,10 @@ def run_strategy(accelerate: str | None) -> type[Run]:
         raise InputError(f"accelerate must be one of {list(STRATEGIES)}, got {accelerate!r}") from None
 
 
+#: what a run raises when its parameters become ill-defined (the run is dropped; InputError is not caught)
+RUN_FAILURES = (np.linalg.LinAlgError, FloatingPointError, ValueError)
+
+
 @dataclass
 class IterationInfo:
     """What a progress callback receives after each pass.
@@ -312,12 +326,22 @@ class IterationInfo:
 
 
 def best_run(runs: Sequence[Run], rtol: float = 1e-9) -> Run:
-    """The run with the highest final objective.
+    """The run with the highest final objective, among the runs that did not fail.
 
-    Runs within ``rtol`` of the best count as equal and the first of them is
-    kept, so that round-off (another chunking, another cluster) cannot flip
-    the choice between restarts that found the same optimum.
+    A degenerate run is never chosen over a non-degenerate one. Runs within
+    ``rtol`` of the best count as equal and the first of them is kept, so that
+    round-off (another chunking, another cluster) cannot flip the choice
+    between restarts that found the same optimum.
+
+    Raises
+    ------
+    RunsFailedError
+        When every run failed.
     """
+    ok = [r for r in runs if not r.failed]
+    if not ok:
+        raise RunsFailedError(f"every run failed ({', '.join(str(r.tag) for r in runs)})")
+    runs = [r for r in ok if not r.degenerate] or ok
     top = max(r.lower_bound for r in runs)
     return next(r for r in runs if r.lower_bound >= top - rtol * max(1.0, abs(top)))
 
@@ -371,6 +395,7 @@ class Checkpoint:
                     "lower_bound": r.lower_bound if math.isfinite(r.lower_bound) else None,
                     "n_reseeds": r.n_reseeds,
                     "strategy": {"arrays": sorted(s_arrays), "meta": s_meta},
+                    "failed": r.failed,
                 }
             )
         # arrays first, then the JSON that names them: a reader sees the old
@@ -424,6 +449,7 @@ class Checkpoint:
                     done=m["done"],
                     lower_bound=-math.inf if m["lower_bound"] is None else m["lower_bound"],
                     n_reseeds=m.get("n_reseeds", 0),
+                    failed=m.get("failed", False),
                 )
                 strategy = m.get("strategy") or {"arrays": [], "meta": {}}
                 if strategy["meta"] or strategy["arrays"]:
@@ -523,7 +549,16 @@ def iterate(
         stats = passes.statistics(model, [p for props in proposals for p in props])
         pos = 0
         for r, props in zip(live, proposals):
-            r.receive(stats[pos : pos + len(props)], step)
+            try:
+                r.receive(stats[pos : pos + len(props)], step)
+            except RUN_FAILURES as exc:
+                if isinstance(exc, InputError) or all(o.failed or o is r for o in runs):
+                    raise
+                # an ill-defined covariance (collapsed component): drop this run, keep the others
+                r.failed, r.done, r.lower_bound = True, True, -math.inf
+                warnings.warn(
+                    f"run {r.tag} failed at iteration {r.n_iter} and was dropped: {exc}", RuntimeWarning, stacklevel=3
+                )
             pos += len(props)
         if checkpoint is not None:
             checkpoint.save(runs, stage)
@@ -714,6 +749,18 @@ def _fit(
         callback=_progress_printer(verbose, settings.verbose_interval),
         checkpoint=checkpoint,
     )
+    if hasattr(model, "degenerate"):
+        n_rows = float(X.shape[0]) * (1.0 - (split.fraction if split is not None else 0.0))
+        for r in runs:
+            r.degenerate = "" if r.failed else model.degenerate(r.params, n_rows)
+        bad = [r for r in runs if r.degenerate]
+        if bad:
+            warnings.warn(
+                f"{len(bad)} of {len(runs)} run(s) ended degenerate and are chosen only if nothing else is left: "
+                + "; ".join(f"run {r.tag}: {r.degenerate}" for r in bad[:5]),
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return FitResult(runs, counter.n, seed)
 
 
@@ -734,4 +781,6 @@ def score(
         total, n = scorer.loglik(s)
         ho_total, ho_n = scorer.heldout_loglik(s)
         out.append({"loglik": float(total), "n": float(n), "heldout_loglik": float(ho_total), "heldout_n": float(ho_n)})
+        if hasattr(scorer, "log_map"):  # ICL's term (sum of log max responsibility), when the model has one
+            out[-1]["log_map"] = float(scorer.log_map(s))
     return out

@@ -447,8 +447,9 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
             )
         f[-1] = 1.0
         lp = np.matmul(ft.weight, f, out=work.get("lp", (k, n)))
-        q, ll = _responsibilities(lp, hard)
+        q, ll, lm = _responsibilities(lp, hard)
         acc["loglik"] += ll
+        acc["log_map"] += lm
         qt = work.get("qt", (n, k))
         np.copyto(qt, q.T)
         acc["fm"] += np.matmul(f, qt, out=work.get("fmb", (f_len, k)))
@@ -629,6 +630,9 @@ class Stats:
         Rows held out of training (validation split) and their ``sum log p``.
     n_bad : float
         Rows that held a non-finite value (left out of everything else).
+    log_map : float
+        Sum over training rows of ``log max_k q_nk`` (soft responsibilities;
+        0 for hard EM): what ICL adds to BIC.
     """
 
     n: float
@@ -639,6 +643,7 @@ class Stats:
     n_heldout: float = 0.0
     loglik_heldout: float = 0.0
     n_bad: float = 0.0
+    log_map: float = 0.0
 
     def __add__(self, other: Stats) -> Stats:
         return Stats(
@@ -650,6 +655,7 @@ class Stats:
             self.n_heldout + other.n_heldout,
             self.loglik_heldout + other.loglik_heldout,
             self.n_bad + other.n_bad,
+            self.log_map + other.log_map,
         )
 
     @staticmethod
@@ -664,13 +670,13 @@ class Stats:
 
     @staticmethod
     def packed_size(covariance_type: str, k: int, d: int) -> int:
-        return 5 + k + k * d + int(np.prod(_s2_shape(covariance_type, k, d)))
+        return 6 + k + k * d + int(np.prod(_s2_shape(covariance_type, k, d)))
 
     def pack(self) -> np.ndarray:
         """A flat float64 vector: what travels between workers and the client."""
         return np.concatenate(
             [
-                [self.n, self.loglik, self.n_heldout, self.loglik_heldout, self.n_bad],
+                [self.n, self.loglik, self.n_heldout, self.loglik_heldout, self.n_bad, self.log_map],
                 self.nk,
                 self.s1.ravel(),
                 self.s2.ravel(),
@@ -680,15 +686,15 @@ class Stats:
     @staticmethod
     def unpack(vec: np.ndarray, covariance_type: str, k: int, d: int) -> Stats:
         vec = np.asarray(vec, dtype=np.float64)
-        n, loglik, n_ho, ll_ho, n_bad = (float(v) for v in vec[:5])
-        pos = 5
+        n, loglik, n_ho, ll_ho, n_bad, log_map = (float(v) for v in vec[:6])
+        pos = 6
         nk = vec[pos : pos + k]
         pos += k
         s1 = vec[pos : pos + k * d].reshape(k, d)
         pos += k * d
         shape = _s2_shape(covariance_type, k, d)
         s2 = vec[pos : pos + int(np.prod(shape))].reshape(shape)
-        return Stats(n, loglik, nk.copy(), s1.copy(), s2.copy(), n_ho, ll_ho, n_bad)
+        return Stats(n, loglik, nk.copy(), s1.copy(), s2.copy(), n_ho, ll_ho, n_bad, log_map)
 
     @property
     def mean_loglik(self) -> float:
@@ -696,11 +702,14 @@ class Stats:
         return self.loglik / self.n if self.n else float("nan")
 
 
-def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float]:
-    """Responsibilities (in place of ``logp``, shape (K, n)) and the summed log-likelihood.
+def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float, float]:
+    """Responsibilities (in place of ``logp``, shape (K, n)), the summed log-likelihood and ``sum log max_k q``.
 
-    Soft: one ``exp`` over the block, normalised by its column sums. Hard:
-    one-hot at the most probable component, and the classification likelihood.
+    Soft: one ``exp`` over the block, normalised by its column sums; the
+    largest responsibility of a row is ``1 / sum_k exp(logp_k - max logp)``,
+    so ``sum_n log max_k q_nk`` (ICL's term) is minus the sum of the logs
+    already taken. Hard: one-hot at the most probable component (the term is
+    0), and the classification likelihood.
     """
     n = logp.shape[1]
     if hard:
@@ -708,7 +717,7 @@ def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float]:
         ll = float(logp[best, np.arange(n)].sum(dtype=np.float64))
         logp[...] = 0.0
         logp[best, np.arange(n)] = 1.0
-        return logp, ll
+        return logp, ll, 0.0
     amax = logp.max(axis=0)
     if not np.isfinite(amax).all():
         amax[~np.isfinite(amax)] = 0.0
@@ -716,17 +725,18 @@ def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float]:
     np.exp(logp, out=logp)
     total = logp.sum(axis=0)
     with np.errstate(divide="ignore"):
-        ll = float(np.log(total).sum(dtype=np.float64) + amax.sum(dtype=np.float64))
+        log_total = float(np.log(total).sum(dtype=np.float64))
+    ll = log_total + float(amax.sum(dtype=np.float64))
     np.reciprocal(total, out=total)
     logp *= total
-    return logp, ll
+    return logp, ll, -log_total
 
 
-def _responsibilities_stacked(logp: np.ndarray) -> np.ndarray:
+def _responsibilities_stacked(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Soft responsibilities of several parameter sets at once, in place.
 
     ``logp`` has shape (sets, K, n); returns each set's summed log-likelihood
-    (what :func:`_responsibilities` gives set by set).
+    and ``sum log max_k q`` (what :func:`_responsibilities` gives set by set).
     """
     amax = logp.max(axis=1)  # (sets, n)
     if not np.isfinite(amax).all():
@@ -735,10 +745,11 @@ def _responsibilities_stacked(logp: np.ndarray) -> np.ndarray:
     np.exp(logp, out=logp)
     total = logp.sum(axis=1)
     with np.errstate(divide="ignore"):
-        ll = np.log(total).sum(axis=1, dtype=np.float64) + amax.sum(axis=1, dtype=np.float64)
+        log_total = np.log(total).sum(axis=1, dtype=np.float64)
+    ll = log_total + amax.sum(axis=1, dtype=np.float64)
     np.reciprocal(total, out=total)
     logp *= total[:, None, :]
-    return ll
+    return ll, -log_total
 
 
 def _accumulate_block(
@@ -764,8 +775,9 @@ def _accumulate_block(
         _accumulate_features(X, plan, hard, acc, work)
         return
     a = _design(X, plan, work)
-    q, ll = _responsibilities(_log_prob_block(a, plan, work), hard)  # (K, n)
+    q, ll, lm = _responsibilities(_log_prob_block(a, plan, work), hard)  # (K, n)
     acc["loglik"] += ll
+    acc["log_map"] += lm
     acc["nk"] += q.sum(axis=1, dtype=np.float64)
     n, d, k = X.shape[0], plan.d, plan.k
     if plan.ctype in ("full", "tied"):
@@ -856,13 +868,15 @@ class _DiagGroup:
         if not hard and len(ks) == 1:
             # restarts of one K: every set's responsibilities in one pass of
             # each element-wise step over the stacked (sets, K, n) block
-            lls = _responsibilities_stacked(lp.reshape(len(self.members), ks.pop(), lp.shape[1]))
-            for i, ll in zip(self.members, lls):
+            lls, lms = _responsibilities_stacked(lp.reshape(len(self.members), ks.pop(), lp.shape[1]))
+            for i, ll, lm in zip(self.members, lls, lms):
                 accs[i]["loglik"] += float(ll)
+                accs[i]["log_map"] += float(lm)
         else:
             for j, i in enumerate(self.members):
-                _, ll = _responsibilities(lp[self.offsets[j] : self.offsets[j + 1]], hard)
+                _, ll, lm = _responsibilities(lp[self.offsets[j] : self.offsets[j + 1]], hard)
                 accs[i]["loglik"] += ll
+                accs[i]["log_map"] += lm
         # every set's [z*z, z, 1] moments, q-weighted, in one product; the
         # column of ones gives N_k
         mom = _matmul(lp, a.T, work.get("mom", (lp.shape[0], a.shape[0])))
@@ -938,6 +952,7 @@ def chunk_statistics(
             "n": 0.0,
             "ll_ho": 0.0,
             "n_ho": 0.0,
+            "log_map": 0.0,
         }
         if plan.features is not None:
             acc["fm"] = np.zeros((plan.features.weight.shape[1], k))
@@ -983,7 +998,7 @@ def chunk_statistics(
     out = []
     for p, plan, a in zip(params_list, plans, accs):
         s1, s2 = _finish(a, p, plan)
-        out.append(Stats(a["n"], a["loglik"], a["nk"], s1, s2, a["n_ho"], a["ll_ho"], float(n_bad)))
+        out.append(Stats(a["n"], a["loglik"], a["nk"], s1, s2, a["n_ho"], a["ll_ho"], float(n_bad), a["log_map"]))
     return out
 
 
@@ -1022,7 +1037,7 @@ def m_step(
     empty = nk_raw < empty_threshold
     delta = stats.s1 / nk[:, None]
     means = params.reference() + delta
-    cov = struct.covariances(stats.s2, delta, nk, reg_covar)
+    cov = struct.covariances(stats.s2, delta, nk, reg_covar, params.covariances)
     if empty.any():
         # keep what the empty components had; the caller re-seeds them
         means[empty] = params.means[empty]

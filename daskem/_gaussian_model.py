@@ -58,6 +58,69 @@ _KERNELS = {
 }
 
 
+#: a covariance whose smallest generalized eigenvalue against the data's covariance is below this is collapsed
+DEGENERATE_EIGENVALUE = 1e-6
+
+
+def min_component_rows(covariance_type: str, n_features: int) -> float:
+    """Effective rows a component needs for its own covariance parameters (the degenerate rule's count).
+
+    ``D + 1`` for an unconstrained covariance per component (VVV/full), 2 for the other models where each
+    component has its own volume or shape (a variance needs two rows), 0 where every covariance parameter
+    is shared (EII, EEI, EEE/tied: a component cannot collapse on its own).
+    """
+    name = cov_.structure(covariance_type).mclust_name
+    if name == "VVV":
+        return n_features + 1.0
+    if name in ("EII", "EEI", "EEE") or not name:
+        return 0.0
+    return 2.0
+
+
+def degenerate_reason(params: GaussianParams, n_rows: float) -> str:
+    """Why a fitted mixture is degenerate, or ``""``.
+
+    A mixture is degenerate when a component with weight > 0 has collapsed:
+
+    * its effective rows ``n_rows * weight_k`` are fewer than its structure needs
+      (:func:`min_component_rows`), or
+    * its covariance is flat in some direction relative to the data: the smallest generalized
+      eigenvalue of ``Sigma_k`` against the data's covariance ``S`` (``eig(L^-1 Sigma_k L^-T)``,
+      ``S = L L^T``) is below :data:`DEGENERATE_EIGENVALUE`. ``S`` is the mixture's own total
+      covariance, ``sum_k w_k (Sigma_k + mu_k mu_k^T) - mu mu^T``, which is the data's at an EM fixed
+      point (exactly for the unconstrained models), so no pass over the data is needed.
+
+    Such optima (a component on a few identical rows of rounded data) have an unbounded likelihood
+    and win on BIC without describing the data.
+    """
+    k, d = params.means.shape
+    w = params.weights
+    live = w > 0
+    need = min_component_rows(params.covariance_type, d)
+    rows = n_rows * w
+    few = np.flatnonzero(live & (rows < need))
+    if few.size:
+        return f"component {int(few[0])} has {rows[few[0]]:.3g} effective rows, fewer than the {need:g} it needs"
+    covs = cov_.dense_covariances(params.covariances, params.covariance_type, k, d)
+    mean = w @ params.means
+    centred = params.means - mean
+    total = np.einsum("k,kij->ij", w, covs) + np.einsum("k,ki,kj->ij", w, centred, centred)
+    try:
+        chol = np.linalg.cholesky(0.5 * (total + total.T))
+    except np.linalg.LinAlgError:
+        return "the mixture's total covariance is singular"
+    inv = np.linalg.inv(chol)
+    rel = np.linalg.eigvalsh(inv @ covs @ inv.T)[:, 0]  # (K,): smallest generalized eigenvalue
+    flat = np.flatnonzero(live & (rel < DEGENERATE_EIGENVALUE))
+    if flat.size:
+        j = int(flat[np.argmin(rel[flat])])
+        return (
+            f"component {j} ({rows[j]:.3g} effective rows) has collapsed: its covariance's smallest eigenvalue "
+            f"relative to the data's covariance is {rel[j]:.2g} (< {DEGENERATE_EIGENVALUE:g})"
+        )
+    return ""
+
+
 @dataclass(frozen=True)
 class GaussianModel:
     """Gaussian mixture model: soft or hard EM, any covariance structure, a NaN policy.
@@ -77,6 +140,13 @@ class GaussianModel:
     covariance_type : str
         The structure new runs get at initialisation (the parameter sets
         carry their own, so runs of several structures may share a pass).
+    run_types : tuple of str
+        Several structures fitted together (:func:`daskem.select_model`): the
+        structure of every run, in the order of the ``components`` passed to
+        :meth:`initialize`. Runs of the same K and restart index start from
+        the same initialisation (made once, in a full or diagonal layout, and
+        projected on each structure), as mclust starts every model from the
+        same partition.
 
     Instances are small and picklable; one travels with each pass.
     """
@@ -87,6 +157,7 @@ class GaussianModel:
     block_rows: int = DEFAULT_BLOCK_ROWS
     missing: str = "error"
     covariance_type: str = "full"
+    run_types: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- workers
 
@@ -150,6 +221,10 @@ class GaussianModel:
     def heldout_loglik(self, stats: Stats) -> tuple[float, float]:
         return stats.loglik_heldout, stats.n_heldout
 
+    def log_map(self, stats: Stats) -> float:
+        """Sum over training rows of ``log max_k q_nk``: ICL = BIC - 2 log_map (daskem's sign)."""
+        return stats.log_map
+
     def m_step(self, stats: Stats, params: GaussianParams) -> tuple[GaussianParams, np.ndarray]:
         return m_step(stats, params, self.reg_covar)
 
@@ -158,6 +233,10 @@ class GaussianModel:
 
     def n_parameters(self, params: GaussianParams) -> int:
         return params.n_parameters()
+
+    def degenerate(self, params: GaussianParams, n_rows: float) -> str:
+        """Why a fitted run is degenerate (a component collapsed), or ``""``; see :func:`degenerate_reason`."""
+        return degenerate_reason(params, n_rows)
 
     def n_components(self, params: GaussianParams) -> int:
         return params.n_components
@@ -251,6 +330,8 @@ class GaussianModel:
         rng: np.random.Generator,
         options: Mapping[str, Any],
     ) -> list[GaussianParams]:
+        if self.run_types:
+            return self._initialize_types(passes, components, rng, options)
         cache: dict[str, np.ndarray] = {}
 
         def seeding_rows() -> np.ndarray:
@@ -271,6 +352,36 @@ class GaussianModel:
             means_init=options.get("means_init"),
             precisions_init=options.get("precisions_init"),
         )
+
+    def _initialize_types(
+        self, passes: DataPasses, components: Sequence[int], rng: np.random.Generator, options: Mapping[str, Any]
+    ) -> list[GaussianParams]:
+        if len(self.run_types) != len(components):
+            raise ValueError(f"run_types has {len(self.run_types)} entries for {len(components)} runs")
+        dense_types = any(cov_.layout(t) in ("full", "tied") for t in self.run_types)
+        # the shared initialisation is regularised a little even with reg_covar=0, so that a model that cannot
+        # hold a collapsed partition fails in its own runs (dropped, reported) rather than the whole selection
+        base = dataclasses.replace(
+            self, run_types=(), covariance_type="full" if dense_types else "diag", reg_covar=max(self.reg_covar, 1e-6)
+        )
+        keys, seen = [], {}
+        for t, k in zip(self.run_types, components):
+            i = seen[(t, k)] = seen.get((t, k), -1) + 1
+            keys.append((k, i))
+        unique = list(dict.fromkeys(keys))
+        inits = dict(zip(unique, base.initialize(passes, [k for k, _ in unique], rng, options)))
+        out = []
+        for t, key in zip(self.run_types, keys):
+            p = inits[key]
+            dense = cov_.dense_covariances(p.covariances, p.covariance_type, p.n_components, p.n_features)
+            try:
+                cov = cov_.project_covariances(dense, p.weights, t)
+            except (np.linalg.LinAlgError, ValueError):
+                # a structure the partition cannot hold: start from the average variance, which has every structure
+                scale = float(np.mean(np.diagonal(dense, axis1=1, axis2=2)))
+                cov = scale * cov_.unit_covariances(t, p.n_components, p.n_features)
+            out.append(GaussianParams.from_covariances(p.weights, p.means, cov, t))
+        return out
 
     # ---------------------------------------------------------------- estimator helpers
 

@@ -190,15 +190,17 @@ def _pattern_terms(
     return logn, cond
 
 
-def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float]:
+def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float, float]:
+    """Responsibilities (n, K), the summed log-likelihood and ``sum log max_k q`` (0 for hard EM)."""
     if hard:
         best = logp.argmax(axis=1)
         ll = float(np.take_along_axis(logp, best[:, None], axis=1).sum())
         q = np.zeros_like(logp)
         q[np.arange(logp.shape[0]), best] = 1.0
-        return q, ll
+        return q, ll, 0.0
     lse = logsumexp_rows(logp)
-    return np.exp(logp - lse[:, None]), float(lse.sum())
+    log_q = logp - lse[:, None]
+    return np.exp(log_q), float(lse.sum()), float(log_q.max(axis=1).sum()) if log_q.size else 0.0
 
 
 def _log_weights(params: GaussianParams) -> np.ndarray:
@@ -324,7 +326,7 @@ def conditional_mean(X: np.ndarray, params: GaussianParams) -> np.ndarray:
     if partial.size:
         xp = out[partial]
         logn, xhat = _partial_log_prob(xp, nan[partial], params, moments=True)
-        q, _ = _responsibilities(logn + _log_weights(params), hard=False)
+        q = _responsibilities(logn + _log_weights(params), hard=False)[0]
         out[partial] = np.where(nan[partial], np.einsum("nk,knd->nd", q, xhat), xp)
     return out
 
@@ -336,14 +338,15 @@ def conditional_mean(X: np.ndarray, params: GaussianParams) -> np.ndarray:
 
 def _new_acc(params: GaussianParams, d: int) -> dict:
     z = Stats.zeros(params.covariance_type, params.n_components, d)
-    return {"n": 0.0, "loglik": 0.0, "nk": z.nk, "s1": z.s1, "s2": z.s2, "n_ho": 0.0, "ll_ho": 0.0}
+    return {"n": 0.0, "loglik": 0.0, "nk": z.nk, "s1": z.s1, "s2": z.s2, "n_ho": 0.0, "ll_ho": 0.0, "log_map": 0.0}
 
 
 def _acc_diag(xp: np.ndarray, nanp: np.ndarray, params: GaussianParams, hard: bool, acc: dict) -> None:
     """Statistics of training rows with NaN, diagonal types (vectorised, no patterns)."""
     logn, z, obs, mk, var = _diag_terms(xp, nanp, params)
-    q, ll = _responsibilities(logn + _log_weights(params), hard)
+    q, ll, lm = _responsibilities(logn + _log_weights(params), hard)
     acc["loglik"] += ll
+    acc["log_map"] += lm
     acc["n"] += xp.shape[0]
     acc["nk"] += q.sum(axis=0)
     q_miss = q.T @ (1.0 - obs)  # (K, D): sum_n q_nk [x_nj missing]
@@ -363,8 +366,9 @@ def _acc_pattern(
 ) -> None:
     """Statistics of training rows sharing one pattern, full and tied."""
     logn, cond = _pattern_terms(x, o, m, params, f, True)
-    q, ll = _responsibilities(logn + _log_weights(params), hard)
+    q, ll, lm = _responsibilities(logn + _log_weights(params), hard)
     acc["loglik"] += ll
+    acc["log_map"] += lm
     acc["n"] += x.shape[0]
     qsum = q.sum(axis=0)
     acc["nk"] += qsum
@@ -481,6 +485,6 @@ def chunk_statistics_missing(
     n_empty = float(empty.sum())
     out = []
     for b, a in zip(base, accs):
-        s = b + Stats(a["n"], a["loglik"], a["nk"], a["s1"], a["s2"], a["n_ho"], a["ll_ho"])
+        s = b + Stats(a["n"], a["loglik"], a["nk"], a["s1"], a["s2"], a["n_ho"], a["ll_ho"], 0.0, a["log_map"])
         out.append(dataclasses.replace(s, n_bad=n_empty))
     return out

@@ -9,6 +9,7 @@ Gaussian parameters, their fitted attributes (scikit-learn's names) and
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,10 +17,11 @@ import numpy as np
 
 from . import _covariance as cov_
 from . import _engine as engine
+from . import _fitloop
 from ._gaussian import GaussianParams, precision_cholesky_from_precisions
 from ._gaussian_model import ALLOWS_NAN, MISSING_POLICIES, GaussianModel
 from ._init import INIT_METHODS
-from .base import BaseMixture
+from .base import BaseMixture, information_criteria
 from .errors import InputError
 
 
@@ -30,7 +32,17 @@ class GaussianMixture(BaseMixture):
     ----------
     n_components : int, default=1
         Number of mixture components K.
-    covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
+    covariance_type : str, default='full'
+        One of mclust's fourteen models, ``'EII'``, ``'VII'``, ``'EEI'``, ``'VEI'``,
+        ``'EVI'``, ``'VVI'``, ``'EEE'``, ``'VEE'``, ``'EVE'``, ``'VVE'``, ``'EEV'``,
+        ``'VEV'``, ``'EVV'``, ``'VVV'`` (volume, shape and orientation of
+        ``Sigma_k = lambda_k D_k A_k D_k^T`` each Equal, Variable or the Identity;
+        Celeux & Govaert, 1995; M-steps and degrees of freedom as mclust's), or
+        scikit-learn's ``'full'`` (= VVV), ``'tied'`` (= EEE), ``'diag'`` (= VVI)
+        and ``'spherical'`` (= VII). The covariances are stored as mclust
+        represents them: ``(K,)`` for EII and VII, ``(K, D)`` for EEI, VEI, EVI
+        and VVI, ``(D, D)`` for EEE, ``(K, D, D)`` for the others (and as
+        scikit-learn for its four names). The name is kept as given.
     algorithm : {'soft', 'hard'}, default='soft'
         ``'hard'`` assigns each row to its most probable component (classification
         EM); the log-likelihood it reports is the classification likelihood
@@ -116,7 +128,8 @@ class GaussianMixture(BaseMixture):
     weights_ : ndarray of shape (n_components,)
     means_ : ndarray of shape (n_components, n_features)
     covariances_ : ndarray
-        ``(K, D, D)`` full, ``(D, D)`` tied, ``(K, D)`` diag, ``(K,)`` spherical.
+        ``(K, D, D)`` full (and the full-layout mclust models), ``(D, D)`` tied/EEE,
+        ``(K, D)`` diag (and EEI, VEI, EVI, VVI), ``(K,)`` spherical (EII, VII).
     precisions_ : ndarray
         Same shapes, the inverse covariances.
     precisions_cholesky_ : ndarray
@@ -273,6 +286,22 @@ class GaussianMixture(BaseMixture):
             },
             self.covariance_type,
         )
+
+    def icl(self, X: Any) -> float:
+        """Integrated completed likelihood on ``X`` (lower is better, as :meth:`bic`).
+
+        ``ICL = BIC - 2 sum_n log max_k q_nk``: BIC plus the entropy of the MAP
+        classification, i.e. minus mclust's ``icl()`` (Biernacki, Celeux & Govaert, 2000).
+        One pass over ``X``.
+        """
+        self._check_fitted()
+        data, _ = self._data(X, reset=False)
+        model = self._make_model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            (res,) = _fitloop.score(self._dask(data), model, [self._fitted_params()], split_every=self.split_every)
+        ic = information_criteria(res["loglik"], res["n"], model.n_parameters(self._fitted_params()))
+        return float(ic["bic"] - 2.0 * res["log_map"])
 
     @property
     def params_(self) -> GaussianParams:

@@ -1,16 +1,19 @@
-"""Choosing the number of components: every K fitted together, scored on held-out rows.
+"""Choosing the number of components: every K fitted together, then scored.
 
-``select_k`` holds out a deterministic random subset of rows (a hash of the
+``select_k`` fits every candidate K with its restarts in one shared EM loop
+(one read of each chunk per iteration serves every K and every restart), then
+scores the chosen run of every K in one more pass: mean log-likelihood, BIC,
+ICL and AIC on the training rows, and the mean log-likelihood on the
+validation rows. With ``criterion='validation'`` (or a ``validation_fraction``)
+a deterministic random subset of rows is held out of training (a hash of the
 row index and the seed, computed inside each chunk task, so it is the same
-whatever the chunking and is never materialised), fits every candidate K with
-its restarts on the remaining rows in one shared EM loop (one read of each
-chunk per iteration serves every K and every restart), then scores the chosen
-run of every K in one more pass: mean log-likelihood on the training and on
-the validation rows, BIC and AIC on the training rows.
+whatever the chunking and is never materialised); with ``'bic'``, ``'icl'``
+or ``'aic'`` every row is used, as mclust does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -20,14 +23,21 @@ from typing import Any
 
 import numpy as np
 
+from . import _covariance as cov_
+from . import _engine as engine
+from . import _fitloop
 from ._fitloop import seed_from
+from .base import information_criteria
 from .errors import ConvergenceWarning, InputError
 from .mixture import GaussianMixture
 
-CRITERIA = ("validation", "bic", "aic")
+CRITERIA = ("validation", "bic", "icl", "aic")
+
+#: validation_fraction when none is given
+DEFAULT_VALIDATION_FRACTION = {"validation": 0.1, "bic": 0.0, "icl": 0.0, "aic": 0.0}
 
 #: table keys, in order
-TABLE_KEYS = ("k", "train_loglik", "validation_loglik", "bic", "aic", "n_iter", "converged")
+TABLE_KEYS = ("k", "train_loglik", "validation_loglik", "bic", "icl", "aic", "df", "n_iter", "converged", "degenerate")
 
 
 @dataclass
@@ -43,10 +53,15 @@ class SelectKResult:
     table : list of dict
         One row per K (ascending) with the keys ``k``, ``train_loglik`` and
         ``validation_loglik`` (mean log-likelihood per row of the chosen run's
-        final parameters), ``bic`` and ``aic`` (on the training rows),
-        ``n_iter`` and ``converged``.
+        final parameters; NaN without a validation split), ``bic``, ``icl``
+        and ``aic`` (on the training rows; lower is better: ``bic`` and
+        ``icl`` are minus mclust's), ``df`` (free parameters), ``n_iter``,
+        ``converged`` and ``degenerate`` (why the chosen run is degenerate, or
+        ``""``: see :func:`daskem._gaussian_model.degenerate_reason`; a
+        degenerate K is never chosen over a non-degenerate one).
     criterion : str
     validation_fraction : float
+        The fraction held out (0: every row trained on and scored).
     seed : int
         The seed of the split and of the initialisations; passing it as
         ``random_state`` reproduces the result.
@@ -54,6 +69,9 @@ class SelectKResult:
         The fitted model of every K.
     n_passes : int
         Passes over the data, initialisation and the scoring pass included.
+    at_range_edge : bool
+        The chosen K is the smallest or the largest of several candidates:
+        the range was probably too narrow (a warning says so too).
     """
 
     best_k: int
@@ -64,6 +82,7 @@ class SelectKResult:
     seed: int
     models: dict[int, GaussianMixture] = field(default_factory=dict, repr=False)
     n_passes: int = 0
+    at_range_edge: bool = False
 
 
 def _check_k_values(k_values: Any) -> list[int]:
@@ -82,7 +101,7 @@ def select_k(
     k_values: Iterable[int],
     *,
     criterion: str = "validation",
-    validation_fraction: float = 0.1,
+    validation_fraction: float | None = None,
     random_state: Any = None,
     **gm_params: Any,
 ) -> SelectKResult:
@@ -94,11 +113,14 @@ def select_k(
         Data of shape (n_samples, n_features).
     k_values : iterable of int
         Candidate numbers of components.
-    criterion : {'validation', 'bic', 'aic'}, default='validation'
+    criterion : {'validation', 'bic', 'icl', 'aic'}, default='validation'
         ``'validation'`` picks the highest mean log-likelihood on the held-out
-        rows; ``'bic'`` and ``'aic'`` the lowest criterion on the training rows.
-    validation_fraction : float, default=0.1
-        Fraction of rows held out of training, in (0, 1).
+        rows; ``'bic'``, ``'icl'`` and ``'aic'`` the lowest criterion on the
+        training rows.
+    validation_fraction : float, optional
+        Fraction of rows held out of training, in [0, 1). Default: 0.1 for
+        ``'validation'``, 0 (every row trained on and scored, as mclust) for
+        the other criteria.
     random_state : int, numpy Generator or None
         Seeds the split and the initialisations; the same integer gives the
         same table.
@@ -114,17 +136,16 @@ def select_k(
     Raises
     ------
     InputError
-        For an unknown criterion or option, a fraction outside (0, 1), a K
-        larger than the number of training rows, or bad data.
+        For an unknown criterion or option, a fraction outside [0, 1) (or 0
+        with ``'validation'``), a K larger than the number of training rows,
+        or bad data.
+
+    Warns
+    -----
+    UserWarning
+        When the chosen K is the smallest or the largest of the candidates.
     """
-    if criterion not in CRITERIA:
-        raise InputError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    if (
-        not isinstance(validation_fraction, numbers.Real)
-        or isinstance(validation_fraction, bool)
-        or not 0.0 < validation_fraction < 1.0
-    ):
-        raise InputError(f"validation_fraction must be a number in (0, 1), got {validation_fraction!r}")
+    fraction = _check_criterion(criterion, validation_fraction)
     ks = _check_k_values(k_values)
     names = set(GaussianMixture().get_params())
     for name in gm_params:
@@ -142,32 +163,13 @@ def select_k(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # warned below for the chosen K only
         scores, n_passes = GaussianMixture.fit_together(
-            X, [models[k] for k in ks], validation_fraction=float(validation_fraction), seed=seed
+            X, [models[k] for k in ks], validation_fraction=fraction or None, seed=seed
         )
 
-    table = []
-    for k, s in zip(ks, scores):
-        gm = models[k]
-        table.append(
-            {
-                "k": k,
-                "train_loglik": float(s["loglik"] / s["n"]) if s["n"] else float("nan"),
-                "validation_loglik": float(s["heldout_loglik"] / s["heldout_n"]) if s["heldout_n"] else float("nan"),
-                "bic": float(s["bic"]),
-                "aic": float(s["aic"]),
-                "n_iter": int(gm.n_iter_),
-                "converged": bool(gm.converged_),
-            }
-        )
-
-    if criterion == "validation":
-        values = [row["validation_loglik"] for row in table]
-        if not all(math.isfinite(v) for v in values):
-            raise InputError("no rows were held out for validation; use more data or a larger validation_fraction")
-        best = int(np.argmax(values))
-    else:
-        best = int(np.argmin([row[criterion] for row in table]))
+    table = [{"k": k, **score_row(models[k], s)} for k, s in zip(ks, scores)]
+    best = choose(table, criterion)
     best_k = table[best]["k"]
+    at_edge = warn_if_at_range_edge(best_k, ks, criterion)
     if models[best_k].max_iter > 0 and not table[best]["converged"]:
         warnings.warn(
             f"the best run for the chosen k={best_k} did not converge; increase max_iter or tol",
@@ -179,8 +181,283 @@ def select_k(
         best_model=models[best_k],
         table=table,
         criterion=criterion,
-        validation_fraction=float(validation_fraction),
+        validation_fraction=fraction,
         seed=seed,
         models=models,
         n_passes=n_passes,
+        at_range_edge=at_edge,
+    )
+
+
+def _check_criterion(criterion: str, validation_fraction: float | None) -> float:
+    """The validation fraction to use (0: none), after checking both arguments."""
+    if criterion not in CRITERIA:
+        raise InputError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if validation_fraction is None:
+        return DEFAULT_VALIDATION_FRACTION[criterion]
+    if (
+        not isinstance(validation_fraction, numbers.Real)
+        or isinstance(validation_fraction, bool)
+        or not 0.0 <= validation_fraction < 1.0
+    ):
+        raise InputError(f"validation_fraction must be a number in [0, 1), got {validation_fraction!r}")
+    if criterion == "validation" and validation_fraction == 0:
+        raise InputError("criterion='validation' needs held-out rows: validation_fraction must be in (0, 1)")
+    return float(validation_fraction)
+
+
+def score_row(gm: GaussianMixture, s: dict) -> dict:
+    """A table row (without its key) from a fitted model and its scoring-pass result."""
+    p = gm.params_.n_parameters()
+    ic = information_criteria(s["loglik"], s["n"], p) if s["n"] else {"bic": math.nan, "aic": math.nan}
+    return {
+        "train_loglik": float(s["loglik"] / s["n"]) if s["n"] else float("nan"),
+        "validation_loglik": float(s["heldout_loglik"] / s["heldout_n"]) if s["heldout_n"] else float("nan"),
+        "bic": float(ic["bic"]),
+        "icl": float(ic["bic"] - 2.0 * s.get("log_map", math.nan)),
+        "aic": float(ic["aic"]),
+        "df": int(p),
+        "n_iter": int(gm.n_iter_),
+        "converged": bool(gm.converged_),
+        "degenerate": gm._make_model().degenerate(gm.params_, s["n"]) if s["n"] else "",
+    }
+
+
+def choose(table: list[dict], criterion: str) -> int:
+    """Index of the row the criterion prefers (the first of equals), never a degenerate or failed row
+    when another is left."""
+    usable = [i for i, row in enumerate(table) if not row.get("failed")]
+    if not usable:
+        raise InputError("every candidate failed")
+    usable = [i for i in usable if not table[i].get("degenerate")] or usable
+    if criterion == "validation":
+        values = [table[i]["validation_loglik"] for i in usable]
+        if not all(math.isfinite(v) for v in values):
+            raise InputError("no rows were held out for validation; use more data or a larger validation_fraction")
+        return usable[int(np.argmax(values))]
+    return usable[int(np.argmin([table[i][criterion] for i in usable]))]
+
+
+def warn_if_at_range_edge(best_k: int, ks: list[int], criterion: str, what: str = "") -> bool:
+    """Warn (as mclust does) when the chosen K is the smallest or the largest of several candidates."""
+    if len(ks) < 2 or best_k not in (min(ks), max(ks)):
+        return False
+    side = "smallest" if best_k == min(ks) else "largest"
+    warnings.warn(
+        f"{criterion} chose k={best_k}{what}, the {side} of the candidates {min(ks)}..{max(ks)}: "
+        "the range was probably too narrow; try more values of k",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+# --------------------------------------------------------------------------
+# choosing the covariance model and K together
+# --------------------------------------------------------------------------
+
+#: table keys of :func:`select_model`, in order
+MODEL_TABLE_KEYS = (
+    "covariance_type",
+    "k",
+    "loglik",
+    "train_loglik",
+    "validation_loglik",
+    "bic",
+    "icl",
+    "aic",
+    "df",
+    "n_iter",
+    "converged",
+    "degenerate",
+    "failed",
+)
+
+
+@dataclass
+class SelectModelResult:
+    """What :func:`select_model` returns.
+
+    Attributes
+    ----------
+    best_covariance_type : str
+    best_k : int
+    best_model : GaussianMixture
+        The fitted model of the chosen pair.
+    table : list of dict
+        One row per (covariance_type, k) pair, in the order of the
+        candidates: :data:`MODEL_TABLE_KEYS`. ``loglik`` is the total
+        log-likelihood on the training rows (mclust's ``loglik``); ``bic``,
+        ``icl`` and ``aic`` are daskem's (lower is better: minus mclust's
+        BIC and ICL); ``failed`` marks a pair whose restarts all failed
+        (mclust's NA), with NaN scores.
+    criterion : str
+    validation_fraction : float
+    seed : int
+    models : dict of (str, int) to GaussianMixture
+        The fitted model of every pair that did not fail.
+    n_passes : int
+        Passes over the data, initialisation and the scoring pass included.
+    at_range_edge : bool
+        The chosen K is the smallest or the largest of several candidates.
+    """
+
+    best_covariance_type: str
+    best_k: int
+    best_model: GaussianMixture
+    table: list[dict]
+    criterion: str
+    validation_fraction: float
+    seed: int
+    models: dict[tuple[str, int], GaussianMixture] = field(default_factory=dict, repr=False)
+    n_passes: int = 0
+    at_range_edge: bool = False
+
+
+def _check_covariance_types(covariance_types: Any) -> list[str]:
+    if isinstance(covariance_types, str):
+        covariance_types = cov_.MCLUST_MODELS if covariance_types == "all" else [covariance_types]
+    if not isinstance(covariance_types, Iterable):
+        raise InputError(f"covariance_types must be 'all' or a list of names, got {covariance_types!r}")
+    types = list(dict.fromkeys(covariance_types))
+    bad = [t for t in types if t not in cov_.COVARIANCE_TYPES]
+    if not types or bad:
+        raise InputError(
+            f"covariance_types must be 'all' or a non-empty list of {', '.join(cov_.COVARIANCE_TYPES)}; got {bad or types}"
+        )
+    return types
+
+
+def select_model(
+    X: Any,
+    k_values: Iterable[int],
+    covariance_types: str | Iterable[str] = "all",
+    *,
+    criterion: str = "bic",
+    validation_fraction: float | None = None,
+    random_state: Any = None,
+    **gm_params: Any,
+) -> SelectModelResult:
+    """Fit every (covariance model, K) pair in shared passes and choose one, as mclust's ``Mclust``.
+
+    Every restart of every pair advances in the same passes over the data
+    (initialisation included: the runs of one K and restart index start from
+    the same partition, projected on each model), then one more pass scores
+    the chosen run of every pair. A pair whose restarts all fail is reported
+    as failed (mclust's NA) and the others are still compared; a degenerate
+    pair (a collapsed component) is never chosen over a non-degenerate one.
+
+    Parameters
+    ----------
+    X : array-like, dask array, zarr array, xarray DataArray, or a path/URL
+    k_values : iterable of int
+    covariance_types : 'all' or list of str, default='all'
+        mclust's fourteen models (``'all'``) or any of :data:`daskem._covariance.COVARIANCE_TYPES`.
+    criterion : {'bic', 'icl', 'aic', 'validation'}, default='bic'
+    validation_fraction : float, optional
+        As in :func:`select_k`: 0 (every row) unless ``criterion='validation'`` (0.1).
+    random_state : int, numpy Generator or None
+    **gm_params
+        Other :class:`GaussianMixture` parameters (``n_init``, ``tol``, ``max_iter``, ``reg_covar``, ...).
+
+    Returns
+    -------
+    SelectModelResult
+
+    Raises
+    ------
+    InputError
+        Bad arguments or data, or every pair failed.
+    """
+    fraction = _check_criterion(criterion, validation_fraction)
+    ks = _check_k_values(k_values)
+    types = _check_covariance_types(covariance_types)
+    names = set(GaussianMixture().get_params())
+    for name in gm_params:
+        if name not in names or name == "random_state":
+            raise InputError(f"unknown option {name!r} for select_model; valid: {sorted(names - {'random_state'})}")
+    for name in ("n_components", "covariance_type", "weights_init", "means_init", "precisions_init", "warm_start"):
+        if gm_params.get(name) not in (None, False):
+            raise InputError(f"select_model chooses the model and the number of components; {name} cannot be given")
+        gm_params.pop(name, None)
+
+    seed = seed_from(random_state)
+    pairs = [(t, k) for t in types for k in ks]
+    models = {
+        p: GaussianMixture(n_components=p[1], covariance_type=p[0], random_state=seed, **gm_params) for p in pairs
+    }
+    first = models[pairs[0]]
+    for est in models.values():
+        est._validate_params()
+    data, in_memory = first._data(X, reset=True)
+    Xd = first._dask(data)
+    n, d = Xd.shape
+    split = engine.RowSplit(fraction, seed) if fraction else None
+    n_train = n * (1.0 - fraction)
+    if max(ks) > n_train:
+        raise InputError(f"k={max(ks)} is larger than the about {int(n_train)} training rows ({n} rows)")
+    n_init = int(first.n_init)
+    model = dataclasses.replace(first._make_model(), run_types=tuple(t for t, _ in pairs for _ in range(n_init)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # warned below for the chosen pair only
+        result = _fitloop.fit(
+            Xd, model, [models[p]._candidate() for p in pairs], first._settings(d), in_memory=in_memory, split=split
+        )
+    runs = {p: result.runs[i * n_init : (i + 1) * n_init] for i, p in enumerate(pairs)}
+    bests: dict[tuple[str, int], Any] = {}
+    for p in pairs:
+        try:
+            bests[p] = _fitloop.best_run(runs[p])
+        except _fitloop.RunsFailedError:
+            warnings.warn(f"every restart of covariance_type={p[0]!r}, k={p[1]} failed", RuntimeWarning, stacklevel=2)
+    counter = engine.PassCounter(result.n_passes)
+    ok = [p for p in pairs if p in bests]
+    scores = dict(
+        zip(
+            ok,
+            _fitloop.score(
+                Xd, model, [bests[p].params for p in ok], split=split, split_every=first.split_every, counter=counter
+            ),
+        )
+    )
+    table = []
+    for p in pairs:
+        row = {"covariance_type": p[0], "k": p[1]}
+        if p not in bests:
+            nan = float("nan")
+            df = int(cov_.structure(p[0]).n_covariance_parameters(p[1], d) + p[1] * d + p[1] - 1)
+            row.update(loglik=nan, train_loglik=nan, validation_loglik=nan, bic=nan, icl=nan, aic=nan, df=df, n_iter=0)
+            row.update(converged=False, degenerate="", failed=True)
+            table.append({key: row[key] for key in MODEL_TABLE_KEYS})
+            continue
+        est = models[p]
+        est.n_features_in_ = first.n_features_in_
+        if hasattr(first, "feature_names_in_"):
+            est.feature_names_in_ = first.feature_names_in_
+        est._set_from_runs(runs[p], counter.n, Xd.dtype)
+        s = scores[p]
+        row.update(loglik=float(s["loglik"]), **score_row(est, s), failed=False)
+        table.append({key: row[key] for key in MODEL_TABLE_KEYS})
+    best = choose(table, criterion)
+    best_type, best_k = table[best]["covariance_type"], table[best]["k"]
+    at_edge = warn_if_at_range_edge(best_k, ks, criterion, what=f" (covariance_type={best_type!r})")
+    gm = models[(best_type, best_k)]
+    if gm.max_iter > 0 and not table[best]["converged"]:
+        warnings.warn(
+            f"the best run for the chosen covariance_type={best_type!r}, k={best_k} did not converge; "
+            "increase max_iter or tol",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return SelectModelResult(
+        best_covariance_type=best_type,
+        best_k=best_k,
+        best_model=gm,
+        table=table,
+        criterion=criterion,
+        validation_fraction=fraction,
+        seed=seed,
+        models={p: models[p] for p in ok},
+        n_passes=counter.n,
+        at_range_edge=at_edge,
     )

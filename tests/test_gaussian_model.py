@@ -57,13 +57,19 @@ def test_missing_policy_picks_the_kernel() -> None:
 
 
 def test_every_structure_has_a_layout_and_an_m_step() -> None:
-    assert set(cov_.COVARIANCE_TYPES) == set(TYPES)
+    mclust = ["EII", "VII", "EEI", "VEI", "EVI", "VVI", "EEE", "VEE", "EVE", "VVE", "EEV", "VEV", "EVV", "VVV"]
+    assert set(cov_.COVARIANCE_TYPES) == set(TYPES) | set(mclust)
     for name, s in cov_.STRUCTURES.items():
         assert s.layout in cov_.LAYOUTS, name
         k, d = 3, 4
         shape = cov_.s2_shape(name, k, d)
-        cov = s.covariances(np.ones(shape) * 2.0, np.zeros((k, d)), np.ones(k), 0.0)
+        # every component: 1 row's worth of count, scatter 2 I (the tied scatter is pooled)
+        s2 = {3: 2.0 * np.broadcast_to(np.eye(d), (k, d, d)), 2: np.full(shape, 2.0)}[len(shape)]
+        if shape == (d, d):
+            s2 = 2.0 * k * np.eye(d)
+        cov = s.covariances(s2, np.zeros((k, d)), np.ones(k), 0.0)
         assert cov.shape == cov_.covariance_shape(name, k, d), name
+        np.testing.assert_allclose(cov_.dense_covariances(cov, name, k, d), np.broadcast_to(2.0 * np.eye(d), (k, d, d)))
 
 
 def test_random_init_from_responsibilities_matches_a_centred_computation() -> None:

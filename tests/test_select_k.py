@@ -31,7 +31,11 @@ def stores(tmp_path_factory) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def results(stores) -> dict:
     a, b = stores
-    out = {c: daskem.select_k(a, KS, criterion=c, **OPTS) for c in ("validation", "bic", "aic")}
+    # the same split for every criterion (bic and aic hold nothing out unless asked)
+    out = {
+        c: daskem.select_k(a, KS, criterion=c, validation_fraction=0.1, **OPTS) for c in ("validation", "bic", "aic")
+    }
+    out["bic_all_rows"] = daskem.select_k(a, KS, criterion="bic", **OPTS)
     out["rechunked"] = daskem.select_k(b, KS, criterion="validation", **OPTS)
     return out
 
@@ -50,8 +54,12 @@ def test_finds_five_components(results, stores, criterion):
     assert res.criterion == criterion
     assert [row["k"] for row in res.table] == KS
     assert all(
-        set(row) == {"k", "train_loglik", "validation_loglik", "bic", "aic", "n_iter", "converged"} for row in res.table
+        set(row)
+        == {"k", "train_loglik", "validation_loglik", "bic", "icl", "aic", "df", "n_iter", "converged", "degenerate"}
+        for row in res.table
     )
+    assert not res.at_range_edge
+    assert not any(row["degenerate"] for row in res.table)
     gm = res.best_model
     assert isinstance(gm, daskem.GaussianMixture) and gm.n_components == 5
     # the right components: every true mean has a fitted mean next to it
@@ -75,6 +83,9 @@ def test_table_matches_sklearn_on_the_split_rows(results, stores):
         assert row["validation_loglik"] == pytest.approx(sk.score(X[~train]), rel=1e-10)
         assert row["bic"] == pytest.approx(sk.bic(X[train]), rel=1e-10)
         assert row["aic"] == pytest.approx(sk.aic(X[train]), rel=1e-10)
+        assert row["df"] == sk._n_parameters()
+        assert row["icl"] == pytest.approx(res.models[row["k"]].icl(X[train]), rel=1e-10)
+        assert row["icl"] >= row["bic"]
         assert row["n_iter"] == res.models[row["k"]].n_iter_ >= 1
     # held-out rows were not trained on: the fit on them is worse than on the training rows
     best = res.table[KS.index(5)]
@@ -106,6 +117,7 @@ class _CountGraphs(Callback):
 
 
 @pytest.mark.filterwarnings("ignore::daskem.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore:validation chose:UserWarning")
 @pytest.mark.parametrize("init_params, init_passes", [("random", 1), ("k-means++", 2)])
 def test_all_k_share_the_passes(stores, init_params, init_passes):
     """Every K and restart advances in the same passes, initialisation included:
@@ -122,6 +134,7 @@ def test_all_k_share_the_passes(stores, init_params, init_passes):
     assert counts == {1: init_passes + 5, 3: init_passes + 5}
 
 
+@pytest.mark.filterwarnings("ignore:validation chose:UserWarning")
 def test_kmeans_init_passes_are_shared_across_k(stores):
     counts = {}
     for ks in ([4], [3, 4, 5]):
@@ -134,12 +147,41 @@ def test_kmeans_init_passes_are_shared_across_k(stores):
     assert counts[3] < 2 * counts[1]
 
 
+def test_bic_holds_nothing_out_by_default(results, stores):
+    """criterion='bic' (and 'icl', 'aic'): every row is trained on and scored, as mclust does."""
+    res = results["bic_all_rows"]
+    assert res.validation_fraction == 0.0 and res.best_k == 5 and not res.at_range_edge
+    X = zarr.open_array(stores[0], mode="r")[:]
+    for row in res.table:
+        sk = _sk_from(res.models[row["k"]])
+        assert np.isnan(row["validation_loglik"])
+        assert row["train_loglik"] == pytest.approx(sk.score(X), rel=1e-10)
+        assert row["bic"] == pytest.approx(sk.bic(X), rel=1e-10)
+    # the table differs from the one on 90% of the rows
+    assert res.table[0]["bic"] != results["bic"].table[0]["bic"]
+    # validation_fraction=0 says the same explicitly
+    zero = daskem.select_k(X[:3000], [4, 5, 6], criterion="icl", validation_fraction=0, **OPTS)
+    assert zero.validation_fraction == 0.0 and zero.best_k == 5
+
+
+def test_a_choice_at_the_edge_of_the_range_is_flagged(stores):
+    X = zarr.open_array(stores[0], mode="r")[:3000]
+    with pytest.warns(UserWarning, match="largest of the candidates 2..4"):
+        res = daskem.select_k(X, [2, 3, 4], criterion="bic", **OPTS)
+    assert res.best_k == 4 and res.at_range_edge
+    with pytest.warns(UserWarning, match="smallest"):
+        res = daskem.select_k(np.random.default_rng(0).normal(size=(3000, 2)), [1, 2], criterion="bic")
+    assert res.best_k == 1 and res.at_range_edge
+
+
 def test_bad_arguments_are_refused(stores):
     a = stores[0]
     with pytest.raises(daskem.InputError, match="criterion"):
         daskem.select_k(a, KS, criterion="loglik")
     with pytest.raises(daskem.InputError, match="validation_fraction"):
         daskem.select_k(a, KS, validation_fraction=1.0)
+    with pytest.raises(daskem.InputError, match="needs held-out rows"):
+        daskem.select_k(a, KS, criterion="validation", validation_fraction=0)
     with pytest.raises(daskem.InputError, match="k_values"):
         daskem.select_k(a, [])
     with pytest.raises(daskem.InputError, match="means_init"):
