@@ -4,7 +4,7 @@ Layers, bottom up:
 
 * ``errors``, ``_version``: import nothing of daskem;
 * numpy kernels and models -- ``_numeric``, ``_blas``, ``_covariance``,
-  ``_gaussian``, ``_missing``, ``_init``, ``_model``, ``_gaussian_model``:
+  ``_gaussian``, ``_missing``, ``_kmeans``, ``_init``, ``_model``, ``_gaussian_model``:
   never Dask or distributed, directly or through another daskem module;
 * the engine (``_engine``, the only module that builds Dask graphs) and the
   fit loop (``_fitloop``): never a model nor an estimator, they talk to
@@ -23,7 +23,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "daskem"
 
-KERNELS = {"_numeric", "_blas", "_covariance", "_gaussian", "_missing", "_init", "_model", "_gaussian_model"}
+KERNELS = {
+    "_numeric",
+    "_blas",
+    "_covariance",
+    "_gaussian",
+    "_missing",
+    "_kmeans",
+    "_init",
+    "_model",
+    "_gaussian_model",
+}
 MODELS_AND_ESTIMATORS = {
     "_covariance",
     "_gaussian",
