@@ -16,10 +16,9 @@ from zarr.storage import LocalStore
 
 import daskem
 from daskem import _engine as engine
-from daskem import _gaussian as g
-from daskem import _kmeans
+from daskem import _fitloop, _kmeans
+from daskem._gaussian_model import GaussianModel
 from daskem._init import INIT_METHODS, initialize
-from daskem.mixture import fit_runs
 
 NEW_METHODS = ["kmeans", "k-means++", "random_from_data", "random"]
 
@@ -34,9 +33,9 @@ def passes(monkeypatch) -> dict:
         counts["reduce_statistics"] += 1
         return real_reduce(*args, **kwargs)
 
-    def sample_rows(X, n, seed, split=None):
+    def sample_rows(X, n, seed, split=None, counter=None):
         counts["sample_rows"] += 1
-        rows = real_sample(X, n, seed, split=split)
+        rows = real_sample(X, n, seed, split=split, counter=counter)
         counts["sample_sizes"].append(rows.shape[0])
         counts["sample_splits"].append(split)
         return rows
@@ -50,31 +49,42 @@ def _total(counts: dict) -> int:
     return counts["reduce_statistics"] + counts["sample_rows"]
 
 
-def _opts(**kw) -> dict:
-    return daskem.GaussianMixture(**{"n_components": 3, **kw}).get_params()
+def _init_only(X, ks, *, n_init: int = 1, split=None, **init) -> _fitloop.FitResult:
+    """Initialise every restart of every K as a fit does (no EM iteration: ``max_iter=0``)."""
+    settings = _fitloop.Settings(max_iter=0, random_state=0, cache=False, init=init)
+    candidates = [_fitloop.Candidate(k, n_init) for k in ks]
+    return _fitloop.fit(X, GaussianModel(), candidates, settings, split=split)
 
 
 @pytest.mark.parametrize("init_params", NEW_METHODS)
 def test_init_reads_the_data_at_most_twice_for_restarts_and_ks(tmp_path, passes, init_params) -> None:
     """n_init=3 and 3 candidate Ks: one sample and (except ``random``) one hard pass,
-    counted both as calls of the engine and as reads of every chunk of a real store."""
+    counted as calls of the engine, by the fit's pass counter and as reads of every chunk of a real store."""
     X = make_blobs(n=8000, d=3, k=3, seed=3)
     path = write_zarr(tmp_path / "x.zarr", X, chunk_rows=1000)
     store = CountingStore(LocalStore(path, read_only=True))
     z = zarr.open_array(store, mode="r")
     Xd = da.from_zarr(z, chunks=z.chunks)
-    specs = [
-        (k, _opts(n_components=k, n_init=3, init_params=init_params, max_iter=0, random_state=0, cache=False))
-        for k in (2, 3, 4)
-    ]
     with dask.config.set(scheduler="threads"):
-        runs, _ = fit_runs(Xd, g.MixtureModel(), specs)
-    assert [r.tag["k"] for r in runs] == [2, 2, 2, 3, 3, 3, 4, 4, 4]
+        res = _init_only(Xd, (2, 3, 4), n_init=3, init_params=init_params)
+    assert [r.tag["k"] for r in res.runs] == [2, 2, 2, 3, 3, 3, 4, 4, 4]
     expected = 1 if init_params == "random" else 2
     assert passes["sample_rows"] == 1
     assert _total(passes) == expected
+    assert res.n_passes == expected
     reads = {k: v for k, v in store.reads.items() if k.startswith("c/")}
     assert len(reads) == 8 and set(reads.values()) == {expected}
+
+
+@pytest.mark.parametrize("init_params", NEW_METHODS)
+def test_estimator_counts_init_passes(passes, init_params) -> None:
+    """The estimator's ``n_passes_``: the initialisation's passes plus one per EM iteration."""
+    X = make_blobs(n=6000, d=3, k=3, seed=3)
+    gm = daskem.GaussianMixture(3, init_params=init_params, n_init=3, tol=0.0, max_iter=2, random_state=0)
+    with pytest.warns(daskem.ConvergenceWarning):
+        gm.fit(da.from_array(X, chunks=1000))
+    init = 1 if init_params == "random" else 2
+    assert gm.n_passes_ == init + 2 == _total(passes)
 
 
 def test_kmeans_full_keeps_the_distributed_lloyd(passes) -> None:
@@ -85,6 +95,7 @@ def test_kmeans_full_keeps_the_distributed_lloyd(passes) -> None:
     gm.fit(da.from_array(X, chunks=1000))
     assert passes["sample_rows"] == 1
     assert passes["reduce_statistics"] >= 3  # Lloyd passes + the hard pass
+    assert gm.n_passes_ == _total(passes)
     assert np.isfinite(gm.means_).all()
 
 
@@ -92,7 +103,7 @@ def test_means_init_costs_the_hard_pass_only(passes) -> None:
     X = make_blobs(n=3000, d=2, k=3, seed=2)
     means = X[:3].copy()
     gm = daskem.GaussianMixture(3, means_init=means, max_iter=0).fit(da.from_array(X, chunks=500))
-    assert _total(passes) == 1
+    assert _total(passes) == 1 == gm.n_passes_
     np.testing.assert_array_equal(gm.means_, means)
 
 
@@ -103,8 +114,7 @@ def test_sample_excludes_held_out_rows_and_is_sized_from_k_and_d(passes) -> None
     split = engine.RowSplit(0.25, seed=4)
     Xd = da.from_array(X, chunks=7000)
     # K = 150: 200 rows per component, more than the 20,000-row minimum
-    specs = [(150, _opts(n_components=150, init_params="random", max_iter=0, random_state=1))]
-    fit_runs(Xd, g.MixtureModel(), specs, split=split)
+    _init_only(Xd, (150,), split=split, init_params="random")
     assert passes["sample_rows"] == 1 and passes["sample_splits"] == [split]
     # 30,000 rows asked, about a quarter held out and dropped
     assert 0.7 * 30_000 < passes["sample_sizes"][0] < 0.8 * 30_000
@@ -123,12 +133,12 @@ def test_the_sample_never_holds_held_out_rows(passes, monkeypatch) -> None:
     seen = {}
     counting = engine.sample_rows
 
-    def sample_rows(X, n, seed, split=None):
-        seen["rows"] = counting(X, n, seed, split=split)
+    def sample_rows(X, n, seed, split=None, counter=None):
+        seen["rows"] = counting(X, n, seed, split=split, counter=counter)
         return seen["rows"]
 
     monkeypatch.setattr(engine, "sample_rows", sample_rows)
-    fit_runs(da.from_array(X, chunks=900), g.MixtureModel(), [(3, _opts(max_iter=0, random_state=0))], split=split)
+    _init_only(da.from_array(X, chunks=900), (3,), split=split, init_params="kmeans")
     idx = seen["rows"][:, 0].astype(np.uint64)
     assert split.is_train(idx).all()
     assert len(idx) == int(split.is_train(np.arange(n)).sum())  # every training row (n < the sample size)
@@ -168,7 +178,10 @@ def test_fit_is_invariant_to_the_scale_of_the_columns(covariance_type, k, init_p
     reg_covar=0: the regularisation is in the data's units (the one part of EM
     that is not scale-equivariant)."""
     X, Y, s = _scaled_wdbc()
-    kw = dict(covariance_type=covariance_type, init_params=init_params, reg_covar=0.0, random_state=0)
+    # random_from_data, full, K=2 at reg_covar=0: 2 of seeds 0..7 draw an outlying row as a centre,
+    # whose component gets fewer than D+1 rows and a singular covariance (in X and in Y alike)
+    seed = 1 if init_params == "random_from_data" else 0
+    kw = dict(covariance_type=covariance_type, init_params=init_params, reg_covar=0.0, random_state=seed)
     a = daskem.GaussianMixture(k, **kw).fit(X)
     b = daskem.GaussianMixture(k, **kw).fit(Y)
     assert b.n_iter_ == a.n_iter_
@@ -239,16 +252,16 @@ def test_nearest_is_blocked_exactly() -> None:
 
 
 def _init_means(X: np.ndarray, k: int, n_init: int, init_params: str, seed: int) -> list[np.ndarray]:
-    Xd = da.from_array(X, chunks=len(X))
+    passes = _fitloop.Passes(da.from_array(X, chunks=len(X)), GaussianModel())
     params = initialize(
-        Xd,
+        passes,
         components=[k] * n_init,
         covariance_type="full",
         init_params=init_params,
         rng=np.random.default_rng(seed),
-        sample=lambda: X,
-        model=g.MixtureModel(),
+        model=GaussianModel(),
         tol=1e-3,
+        seeding_rows=lambda: X,
     )
     return [p.means for p in params]
 
