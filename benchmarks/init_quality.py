@@ -3,7 +3,8 @@
 For scikit-learn's iris, digits, breast cancer (wdbc) and the pixels of
 ``china.jpg`` (273,280 x 3), every covariance type and a few K, prints the
 passes over the data (initialisation and in all: calls of the engine's
-``reduce_statistics`` and ``sample_rows``, counted by wrapping them) and the
+``reduce_statistics`` and ``sample_rows``, counted by wrapping them; the
+total agrees with the estimator's ``n_passes_``) and the
 final mean log-likelihood per row after EM with the defaults (``tol=1e-3``):
 the median over 5 seeds with ``n_init=1``, and the best of ``n_init=10``.
 
@@ -34,7 +35,7 @@ import numpy as np
 
 import daskem
 from daskem import _engine as engine
-from daskem import mixture
+from daskem import _init
 
 COVS = ("full", "diag", "tied", "spherical")
 SEEDS = range(5)
@@ -67,7 +68,7 @@ class PassCounter:
 
     @contextlib.contextmanager
     def installed(self):
-        real_reduce, real_sample, real_init = engine.reduce_statistics, engine.sample_rows, mixture.initialize
+        real_reduce, real_sample, real_init = engine.reduce_statistics, engine.sample_rows, _init.initialize
 
         def counted(fn):
             def wrapper(*a, **kw):
@@ -85,11 +86,11 @@ class PassCounter:
                 self._in_init = False
 
         engine.reduce_statistics, engine.sample_rows = counted(real_reduce), counted(real_sample)
-        mixture.initialize = init
+        _init.initialize = init
         try:
             yield self
         finally:
-            engine.reduce_statistics, engine.sample_rows, mixture.initialize = real_reduce, real_sample, real_init
+            engine.reduce_statistics, engine.sample_rows, _init.initialize = real_reduce, real_sample, real_init
 
 
 def fit(X: np.ndarray, k: int, cov: str, init: str, seed: int, n_init: int = 1, **kw) -> dict:
