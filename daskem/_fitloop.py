@@ -35,13 +35,15 @@ import dask.array as da
 import numpy as np
 
 from . import _engine as engine
+from . import _kmeans
 from ._blas import single_threaded_blas
 from ._model import MixtureModel
 from ._squarem import EMAccelerator
 from .errors import ConvergenceWarning, InputError
 from .io import atomic_savez, atomic_write_text
 
-#: rows of the init sample (k-means++ seeding, re-seeding of empty components)
+#: rows of the init sample (seeding, re-seeding of empty components) when the fit does not size it;
+#: :func:`fit` asks for :func:`daskem._kmeans.sample_size` of the largest K and the data's D
 SAMPLE_ROWS = 20_000
 
 
@@ -468,7 +470,8 @@ class Passes:
     """Counted passes over one (prepared) array: :class:`daskem._model.DataPasses`.
 
     Every pass of a fit goes through one instance, so that ``counter.n`` is
-    the number of times the data were read.
+    the number of times the data were read. ``sample_rows`` rows are drawn
+    by :meth:`sample` (fewer when rows are held out or the data are smaller).
     """
 
     def __init__(
@@ -481,6 +484,7 @@ class Passes:
         seed: int = 0,
         progress: bool = False,
         counter: engine.PassCounter | None = None,
+        sample_rows: int = SAMPLE_ROWS,
     ) -> None:
         self.X = X
         self.model = model
@@ -489,6 +493,7 @@ class Passes:
         self.seed = seed
         self.progress = progress
         self.counter = counter if counter is not None else engine.PassCounter()
+        self.sample_rows = int(sample_rows)
         self._sample: np.ndarray | None = None
 
     @property
@@ -508,7 +513,7 @@ class Passes:
 
     def sample(self) -> np.ndarray:
         if self._sample is None:
-            rows = engine.sample_rows(self.X, SAMPLE_ROWS, self.seed, split=self.split, counter=self.counter)
+            rows = engine.sample_rows(self.X, self.sample_rows, self.seed, split=self.split, counter=self.counter)
             self.model.check_rows(rows)
             self._sample = rows
         return self._sample
@@ -716,6 +721,8 @@ def _fit(
         seed=seed,
         progress=verbose >= 1 and sys.stderr.isatty(),
         counter=counter,
+        # one sample serves the seeding of every run: sized for the largest K
+        sample_rows=_kmeans.sample_size(max((c.n_components for c in candidates), default=1), X.shape[1]),
     )
     resumed = checkpoint.load() if checkpoint is not None else None
     if resumed is not None:

@@ -80,7 +80,28 @@ class GaussianMixture(BaseMixture):
     n_init : int, default=1
         Restarts; all of them advance in the same passes over the data, and
         the one with the highest final log-likelihood is kept.
-    init_params : {'kmeans', 'k-means++', 'random_from_data', 'random'}, default='kmeans'
+    init_params : {'kmeans', 'k-means++', 'random_from_data', 'random', 'kmeans-full'}, default='kmeans'
+        How the runs start; every restart and candidate K shares the same
+        passes. All but ``kmeans-full`` draw one sample of the training rows
+        (one pass; at least 20,000 rows and 200 per component, at most
+        64 MiB) and work on its standardised columns, so the start does not
+        depend on the units of the columns.
+
+        * ``'kmeans'``: k-means (k-means++ seeds, Lloyd to convergence) on
+          the sample, the best of 4 solutions per restart, then one hard
+          pass assigning every row to its nearest centre: 2 passes.
+        * ``'k-means++'``: k-means++ seeds on the sample, then the hard
+          pass: 2 passes.
+        * ``'random_from_data'``: random sample rows as centres, then the
+          hard pass: 2 passes.
+        * ``'random'``: random responsibilities on the sample: 1 pass.
+        * ``'kmeans-full'``: the former ``kmeans`` (k-means++ seeds on raw
+          columns, up to 20 Lloyd iterations over all the data, then the
+          hard pass): up to 22 passes.
+
+        ``means_init`` alone costs the hard pass only (1 pass); with
+        ``weights_init``, ``means_init`` and ``precisions_init`` the data
+        are not read at all. ``n_passes_`` counts them.
     weights_init, means_init, precisions_init : array-like, optional
         Explicit initial parameters (scikit-learn's shapes); they override
         ``init_params``.

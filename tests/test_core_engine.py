@@ -30,7 +30,7 @@ def _chunk_reads(store: CountingStore) -> dict[str, int]:
     return {k: v for k, v in store.reads.items() if k.startswith("c/")}
 
 
-@pytest.mark.parametrize("init_params", ["k-means++", "kmeans"])
+@pytest.mark.parametrize("init_params", ["k-means++", "kmeans", "kmeans-full"])
 def test_restarts_share_every_pass(tmp_path, init_params: str) -> None:
     X = make_blobs(n=8000, d=3, k=3, seed=3)
     path = write_zarr(tmp_path / "x.zarr", X, chunk_rows=1000)
@@ -52,9 +52,10 @@ def test_restarts_share_every_pass(tmp_path, init_params: str) -> None:
     # 4 restarts cost exactly the reads of 1 restart
     assert counts[4] == counts[1]
     assert len(fits[4].runs_) == 4 and all(r["n_iter"] == 6 for r in fits[4].runs_)
-    if init_params == "k-means++":
-        # sample + one hard assignment pass + 6 EM iterations
+    if init_params in ("k-means++", "kmeans"):
+        # sample + one hard assignment pass + 6 EM iterations (kmeans: Lloyd on the sample)
         assert counts[1] == 1 + 1 + 6
+        assert fits[1].n_passes_ == fits[4].n_passes_ == counts[1]
     else:
         # Lloyd passes stop when every restart converged; still shared
         assert counts[1] >= 1 + 1 + 6 + 1

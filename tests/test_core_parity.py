@@ -102,7 +102,11 @@ def test_default_init_fits_blobs_as_well_as_sklearn() -> None:
     X = make_blobs(n=6000, d=4, k=3, seed=1)
     ref = SkGaussianMixture(3, n_init=3, random_state=0).fit(X)
     for init in ("kmeans", "k-means++", "random_from_data", "random"):
-        ours = daskem.GaussianMixture(3, n_init=3, init_params=init, random_state=0, max_iter=300).fit(X)
+        # random responsibilities start every component near the data's mean; EM at tol=1e-3
+        # then stops on the plateau for about 3 in 8 restarts (as before the sample-based init:
+        # 3 of 8 seeds failed with n_init=3 then and now), so ``random`` gets 10 restarts
+        n_init = 10 if init == "random" else 3
+        ours = daskem.GaussianMixture(3, n_init=n_init, init_params=init, random_state=0, max_iter=300).fit(X)
         assert ours.converged_
         assert ours.lower_bound_ == pytest.approx(ref.lower_bound_, abs=1e-3), init
 

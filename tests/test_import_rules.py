@@ -4,7 +4,7 @@ Layers, bottom up:
 
 * ``errors``, ``_version``: import nothing of daskem;
 * numpy kernels and models -- ``_numeric``, ``_blas``, ``_covariance``,
-  ``_gaussian``, ``_missing``, ``_init``, ``_model``, ``_gaussian_model``:
+  ``_gaussian``, ``_missing``, ``_kmeans``, ``_init``, ``_model``, ``_gaussian_model``:
   never Dask or distributed, directly or through another daskem module;
 * the engine (``_engine``, the only module that builds Dask graphs) and the
   fit loop (``_fitloop``): never a model nor an estimator, they talk to
@@ -34,6 +34,7 @@ KERNELS = {
     "_gaussian_model",
     "_squarem",
     "_mclust",
+    "_kmeans",
 }
 MODELS_AND_ESTIMATORS = {
     "_covariance",
