@@ -92,7 +92,9 @@ def test_run_job_with_checkpoint_and_status(tmp_path, store):
     assert "resuming from checkpoint" in p.stderr
     assert json.loads(p.stdout)["lower_bound"] == pytest.approx(res["lower_bound"], abs=1e-12)
     p = daskem("status", DASKEM_HOME=str(home))
-    assert len(p.stdout.strip().splitlines()) == 2
+    lines = p.stdout.strip().splitlines()
+    assert lines[0].split("\t") == ["JOB ID", "STATE", "OUTPUT"]
+    assert len(lines) == 1 + 2  # the header, then both runs of the job file
 
 
 def test_submit_needs_a_cluster(tmp_path, store):
