@@ -343,8 +343,8 @@ def cmd_select_k(args: argparse.Namespace) -> int:
     ks = parse_k_values(args.k)
     opts = model_options(args)
     GaussianMixture(n_components=max(ks), **opts)._validate_params()
-    if not 0.0 < args.validation_fraction < 1.0:
-        raise InputError(f"--validation-fraction must be between 0 and 1, got {args.validation_fraction}")
+    if args.validation_fraction is not None and not 0.0 <= args.validation_fraction < 1.0:
+        raise InputError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
     target = _out_target(args, "select-k", [args.data, opts.get("checkpoint")])
     X = open_data(args.data, args.array, opts.get("chunk_bytes"))
     with cluster_client(args):
@@ -644,12 +644,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", required=True, metavar="RANGE", help="K values: a range 2:12 (inclusive) or a list 2,4,8")
     p.add_argument(
         "--criterion",
-        choices=["validation", "bic", "aic"],
+        choices=["validation", "bic", "icl", "aic"],
         default="validation",
-        help="how K is chosen: 'validation' the highest mean log-likelihood on held-out rows, 'bic' or 'aic' "
-        "the lowest criterion on the training rows (default: validation)",
+        help="how K is chosen: 'validation' the highest mean log-likelihood on held-out rows; 'bic', 'icl' or "
+        "'aic' the lowest criterion on every row (default: validation)",
     )
-    p.add_argument("--validation-fraction", type=float, default=0.1, metavar="F", help="held-out rows (default: 0.1)")
+    p.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="fraction of rows held out (default: 0.1 with --criterion validation, none with bic and aic)",
+    )
     p.add_argument(
         "--out",
         required=True,

@@ -177,10 +177,13 @@ def load_job(path: str | Path) -> dict:
         select = {
             "k": ks,
             "criterion": select.get("criterion", "validation"),
-            "validation_fraction": float(select.get("validation_fraction", 0.1)),
+            # None: 0.1 held out for criterion 'validation', nothing for 'bic', 'icl' and 'aic'
+            "validation_fraction": (
+                None if select.get("validation_fraction") is None else float(select["validation_fraction"])
+            ),
         }
-        if select["criterion"] not in ("validation", "bic", "aic"):
-            raise InputError(f"{path}: [select] criterion must be 'validation', 'bic' or 'aic'")
+        if select["criterion"] not in ("validation", "bic", "icl", "aic"):
+            raise InputError(f"{path}: [select] criterion must be 'validation', 'bic', 'icl' or 'aic'")
         model.pop("n_components", None)
     elif "n_components" not in model:
         raise InputError(f"{path}: give [model] n_components, or a [select] table with k")

@@ -101,7 +101,7 @@ def fit_and_report(
     k: int | None = None,
     k_values: Sequence[int] | None = None,
     criterion: str = "validation",
-    validation_fraction: float = 0.1,
+    validation_fraction: float | None = None,
     options: dict,
     verbose: int,
     extra: dict | None = None,

@@ -64,7 +64,11 @@ def test_load_job_resolves_paths_and_refuses_mistakes(tmp_path, store):
             load_job(f)
     sel = tmp_path / "sel.toml"
     sel.write_text(f"[input]\npath = '{store}'\n[select]\nk = '2:4'\n[output]\npath = 'o'\n")
-    assert load_job(sel)["select"] == {"k": [2, 3, 4], "criterion": "validation", "validation_fraction": 0.1}
+    assert load_job(sel)["select"] == {
+        "k": [2, 3, 4],
+        "criterion": "validation",
+        "validation_fraction": None,
+    }  # select_k then holds out 0.1 for validation, none for bic/icl/aic
 
 
 def test_run_job_with_checkpoint_and_status(tmp_path, store):
