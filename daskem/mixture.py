@@ -9,6 +9,7 @@ Gaussian parameters, their fitted attributes (scikit-learn's names) and
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,7 +23,7 @@ from ._gaussian import GaussianParams, precision_cholesky_from_precisions
 from ._gaussian_model import ALLOWS_NAN, MISSING_POLICIES, GaussianModel
 from ._init import INIT_METHODS
 from .base import BaseMixture, information_criteria
-from .errors import InputError
+from .errors import ConvergenceWarning, InputError
 
 
 class GaussianMixture(BaseMixture):
@@ -245,6 +246,84 @@ class GaussianMixture(BaseMixture):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = ALLOWS_NAN.get(self.missing, False)
         return tags
+
+    def degenerate_reason(self, n_rows: float) -> str:
+        """Why this fitted mixture is degenerate (a component collapsed onto a few rows), or ``""``.
+
+        ``n_rows`` is the number of rows it was fitted on; see
+        :func:`daskem._gaussian_model.degenerate_reason` for the rule.
+        """
+        return self._make_model().degenerate(self._fitted_params(), n_rows)
+
+    @classmethod
+    def fit_models(
+        cls, X: Any, estimators: list[GaussianMixture], *, validation_fraction: float = 0.0, seed: int = 0
+    ) -> tuple[list[dict | None], int]:
+        """Fit estimators that differ in ``n_components`` and ``covariance_type`` in shared passes, then score them.
+
+        Every restart of every estimator advances in the same passes over
+        ``X`` (initialisation included: one start per K and restart, fitted
+        to each covariance structure); the first estimator's other options
+        rule, and all must have its ``n_init``. With a ``validation_fraction``
+        a deterministic random subset of rows (a hash of the row index and
+        ``seed``) is held out of training.
+
+        Returns
+        -------
+        scores : list of dict or None
+            Per estimator, from one more pass: ``loglik`` and ``n`` (training
+            rows), ``heldout_loglik``, ``heldout_n`` and ``log_map``; None for
+            an estimator whose restarts all failed (it stays unfitted, with a
+            warning).
+        n_passes : int
+            Passes over the data, the scoring pass included.
+        """
+        first = estimators[0]
+        for est in estimators:
+            est._validate_params()
+            if type(est) is not type(first) or est.n_init != first.n_init:
+                raise InputError("fit_models fits GaussianMixture estimators with one n_init")
+        data, in_memory = first._data(X, reset=True)
+        Xd = first._dask(data)
+        n, d = Xd.shape
+        split = engine.RowSplit(float(validation_fraction), seed) if validation_fraction else None
+        n_train = n * (1.0 - validation_fraction)
+        k_max = max(int(e.n_components) for e in estimators)
+        if k_max > n_train:
+            raise InputError(f"k={k_max} is larger than the about {int(n_train)} training rows ({n} rows)")
+        n_init = int(first.n_init)
+        types = tuple(e.covariance_type for e in estimators for _ in range(n_init))
+        model = dataclasses.replace(first._make_model(), run_types=types)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # the caller warns for what it chooses
+            result = _fitloop.fit(
+                Xd, model, [e._candidate() for e in estimators], first._settings(d), in_memory=in_memory, split=split
+            )
+        runs = [result.runs[i * n_init : (i + 1) * n_init] for i in range(len(estimators))]
+        bests: dict[int, Any] = {}
+        for i, est in enumerate(estimators):
+            try:
+                bests[i] = _fitloop.best_run(runs[i])
+            except _fitloop.RunsFailedError:
+                warnings.warn(
+                    f"every restart of covariance_type={est.covariance_type!r}, k={est.n_components} failed",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        counter = engine.PassCounter(result.n_passes)
+        ok = sorted(bests)
+        scored = _fitloop.score(
+            Xd, model, [bests[i].params for i in ok], split=split, split_every=first.split_every, counter=counter
+        )
+        out: list[dict | None] = [None] * len(estimators)
+        for i, s in zip(ok, scored):
+            est = estimators[i]
+            est.n_features_in_ = first.n_features_in_
+            if hasattr(first, "feature_names_in_"):
+                est.feature_names_in_ = first.feature_names_in_
+            est._set_from_runs(runs[i], counter.n, Xd.dtype)
+            out[i] = s
+        return out, counter.n
 
     def _make_model(self, hard: bool | None = None) -> GaussianModel:
         return GaussianModel(

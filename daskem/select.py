@@ -13,7 +13,6 @@ or ``'aic'`` every row is used, as mclust does.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import warnings
@@ -24,8 +23,6 @@ from typing import Any
 import numpy as np
 
 from . import _covariance as cov_
-from . import _engine as engine
-from . import _fitloop
 from ._fitloop import seed_from
 from .base import information_criteria
 from .errors import ConvergenceWarning, InputError
@@ -219,7 +216,7 @@ def score_row(gm: GaussianMixture, s: dict) -> dict:
         "df": int(p),
         "n_iter": int(gm.n_iter_),
         "converged": bool(gm.converged_),
-        "degenerate": gm._make_model().degenerate(gm.params_, s["n"]) if s["n"] else "",
+        "degenerate": gm.degenerate_reason(s["n"]) if s["n"] else "",
     }
 
 
@@ -386,57 +383,24 @@ def select_model(
     models = {
         p: GaussianMixture(n_components=p[1], covariance_type=p[0], random_state=seed, **gm_params) for p in pairs
     }
-    first = models[pairs[0]]
-    for est in models.values():
-        est._validate_params()
-    data, in_memory = first._data(X, reset=True)
-    Xd = first._dask(data)
-    n, d = Xd.shape
-    split = engine.RowSplit(fraction, seed) if fraction else None
-    n_train = n * (1.0 - fraction)
-    if max(ks) > n_train:
-        raise InputError(f"k={max(ks)} is larger than the about {int(n_train)} training rows ({n} rows)")
-    n_init = int(first.n_init)
-    model = dataclasses.replace(first._make_model(), run_types=tuple(t for t, _ in pairs for _ in range(n_init)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # warned below for the chosen pair only
-        result = _fitloop.fit(
-            Xd, model, [models[p]._candidate() for p in pairs], first._settings(d), in_memory=in_memory, split=split
-        )
-    runs = {p: result.runs[i * n_init : (i + 1) * n_init] for i, p in enumerate(pairs)}
-    bests: dict[tuple[str, int], Any] = {}
-    for p in pairs:
-        try:
-            bests[p] = _fitloop.best_run(runs[p])
-        except _fitloop.RunsFailedError:
-            warnings.warn(f"every restart of covariance_type={p[0]!r}, k={p[1]} failed", RuntimeWarning, stacklevel=2)
-    counter = engine.PassCounter(result.n_passes)
-    ok = [p for p in pairs if p in bests]
-    scores = dict(
-        zip(
-            ok,
-            _fitloop.score(
-                Xd, model, [bests[p].params for p in ok], split=split, split_every=first.split_every, counter=counter
-            ),
-        )
+    scores, n_passes = GaussianMixture.fit_models(
+        X, [models[p] for p in pairs], validation_fraction=fraction, seed=seed
     )
+    d = models[pairs[0]].n_features_in_
+    ok = [p for p, s in zip(pairs, scores) if s is not None]
+    scores = {p: s for p, s in zip(pairs, scores) if s is not None}
     table = []
     for p in pairs:
         row = {"covariance_type": p[0], "k": p[1]}
-        if p not in bests:
+        if p not in scores:
             nan = float("nan")
             df = int(cov_.structure(p[0]).n_covariance_parameters(p[1], d) + p[1] * d + p[1] - 1)
             row.update(loglik=nan, train_loglik=nan, validation_loglik=nan, bic=nan, icl=nan, aic=nan, df=df, n_iter=0)
             row.update(converged=False, degenerate="", failed=True)
             table.append({key: row[key] for key in MODEL_TABLE_KEYS})
             continue
-        est = models[p]
-        est.n_features_in_ = first.n_features_in_
-        if hasattr(first, "feature_names_in_"):
-            est.feature_names_in_ = first.feature_names_in_
-        est._set_from_runs(runs[p], counter.n, Xd.dtype)
         s = scores[p]
-        row.update(loglik=float(s["loglik"]), **score_row(est, s), failed=False)
+        row.update(loglik=float(s["loglik"]), **score_row(models[p], s), failed=False)
         table.append({key: row[key] for key in MODEL_TABLE_KEYS})
     best = choose(table, criterion)
     best_type, best_k = table[best]["covariance_type"], table[best]["k"]
@@ -458,6 +422,6 @@ def select_model(
         validation_fraction=fraction,
         seed=seed,
         models={p: models[p] for p in ok},
-        n_passes=counter.n,
+        n_passes=n_passes,
         at_range_edge=at_edge,
     )

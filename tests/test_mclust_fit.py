@@ -391,16 +391,9 @@ def test_select_model_chooses_mclusts_model_and_g_on_iris() -> None:
 #: restarts daskem needs (k-means starts) to find optima as good as mclust's (hierarchical starts)
 SELECT_N_INIT = {"iris": 1, "faithful": 1, "diabetes": 1, "banknote": 1}
 
-_DIABETES = (
-    "diabetes: daskem chooses VVE G=4 (BIC -4754.55, a better VVE optimum than mclust's -4792.61) over VVV G=3, "
-    "whose best optimum (mclust's -4751.32) its k-means starts find in ~1 of 10 restarts on these unscaled columns"
-)
-
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name", ["iris", "faithful", pytest.param("diabetes", marks=pytest.mark.xfail(reason=_DIABETES)), "banknote"]
-)
+@pytest.mark.parametrize("name", ["iris", "faithful", "diabetes", "banknote"])
 def test_select_model_all_models_chooses_mclusts(name: str) -> None:
     """All fourteen models, G = 1..5: mclust's BIC choice, or a pair where daskem found a better optimum.
 
