@@ -22,6 +22,9 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 import daskem
 from daskem._gaussian import GaussianParams
 
+# real processes (the CLI, clusters) or long fits: not in the quick subset
+pytestmark = pytest.mark.slow
+
 TYPES = ("full", "tied", "diag", "spherical")
 
 

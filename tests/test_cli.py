@@ -15,6 +15,9 @@ from scipy.stats import multivariate_normal
 from daskem.cli import build_parser, main, parse_k_values
 from daskem.io import InputError
 
+# real processes (the CLI, clusters) or long fits: not in the quick subset
+pytestmark = pytest.mark.slow
+
 SUBCOMMANDS = ["demo", "generate", "fit", "select-k", "predict", "score", "run", "submit", "status", "result"]
 
 

@@ -29,7 +29,7 @@ import daskem
 from daskem import _engine as engine
 from daskem.io import open_array
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 def _explicit_init(k: int, d: int, seed: int, shift: float = 0.5) -> dict:

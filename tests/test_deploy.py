@@ -222,6 +222,9 @@ def _stranger_certificate(folder: Path) -> tuple[Path, Path]:
 _TRY_CLIENTS = """
 import json, sys, time
 from distributed import Client, Security
+
+# real processes (the CLI, clusters) or long fits: not in the quick subset
+pytestmark = pytest.mark.slow
 address, ca, cert, key = sys.argv[1:]
 out = {}
 for name, security in [

@@ -8,6 +8,9 @@ import sys
 import pytest
 from _cli_helpers import ROOT, env
 
+# real processes (the CLI, clusters) or long fits: not in the quick subset
+pytestmark = pytest.mark.slow
+
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))
 
 

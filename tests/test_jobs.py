@@ -13,6 +13,9 @@ from daskem.datasets import generate_zarr
 from daskem.io import InputError
 from daskem.jobs import load_job
 
+# real processes (the CLI, clusters) or long fits: not in the quick subset
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):

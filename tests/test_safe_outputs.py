@@ -26,6 +26,9 @@ from daskem.datasets import check_generate_target, generate_zarr
 from daskem.errors import InputError, InputNotFoundError, OutputRefusedError
 from daskem.jobs import LOCK_FILE, job_lock, lock_holder
 
+# real processes (the CLI, clusters) or long fits: not in the quick subset
+pytestmark = pytest.mark.slow
+
 QUIET = [*LOCAL, "--quiet"]
 
 
