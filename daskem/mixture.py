@@ -292,8 +292,11 @@ class GaussianMixture(BaseMixture):
         if k_max > n_train:
             raise InputError(f"k={k_max} is larger than the about {int(n_train)} training rows ({n} rows)")
         n_init = int(first.n_init)
-        types = tuple(e.covariance_type for e in estimators for _ in range(n_init))
-        model = dataclasses.replace(first._make_model(), run_types=types)
+        model = first._make_model()
+        if any(e.covariance_type != first.covariance_type for e in estimators):
+            # one start per K and restart, fitted to each run's covariance structure
+            types = tuple(e.covariance_type for e in estimators for _ in range(n_init))
+            model = dataclasses.replace(model, run_types=types)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # the caller warns for what it chooses
             result = _fitloop.fit(

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import _covariance as cov_
-from ._fitloop import seed_from
+from ._fitloop import RunsFailedError, seed_from
 from .base import information_criteria
 from .errors import ConvergenceWarning, InputError
 from .mixture import GaussianMixture
@@ -159,9 +159,12 @@ def select_k(
     models = {k: GaussianMixture(n_components=k, random_state=seed, **gm_params) for k in ks}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # warned below for the chosen K only
-        scores, n_passes = GaussianMixture.fit_together(
-            X, [models[k] for k in ks], validation_fraction=fraction or None, seed=seed
+        scores, n_passes = GaussianMixture.fit_models(
+            X, [models[k] for k in ks], validation_fraction=fraction, seed=seed
         )
+    failed = [k for k, s in zip(ks, scores) if s is None]
+    if failed:
+        raise RunsFailedError(f"every restart failed for k={', '.join(map(str, failed))}")
 
     table = [{"k": k, **score_row(models[k], s)} for k, s in zip(ks, scores)]
     best = choose(table, criterion)
