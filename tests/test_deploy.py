@@ -30,6 +30,9 @@ from _cli_helpers import ROOT, daskem, env
 from daskem.datasets import generate_zarr
 from daskem.jobs import load_job, tomllib
 
+# real processes (the CLI, clusters) or long fits: not in the quick subset
+pytestmark = pytest.mark.slow
+
 DEPLOY = ROOT / "deploy"
 START = DEPLOY / "local" / "start-cluster.sh"
 STOP = DEPLOY / "local" / "stop-cluster.sh"
@@ -223,8 +226,6 @@ _TRY_CLIENTS = """
 import json, sys, time
 from distributed import Client, Security
 
-# real processes (the CLI, clusters) or long fits: not in the quick subset
-pytestmark = pytest.mark.slow
 address, ca, cert, key = sys.argv[1:]
 out = {}
 for name, security in [
