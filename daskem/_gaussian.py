@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg
+from scipy.linalg import blas as _scipy_blas
 
 from . import _covariance as cov_
 from ._blas import single_threaded_blas
@@ -333,6 +334,83 @@ class _Plan:
     const_c: np.ndarray  # (K,) compute dtype
     dtype: np.dtype
     features: _Features | None = None
+    wide: _Wide | None = None
+
+
+# --------------------------------------------------------------------------
+# wide full statistics: one component at a time, triangular products
+# --------------------------------------------------------------------------
+
+#: Full fits with ``D >= _WIDE_MIN_D`` run one component at a time: the
+#: E-step's ``(x - mu_k) U_k`` as a triangular product (``trmm``, ``D^2`` flops a
+#: row instead of ``2 D^2``) and the scatter ``sum q z z^T`` as a symmetric
+#: rank-k update (``syrk`` of ``sqrt(q) z``, one triangle), the way oneDAL
+#: computes them. The stacked kernel's ``(K*D, rows)`` buffer (268 MB at
+#: D=256, K=64) left the cache on every block. Measured single-threaded,
+#: 4,000 rows, D=256 K=64: 6.5 -> 3.5 s (1.7-1.9x); D=64 K=16: level (not used).
+_WIDE_MIN_D = 128
+
+
+@dataclass(frozen=True, eq=False)
+class _Wide:
+    """Per-component factors of the wide full kernel (compute dtype).
+
+    ``ut[k].T`` is ``U_k`` (upper triangular, Fortran-ordered: BLAS takes it
+    without a copy); ``m[k]`` is ``mu_k - centre``.
+    """
+
+    ut: np.ndarray  # (K, D, D): U_k transposed, C-ordered
+    m: np.ndarray  # (K, D)
+    trmm: object
+    syrk: object
+
+
+def _make_wide(params: GaussianParams, m: np.ndarray, dtype: np.dtype) -> _Wide | None:
+    k, d = params.means.shape
+    if params.layout != "full" or d < _WIDE_MIN_D:
+        return None
+    ut = np.ascontiguousarray(params.precisions_cholesky.transpose(0, 2, 1), dtype=dtype)
+    trmm, syrk = _scipy_blas.get_blas_funcs(("trmm", "syrk"), dtype=dtype)
+    return _Wide(ut, np.ascontiguousarray(m, dtype=dtype), trmm, syrk)
+
+
+def _log_prob_wide(a: np.ndarray, plan: _Plan, work: _Workspace) -> np.ndarray:
+    """``log pi_k + log N(x | k)`` (K, n) of the design ``a``, one component at a time."""
+    wd = plan.wide
+    d, n = plan.d, a.shape[1]
+    z = a[:d]
+    out = work.get("lp", (plan.k, n))
+    y = work.get("yk", (d, n))
+    for k in range(plan.k):
+        np.subtract(z, wd.m[k][:, None], out=y)
+        # y.T (n, D, Fortran-ordered) := y.T @ U_k, in place
+        r = wd.trmm(1.0, wd.ut[k].T, y.T, side=1, lower=0, overwrite_b=1)
+        if not np.shares_memory(r, y):  # pragma: no cover - BLAS copied its operand
+            y[...] = r.T
+        np.einsum("dn,dn->n", y, y, out=out[k])
+    out *= -0.5
+    out += plan.const_c[:, None]
+    return out
+
+
+def _scatter_wide(z: np.ndarray, q: np.ndarray, plan: _Plan, acc: dict, work: _Workspace) -> None:
+    """Add every component's ``sum q z z^T`` (lower triangle only) to ``acc["c2"]`` (K*D, D)."""
+    wd = plan.wide
+    d, n = z.shape
+    zq = work.get("yk", (d, n))
+    sq = work.get("sq", (n,))
+    tri = work.get("tri", (d, d)).T  # Fortran-ordered (D, D)
+    if not work.flag("tri"):
+        tri[...] = 0.0  # syrk writes one triangle; the other stays zero
+    c2 = acc["c2"]
+    for k in range(plan.k):
+        np.sqrt(q[k], out=sq)
+        np.multiply(z, sq[None, :], out=zq)
+        # tri (upper) := zq @ zq.T, i.e. (zq.T).T @ zq.T with zq.T Fortran-ordered
+        r = wd.syrk(1.0, zq.T, beta=0.0, c=tri, trans=1, lower=0, overwrite_c=1)
+        if not np.shares_memory(r, tri):  # pragma: no cover - BLAS copied its operand
+            tri[...] = r
+        c2[k * d : (k + 1) * d] += tri.T  # the lower triangle
 
 
 # --------------------------------------------------------------------------
@@ -489,7 +567,10 @@ def _make_plan(
     if with_weights:
         with np.errstate(divide="ignore"):
             const = const + np.log(params.weights)
-    if ctype in ("full", "tied"):
+    wide = _make_wide(params, m, np.dtype(dtype))
+    if wide is not None:
+        weight = np.empty((0, 0))  # the component loop uses wide's factors
+    elif ctype in ("full", "tied"):
         ustack = pc if ctype == "full" else np.broadcast_to(pc, (k, d, d))
         shift = np.einsum("ki,kij->kj", m, ustack)  # (K, D)
         weight = np.empty((d + 1, k * d))
@@ -514,6 +595,7 @@ def _make_plan(
         const.astype(dtype),
         dtype,
         _make_features(params, m, const, np.dtype(dtype)) if features else None,
+        wide,
     )
 
 
@@ -529,6 +611,7 @@ class _Workspace:
     def __init__(self, dtype: np.dtype):
         self.dtype = dtype
         self._bufs: dict[str, np.ndarray] = {}
+        self._flags: set[str] = set()
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         size = math.prod(shape)
@@ -536,6 +619,12 @@ class _Workspace:
         if buf is None or buf.size < size:
             buf = self._bufs[name] = np.empty(size, dtype=self.dtype)
         return buf[:size].reshape(shape)
+
+    def flag(self, name: str) -> bool:
+        """False the first time ``name`` is asked for, True after."""
+        seen = name in self._flags
+        self._flags.add(name)
+        return seen
 
 
 def _design(X: np.ndarray, plan: _Plan, work: _Workspace | None = None) -> np.ndarray:
@@ -562,6 +651,8 @@ def _log_prob_block(a: np.ndarray, plan: _Plan, work: _Workspace | None = None) 
     """``log pi_k + log N(x | k)`` (or without ``log pi_k``, as planned), shape (K, n)."""
     work = work or _Workspace(plan.dtype)
     n = a.shape[1]
+    if plan.wide is not None:
+        return _log_prob_wide(a, plan, work)
     out = work.get("lp", (plan.k, n))
     if plan.ctype in ("full", "tied"):
         y = work.get("y", (plan.k * plan.d, n))
@@ -783,7 +874,9 @@ def _accumulate_block(
     if plan.ctype in ("full", "tied"):
         z = a[:d]  # (D, n)
         acc["c1"] += q @ z.T
-        if plan.ctype == "full":
+        if plan.wide is not None:
+            _scatter_wide(z, q, plan, acc, work)
+        elif plan.ctype == "full":
             # the E-step's (K*D, n) buffer is free again: reusing it keeps the
             # block's working set in cache
             zq = work.get("y", (k * d, n)).reshape(k, d, n)
@@ -813,6 +906,8 @@ def _finish(acc: dict, params: GaussianParams, plan: _Plan) -> tuple[np.ndarray,
         if plan.ctype == "tied":
             return s1, acc["c2"].copy()  # the reference is the centre
         c2 = acc["c2"].reshape(k, d, d)
+        if plan.wide is not None:  # one triangle accumulated
+            c2 = np.tril(c2) + np.tril(c2, -1).transpose(0, 2, 1)
         s2 = (
             c2
             - np.einsum("ki,kj->kij", c1, m)

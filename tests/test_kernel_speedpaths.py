@@ -279,3 +279,34 @@ def test_outer_product_kernel_steps_aside_where_it_would_lose_digits() -> None:
     ref = _ref_stats(X, p, False, mask)
     (st,) = g.chunk_statistics(X, [p])
     _check(st, ref, 1e-9, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_wide_full_kernel_equals_reference(dtype: str, hard: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full fits with D >= _WIDE_MIN_D run one component at a time (trmm, syrk); same statistics."""
+    monkeypatch.setattr(g, "_WIDE_MIN_D", 6)
+    X = _data(n=3000, d=7, k=4, offset=50.0)
+    p = _params(X, "full", k=5)
+    assert g._make_plan(p, np.dtype(dtype)).wide is not None
+    assert g._make_plan(_params(X, "tied", k=5), np.dtype(dtype)).wide is None
+    mask = np.random.default_rng(8).random(len(X)) > 0.2
+    ref = _ref_stats(X, p, hard, mask)
+    rtol = 1e-10 if dtype == "float64" else 1e-5
+    for block_rows in (257, 4096):
+        (st,) = g.chunk_statistics(X.astype(dtype), [p], hard=hard, train_mask=mask, dtype=dtype, block_rows=block_rows)
+        _check(st, ref, rtol, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+        # one triangle accumulated, both returned
+        np.testing.assert_allclose(st.s2, st.s2.transpose(0, 2, 1), rtol=1e-12, atol=1e-12 * np.abs(st.s2).max())
+    np.testing.assert_allclose(g.estimate_weighted_log_prob(X, p), _ref_log_prob(X, p), rtol=1e-10)
+
+
+def test_wide_full_kernel_at_its_threshold_equals_stacked_kernel() -> None:
+    """At the real threshold (D=128) the wide kernel gives the stacked kernel's statistics."""
+    d = g._WIDE_MIN_D
+    X = _data(n=1500, d=d, k=3, offset=5.0)
+    p = _params(X, "full", k=3)
+    assert g._make_plan(p, np.dtype(np.float64)).wide is not None
+    (wide,) = g.chunk_statistics(X, [p], block_rows=700)
+    ref = _ref_stats(X, p, False, np.ones(len(X), dtype=bool))
+    _check(wide, ref, 1e-9, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
