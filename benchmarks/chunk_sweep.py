@@ -54,6 +54,36 @@ def one_pass(X: da.Array, model: GaussianModel, params: g.GaussianParams) -> flo
     return time.perf_counter() - t
 
 
+def sweep(
+    n: int,
+    d: int,
+    k: int,
+    counts: tuple[int, ...] = COUNTS,
+    rounds: int = 5,
+    before_rounds: int = 2,
+    before_max: int = BEFORE_MAX,
+    covariance_type: str = "diag",
+    workdir: Path | None = None,
+) -> dict:
+    """Write the store, time the passes in turn, return the table (also what :func:`report` prints)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, d)) + rng.normal(scale=3.0, size=(k, d))[rng.integers(k, size=n)]
+    tmp = Path(tempfile.mkdtemp(prefix="daskem-sweep-", dir=workdir))
+    try:
+        path = str(tmp / "x.zarr")
+        z = zarr.create_array(path, shape=X.shape, chunks=(math.ceil(n / 16), d), dtype=X.dtype, compressors=None)
+        z[:] = X
+        z = zarr.open_array(path, mode="r")
+        model = GaussianModel(covariance_type=covariance_type)
+        cov = np.tile(np.eye(d), (k, 1, 1)) if covariance_type == "full" else np.ones((k, d))
+        params = g.GaussianParams.from_covariances(np.full(k, 1 / k), X[:k].copy(), cov, covariance_type)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # large-graph warnings of the "before" arrays
+            return run(z, counts, before_max, model, params, rounds, before_rounds)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -65,26 +95,11 @@ def main() -> None:
     n, d, k = (100_000, 16, 8) if args.quick else (1_000_000, 16, 8)
     counts = (16, 256, 2048) if args.quick else COUNTS
     before_max = min(args.before_max, 2048) if args.quick else args.before_max
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(n, d)) + rng.normal(scale=3.0, size=(k, d))[rng.integers(k, size=n)]
-    tmp = Path(tempfile.mkdtemp(prefix="daskem-sweep-"))
-    try:
-        path = str(tmp / "x.zarr")
-        z = zarr.create_array(path, shape=X.shape, chunks=(math.ceil(n / 16), d), dtype=X.dtype, compressors=None)
-        z[:] = X
-        z = zarr.open_array(path, mode="r")
-        ctype = args.covariance_type
-        model = GaussianModel(covariance_type=ctype)
-        cov = np.tile(np.eye(d), (k, 1, 1)) if ctype == "full" else np.ones((k, d))
-        params = g.GaussianParams.from_covariances(np.full(k, 1 / k), X[:k].copy(), cov, ctype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # large-graph warnings of the "before" arrays
-            run(z, counts, before_max, model, params, args.rounds, args.before_rounds)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    res = sweep(n, d, k, counts, args.rounds, args.before_rounds, before_max, args.covariance_type)
+    report(res)
 
 
-def run(z, counts, before_max, model, params, rounds, before_rounds) -> None:
+def run(z, counts, before_max, model, params, rounds, before_rounds) -> dict:
     n, d = z.shape
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         with Client(cluster) as client:
@@ -121,33 +136,76 @@ def run(z, counts, before_max, model, params, rounds, before_rounds) -> None:
                     if key[0] != "one task per chunk" or r < before_rounds:
                         times[key].append(one_pass(variants[key], model, params))
     med = {key: float(np.median(v)) for key, v in times.items()}
-    print(
-        f"one pass, N={n:,} D={d} K=8 {params.covariance_type}, 2 workers x 1 thread, timed in turn (shuffled each round): median (best) of {rounds} rounds "
-        f"({before_rounds} for one task per chunk)"
-    )
-    print(f"{'chunks':>8} | {'variant':<20} | {'tasks/pass':>10} | {'s/pass':>15} | ratio to 16 chunks (medians)")
-    for name in ("persisted", "streamed", "one task per chunk"):
-        for c in counts:
-            if (name, c) in med:
-                ratio = med[(name, c)] / med[(name, counts[0])]
-                secs = f"{med[(name, c)]:.3f} ({min(times[(name, c)]):.3f})"
-                print(f"{c:>8,} | {name:<20} | {tasks[(name, c)]:>10,} | {secs:>15} | {ratio:5.2f}")
     before = sorted(c for c in counts if ("one task per chunk", c) in med)
     xs = np.array(before, dtype=float)
     ys = np.array([med[("one task per chunk", c)] for c in before])
     per_task = float(np.polyfit(xs, ys, 1)[0]) if len(xs) > 1 else float("nan")
+    rows = [
+        {
+            "chunks": c,
+            "variant": name,
+            "tasks_per_pass": tasks[(name, c)],
+            "s_per_pass": round(med[(name, c)], 4),
+            "best_s_per_pass": round(min(times[(name, c)]), 4),
+            "ratio_to_first": round(med[(name, c)] / med[(name, counts[0])], 3),
+        }
+        for name in ("persisted", "streamed", "one task per chunk")
+        for c in counts
+        if (name, c) in med
+    ]
+    return {
+        "N": n,
+        "D": d,
+        "K": params.n_components,
+        "covariance_type": params.covariance_type,
+        "counts": list(counts),
+        "rounds": rounds,
+        "before_rounds": before_rounds,
+        "threads": threads,
+        "rows": rows,
+        "per_task_s": per_task,
+        "paper_10TB_1000_workers": paper(per_task),
+    }
+
+
+def paper(per_task: float, chunks: int = 100_000, workers: int = 1_000) -> dict:
+    """Scheduling seconds per pass of a 10 TB store in 100 MB chunks on 1,000 workers, before and after."""
+    return {
+        "chunks": chunks,
+        "workers": workers,
+        "per_task_s": per_task,
+        "before_one_task_per_chunk_s": chunks * per_task,
+        "after_1_thread_per_worker_s": engine.STREAM_TASKS_PER_THREAD * workers * per_task,
+        "after_8_threads_per_worker_s": engine.STREAM_TASKS_PER_THREAD * 8 * workers * per_task,
+    }
+
+
+def report(res: dict) -> None:
+    """Print :func:`sweep`'s table."""
+    n, d, k, ctype = res["N"], res["D"], res["K"], res["covariance_type"]
+    rounds, before_rounds = res["rounds"], res["before_rounds"]
     print(
-        f"per-task cost (slope of 'one task per chunk', {before[0]:,}-{before[-1]:,} chunks): {per_task * 1e3:.3f} ms"
+        f"one pass, N={n:,} D={d} K={k} {ctype}, {res['threads']} worker threads, timed in turn (shuffled each "
+        f"round): median (best) of {rounds} rounds ({before_rounds} for one task per chunk)"
     )
-    chunks_10tb, workers = 100_000, 1_000
     print(
-        f"10 TB in 100 MB chunks ({chunks_10tb:,} chunks) on {workers:,} workers, scheduling per pass at "
-        f"{per_task * 1e3:.3f} ms/task: before {chunks_10tb * per_task:.1f} s ({chunks_10tb:,} tasks); after, streamed "
-        f"({engine.STREAM_TASKS_PER_THREAD} tasks per thread): {engine.STREAM_TASKS_PER_THREAD * workers * per_task:.2f} s "
-        f"with 1 thread per worker, {engine.STREAM_TASKS_PER_THREAD * 8 * workers * per_task:.2f} s with 8 "
+        f"{'chunks':>8} | {'variant':<20} | {'tasks/pass':>10} | {'s/pass':>15} | ratio to {res['counts'][0]} chunks (medians)"
+    )
+    for r in res["rows"]:
+        secs = f"{r['s_per_pass']:.3f} ({r['best_s_per_pass']:.3f})"
+        print(
+            f"{r['chunks']:>8,} | {r['variant']:<20} | {r['tasks_per_pass']:>10,} | {secs:>15} | {r['ratio_to_first']:5.2f}"
+        )
+    per_task = res["per_task_s"]
+    p = res["paper_10TB_1000_workers"]
+    print(f"per-task cost (slope of 'one task per chunk'): {per_task * 1e3:.3f} ms")
+    print(
+        f"10 TB in 100 MB chunks ({p['chunks']:,} chunks) on {p['workers']:,} workers, scheduling per pass at "
+        f"{per_task * 1e3:.3f} ms/task: before {p['before_one_task_per_chunk_s']:.1f} s ({p['chunks']:,} tasks); "
+        f"after, streamed ({engine.STREAM_TASKS_PER_THREAD} tasks per thread): {p['after_1_thread_per_worker_s']:.2f} s "
+        f"with 1 thread per worker, {p['after_8_threads_per_worker_s']:.2f} s with 8 "
         f"(persisted: at most {engine.PERSIST_BLOCKS_PER_THREAD} blocks per thread, the same)"
     )
-    print(f"(threads in this cluster: {threads})")
 
 
 if __name__ == "__main__":
