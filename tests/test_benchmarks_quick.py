@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # real processes (the CLI, clusters) or long fits: not in the quick subset
@@ -31,7 +33,7 @@ def test_benchmark_quick_writes_all_sections(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -64,3 +66,53 @@ def test_benchmark_quick_writes_all_sections(tmp_path: Path) -> None:
     ):
         assert key in res["ratios"], key
     assert "seconds per iteration" in proc.stdout
+    # daskem in process beside the cluster, the peers in turn, the wide cases
+    onedal = importlib.util.find_spec("daal4py") is not None
+    assert ("not importable" in res["meta"]["onedal"]) != onedal
+    for case in ("a_full", "b_diag", "c_full_D64", "e_diag_D256", "e_full_D256", "f_diag_K256"):
+        row = res["cases"][case]
+        assert row["daskem_in_process"]["s_per_iter"] > 0, case
+        assert row["sklearn"]["s_per_iter"] > 0, case
+        assert ("onedal" in row) == onedal, case
+    assert res["cases"]["e_full_D256"]["D"] == res["cases"]["e_diag_D256"]["D"]
+    assert res["limits"]["stream_read"]["GB_per_s"] > 0
+    assert res["cases"]["b_diag"]["bandwidth_bound_in_turn"]["s"] > 0
+    # in process and on the cluster: the same path from the same parameters
+    b = res["cases"]["b_diag"]
+    assert abs(b["daskem_in_process"]["loglik"] - b["daskem"]["loglik"]) < 1e-9 * abs(b["daskem"]["loglik"])
+    # time to a model: every library's median time and log-likelihood, one scorer
+    for name in ("a_full", "b_diag"):
+        t = res["time_to_model"][name]
+        assert t["daskem"]["median_s"] > 0 and np.isfinite(t["sklearn"]["median_loglik"])
+        assert len(t["daskem"]["runs"]) == t["seeds"]
+        assert ("onedal" in t) == onedal
+    sw = res["chunk_sweep"]
+    assert {r["variant"] for r in sw["rows"]} == {"persisted", "streamed", "one task per chunk"}
+    assert all(r["tasks_per_pass"] <= 2 * 2 * 2 for r in sw["rows"] if r["variant"] != "one task per chunk")
+    assert sw["paper_10TB_1000_workers"]["chunks"] == 100_000
+    assert res["targets"] and all(isinstance(t["met"], bool) for t in res["targets"].values())
+    assert "[6] targets" in proc.stdout
+
+
+def test_benchmark_only_runs_the_sections_asked(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "limits,b", "--out", str(out)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["meta"]["sections"] == ["limits", "b"]
+    assert set(res["cases"]) == {"b_diag"}
+    assert "time_to_model" not in res and "chunk_sweep" not in res
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "a,zz", "--out", str(out)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "zz" in bad.stderr
