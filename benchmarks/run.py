@@ -349,7 +349,11 @@ def em_iterations(
 
 
 def interleaved(
-    variants: dict, rounds: int, pids: dict[str, int] | None = None, cold: frozenset[str] = frozenset()
+    variants: dict,
+    rounds: int,
+    pids: dict[str, int] | None = None,
+    cold: frozenset[str] = frozenset(),
+    optional: frozenset[str] = frozenset({"onedal", "sklearn"}),
 ) -> dict:
     """Time several variants in turn, ``rounds`` times, so that a slow spell of a
     shared machine falls on all of them alike (one warm-up call of each first).
@@ -359,16 +363,36 @@ def interleaved(
     seconds over every sample, the samples, and the peak memory (MiB) of the
     processes in ``pids`` over its calls. Variants named in ``cold`` are not
     warmed up (a peer's iteration that takes seconds has nothing to warm).
+
+    A peer's variant (``optional``) that raises is dropped and its error kept
+    (``{"error": ...}``): oneDAL stops on a component whose covariance it
+    cannot factor, and the rest of the run goes on.
     """
     samples: dict[str, dict] = {name: {"all_s": [], "kernel_task_s": [], "peak_MiB": {}} for name in variants}
+    failed: dict[str, str] = {}
+
+    def call(name: str, f) -> dict | None:
+        if name in failed:
+            return None
+        try:
+            return f()
+        except Exception as exc:
+            if name not in optional:
+                raise
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(f"  {name} failed, dropped: {failed[name]}", file=sys.stderr, flush=True)
+            return None
+
     for name, f in variants.items():
         if name not in cold:
-            f()  # warm-up: caches, imports, the first graph
+            call(name, f)  # warm-up: caches, imports, the first graph
     for _ in range(rounds):
         for name, f in variants.items():
             mem = PeakMemory(pids) if pids else contextlib.nullcontext()
             with mem as m:
-                r = f()
+                r = call(name, f)
+            if r is None:
+                continue
             acc = samples[name]
             acc["all_s"] += r["all_s"]
             acc["kernel_task_s"] += r.get("kernel_task_s") or []
@@ -378,8 +402,11 @@ def interleaved(
             if m is not None:
                 for k, v in m.mib().items():
                     acc["peak_MiB"][k] = max(acc["peak_MiB"].get(k, 0.0), v)
-    out = {}
+    out: dict = {}
     for name, acc in samples.items():
+        if name in failed or not acc["all_s"]:
+            out[name] = {"error": failed.get(name, "no samples")}
+            continue
         row = {
             "s_per_iter": round(statistics.median(acc["all_s"]), 6),
             "best_s_per_iter": round(min(acc["all_s"]), 6),
@@ -836,12 +863,28 @@ def main(argv: list[str] | None = None) -> dict:
                     Xd = open_persisted(stores[data], ctype)
                     Xl = in_process_data(X, ctype)
                     p = init_params(X, k, ctype, seed=0) if centres is None else wide_init(centres, k, ctype, 0)
-                    res["cases"][name] = run_case(
-                        name, X, Xd, Xl, p, k, ctype, rounds, per_call, client, pids, cores, S, args, d4p, stores[data]
-                    )
+                    with section(res, name):
+                        res["cases"][name] = run_case(
+                            name,
+                            X,
+                            Xd,
+                            Xl,
+                            p,
+                            k,
+                            ctype,
+                            rounds,
+                            per_call,
+                            client,
+                            pids,
+                            cores,
+                            S,
+                            args,
+                            d4p,
+                            stores[data],
+                        )
                     del Xd, Xl
 
-                if "a" in sel:
+                if "a_full" in res["cases"]:
                     # ---- threaded scheduler: Dask threads x BLAS threads --------------
                     log("case a on the threaded scheduler ...")
                     Xn = open_array(mem["a"], chunk_bytes=S["chunk_bytes"])
@@ -868,7 +911,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         # ---- out of core ------------------------------------------------------
         if "d" in sel:
-            res["cases"]["d_out_of_core"] = out_of_core(stores, S, cores, cluster_config, res, log)
+            with section(res, "d"):
+                res["cases"]["d_out_of_core"] = out_of_core(stores, S, cores, cluster_config, res, log)
 
         # ---- time to a model ----------------------------------------------------
         if "fit" in sel:
@@ -877,7 +921,8 @@ def main(argv: list[str] | None = None) -> dict:
                     f"time to a model, {name}: daskem, scikit-learn, oneDAL defaults, {S['fit_seeds']} seeds in turn ..."
                 )
                 Xf = mem["a"][: S["fit_n"]]
-                res.setdefault("time_to_model", {})[name] = time_to_model(Xf, k_a, ctype, S["fit_seeds"], d4p)
+                with section(res, f"fit_{name}"):
+                    res.setdefault("time_to_model", {})[name] = time_to_model(Xf, k_a, ctype, S["fit_seeds"], d4p)
 
         # ---- chunk-count sweep ----------------------------------------------------
         if "sweep" in sel:
@@ -885,7 +930,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             n_s, d_s, k_s = S["sweep"]
             log(f"chunk-count sweep {S['sweep_counts']} ...")
-            with dask.config.set(cluster_config):
+            with section(res, "sweep"), dask.config.set(cluster_config):
                 res["chunk_sweep"] = chunk_sweep.sweep(
                     n_s,
                     d_s,
@@ -896,10 +941,11 @@ def main(argv: list[str] | None = None) -> dict:
                     S["sweep_before_max"],
                     workdir=work,
                 )
-            # the issue's quiet-machine per-task cost, for the paper figure beside this run's
-            res["chunk_sweep"]["paper_at_0.12ms_per_task"] = chunk_sweep.paper(0.12e-3)
+                # the issue's quiet-machine per-task cost, for the paper figure beside this run's
+                res["chunk_sweep"]["paper_at_0.12ms_per_task"] = chunk_sweep.paper(0.12e-3)
 
-        compute_ratios(res)
+        with section(res, "ratios"):
+            compute_ratios(res)
         res["meta"]["load_avg_end"] = list(os.getloadavg())
         res["meta"]["total_seconds"] = round(time.perf_counter() - t_start, 1)
     finally:
@@ -1083,6 +1129,19 @@ def out_of_core(stores, S, cores, cluster_config, res, log) -> dict:
     return ooc
 
 
+@contextlib.contextmanager
+def section(res: dict, name: str):
+    """Run one part of the benchmark; an exception is recorded in ``res["errors"]`` and the run goes on."""
+    try:
+        yield
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        res.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        print(f"section {name} failed, going on: {exc}", file=sys.stderr, flush=True)
+
+
 def _target(res: dict, name: str, value: float | None, op: str, bound: float) -> None:
     if value is None or not np.isfinite(value):
         return
@@ -1102,9 +1161,9 @@ def compute_ratios(res: dict) -> None:
             ours["in_process"] = row["daskem_in_process"]["s_per_iter"]
         for where, s in ours.items():
             for peer in ("sklearn", "onedal"):
-                if peer in row and row[peer]["s_per_iter"] > 0:
+                if row.get(peer, {}).get("s_per_iter", 0) > 0:
                     R[f"{name}_daskem_{where}_over_{peer}"] = round(s / row[peer]["s_per_iter"], 3)
-        if "sklearn" in row:
+        if row.get("sklearn", {}).get("s_per_iter", 0) > 0:
             # the historical names (cluster)
             R[f"{name}_daskem_over_sklearn"] = R[f"{name}_daskem_cluster_over_sklearn"]
             R[f"{name}_sklearn_speedup"] = round(row["sklearn"]["s_per_iter"] / row["daskem"]["s_per_iter"], 2)
@@ -1125,7 +1184,7 @@ def compute_ratios(res: dict) -> None:
         )
         R["a_n_init4_over_n_init1"] = round(a["daskem_n_init4"]["s_per_iter"] / a["daskem"]["s_per_iter"], 2)
         R["a_two_workers_speedup"] = round(a["daskem_one_worker"]["s_per_iter"] / a["daskem"]["s_per_iter"], 2)
-        if "sklearn" in a:
+        if "sklearn" in a and len(a["sklearn"]["loglik_by_m_steps"]) > a["daskem"]["loglik_m_steps"]:
             # same data, same initial parameters, same number of M-steps
             sk = a["sklearn"]["loglik_by_m_steps"][a["daskem"]["loglik_m_steps"]]
             R["a_loglik_rel_diff_vs_sklearn"] = float(abs(a["daskem"]["loglik"] - sk) / abs(sk))
@@ -1271,6 +1330,8 @@ def print_table(res: dict) -> None:
     print("\n[5] ratios")
     for k, v in res["ratios"].items():
         print(f"  {k:52s} {v}")
+    for k, v in res.get("errors", {}).items():
+        print(f"  ERROR in {k}: {v}")
     print("\n[6] targets")
     for k, t in res["targets"].items():
         print(f"  {k:52s} {t['value']:>8} {t['target']:>8}  {'met' if t['met'] else 'MISSED'}")

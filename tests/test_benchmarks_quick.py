@@ -116,3 +116,26 @@ def test_benchmark_only_runs_the_sections_asked(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "zz" in bad.stderr
+
+
+def test_a_failing_peer_is_dropped_and_the_others_timed() -> None:
+    """oneDAL stops on a covariance it cannot factor: the run records it and goes on."""
+    spec = importlib.util.spec_from_file_location("daskem_bench_run", ROOT / "benchmarks" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    calls = []
+
+    def fails() -> dict:
+        calls.append(1)
+        raise RuntimeError("Error during covariance computation for component on M step\nDetails: ...")
+
+    out = run.interleaved({"ours": lambda: {"all_s": [0.5]}, "onedal": fails}, rounds=3)
+    assert out["ours"]["s_per_iter"] == 0.5 and len(out["ours"]["all_s"]) == 3
+    assert out["onedal"] == {"error": "RuntimeError: Error during covariance computation for component on M step"}
+    assert len(calls) == 1  # not called again once it failed
+    with pytest.raises(RuntimeError):
+        run.interleaved({"ours": fails}, rounds=1)  # daskem's own variants are never dropped
+    res: dict = {}
+    with run.section(res, "sweep"):
+        raise ValueError("boom")
+    assert res["errors"] == {"sweep": "ValueError: boom"}
