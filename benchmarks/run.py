@@ -3,38 +3,58 @@
 Usage::
 
     python benchmarks/run.py [--quick] [--out benchmarks/results/latest.json]
+    python benchmarks/run.py --only a,b,e       # some sections (limits,a,b,c,d,e,f,fit,sweep)
 
 Sections of the JSON (and the printed table):
 
-``limits``
+``limits`` (section ``limits``)
     The machine's floor: BLAS GFLOP/s for the tall-skinny shapes the kernel
     uses (rows x D @ D x D and rows x D @ D x K*D, on cache-sized row blocks,
-    every core busy, one BLAS thread per core), at float64 and float32; and
-    the read + decompress rate of the out-of-core Zarr store through the same
-    Dask cluster (``da.from_zarr(...).sum()``).
+    every core busy, one BLAS thread per core), at float64 and float32; the
+    streaming-read bandwidth of memory (every core summing its part of a
+    256 MiB float64 array); and (section ``d``) the read + decompress rate of
+    the out-of-core Zarr store through the same Dask cluster.
 ``cases``
-    Seconds per EM iteration of daskem and of scikit-learn from the same
-    initial parameters on the same data: (a) N=1e6 D=16 K=8 full, (b) diag,
-    (c) N=2e5 D=64 K=16 full, (d) out of core (a store larger than the
-    workers' memory limits), diag and full; plus daskem's achieved GFLOP/s
-    (the kernel's flops, counted below) and peak memory of the client and of
-    every worker.
-``ratios``
-    daskem / scikit-learn, GFLOP/s / BLAS limit, out-of-core s/iter / read
-    bound, n_init=4 / n_init=1 per iteration, float32 / float64, worker peak
-    memory at N and 4N, two workers / one worker, and Dask threads x BLAS
-    threads on the threaded scheduler (2 x 1 against 1 x 2).
+    Seconds per EM iteration from the same initial parameters on the same
+    data, timed in turn: daskem on a two-worker ``LocalCluster`` (the data
+    persisted there, ``daskem``), daskem in process on the numpy array
+    (``daskem_in_process``: what ``GaussianMixture().fit(X)`` does without a
+    client), oneDAL (``onedal``: ``daal4py.em_gmm``, when daal4py imports;
+    see :class:`OneDAL`) and scikit-learn (``sklearn``: its ``_e_step`` +
+    ``_m_step`` after an untimed ``fit(max_iter=1)`` from the same
+    parameters). Cases: (a) N=1e6 D=16 K=8 full, (b) diag, (c) N=2e5 D=64
+    K=16 full, (e) N=2e5 D=256 K=64 diag and full (full on the first 20,000
+    rows by default, ``--e-full-rows``), (f) N=1e6 D=32 K=256 diag; (d) out
+    of core (a store larger than the workers' memory limits), daskem only.
+    The wide cases start near the generating centres (:func:`wide_init`).
+    Plus daskem's achieved GFLOP/s, the BLAS limit of full's E-step shape and
+    the streaming read of diag's data, each timed in turn with the passes,
+    and peak memory.
+``time_to_model`` (section ``fit``)
+    ``fit`` with each library's defaults on (a)'s data, full and diag, seeds
+    0-4 in turn: median seconds and median mean log-likelihood, every model
+    scored by one function (:func:`mean_loglik`).
+``chunk_sweep`` (section ``sweep``)
+    ``chunk_sweep.sweep``: per-pass time of one 1e6 x 16 array cut into 16
+    ... 50,000 chunks, and on paper the scheduling of a 10 TB / 1,000-worker
+    pass at the measured per-task cost (and at the issue's 0.12 ms).
+``ratios`` and ``targets``
+    daskem (cluster and in process) / oneDAL and / scikit-learn, GFLOP/s /
+    BLAS limit, bandwidth bound / s_per_iter, out-of-core s/iter / read
+    bound, n_init=4 / n_init=1, float32 / float64, two workers / one,
+    time-to-model ratios; ``targets`` lists issue 15's targets with the
+    value and whether it is met.
 
 The machine is shared and its speed drifts by 20% or more within a minute,
-so every comparison is timed *in turn*: the variants compared (float64,
-float32, four restarts, one worker; the read bound and the out-of-core
-passes) each run a few iterations, then the next, for several rounds, after
-one untimed warm-up call of each. ``s_per_iter`` is the median over every
-timed iteration, ``best_s_per_iter`` the fastest; the ratios use medians.
-scikit-learn is initialised with the same parameters (an untimed
-``fit(max_iter=1)``), then each timed iteration is its ``_e_step`` +
-``_m_step``: the body of its EM loop, without ``fit``'s validation and final
-E-step.
+so every comparison is timed *in turn*: the variants compared each run a
+few iterations, then the next, for several rounds, after one untimed
+warm-up call of each (not of oneDAL and scikit-learn in the heavy cases).
+``s_per_iter`` is the median over every timed iteration, ``best_s_per_iter``
+the fastest; the ratios use medians. Per-iteration figures are plain EM
+(``accelerate=None``), whatever ``GaussianMixture``'s default; the time to a
+model uses the defaults (``daskem_accelerate_default`` records which).
+A peer that fails (oneDAL stops on a covariance it cannot factor) is
+dropped with its error; a section that fails is recorded under ``errors``.
 """
 
 from __future__ import annotations
