@@ -831,7 +831,11 @@ def main(argv: list[str] | None = None) -> dict:
             stores["o4"] = work / "ooc_quarter.zarr"
             make_store(stores["o"], S["ooc_n"], d_o, k_o, S["ooc_chunk_rows"], seed=2)
             make_store(stores["o4"], S["ooc_n"] // 4, d_o, k_o, S["ooc_chunk_rows"], seed=3)
-        mem = {name: np.asarray(zarr.open_array(str(path))[:]) for name, path in stores.items() if name in ("a", "c", "e", "f")}
+        mem = {
+            name: np.asarray(zarr.open_array(str(path))[:])
+            for name, path in stores.items()
+            if name in ("a", "c", "e", "f")
+        }
         mem.update({"e_full": np.asarray(zarr.open_array(str(stores["e_full"]))[:])} if "e_full" in stores else {})
 
         # ---- limits ---------------------------------------------------------
@@ -887,30 +891,14 @@ def main(argv: list[str] | None = None) -> dict:
                 pids = cluster_pids(client)
                 for name, data, k, ctype, rounds, per_call, centres in cases:
                     log(f"case {name}: preparing ...")
-                    X = mem[data]
-                    Xd = open_persisted(stores[data], ctype)
-                    Xl = in_process_data(X, ctype)
-                    p = init_params(X, k, ctype, seed=0) if centres is None else wide_init(centres, k, ctype, 0)
                     with section(res, name):
-                        res["cases"][name] = run_case(
-                            name,
-                            X,
-                            Xd,
-                            Xl,
-                            p,
-                            k,
-                            ctype,
-                            rounds,
-                            per_call,
-                            client,
-                            pids,
-                            cores,
-                            S,
-                            args,
-                            d4p,
-                            stores[data],
-                        )
-                    del Xd, Xl
+                        X = mem[data]
+                        Xd = open_persisted(stores[data], ctype)
+                        Xl = in_process_data(X, ctype)
+                        p = init_params(X, k, ctype, seed=0) if centres is None else wide_init(centres, k, ctype, 0)
+                        args_ = (rounds, per_call, client, pids, cores, S, args, d4p, stores[data])
+                        res["cases"][name] = run_case(name, X, Xd, Xl, p, k, ctype, *args_)
+                        del Xd, Xl
 
                 if "a_full" in res["cases"]:
                     # ---- threaded scheduler: Dask threads x BLAS threads --------------

@@ -793,6 +793,24 @@ class Stats:
         return self.loglik / self.n if self.n else float("nan")
 
 
+#: Before the responsibilities' ``exp``, ``log p - max log p`` is floored at
+#: -700 (float64; -80 in float32): numpy's SIMD ``exp`` leaves its fast path
+#: for arguments whose result underflows -- 7x slower for results that are
+#: 0, 4x for ``-inf``, 50x in the subnormal range (measured on 16,384
+#: elements: 13 us in [-50, 0], 90 us in [-2000, -1000], 659 us in
+#: [-745, -709]), which is where well-separated components put most of a
+#: block. A floored term is ``exp(-700) = 1e-304`` instead of 0 or a
+#: subnormal: next to the row's largest term, 1, it vanishes in every sum
+#: (the log-likelihood is unchanged to the last bit), and a component's
+#: responsibilities differ by at most 1e-304 a row. Rows whose every term is
+#: ``-inf`` are left as they were.
+_EXP_FLOOR = True
+
+
+def _exp_floor(dtype: np.dtype) -> float:
+    return -80.0 if dtype == np.float32 else -700.0
+
+
 def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float, float]:
     """Responsibilities (in place of ``logp``, shape (K, n)), the summed log-likelihood and ``sum log max_k q``.
 
@@ -810,9 +828,12 @@ def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float, 
         logp[best, np.arange(n)] = 1.0
         return logp, ll, 0.0
     amax = logp.max(axis=0)
-    if not np.isfinite(amax).all():
+    finite = bool(np.isfinite(amax).all())
+    if not finite:
         amax[~np.isfinite(amax)] = 0.0
     logp -= amax
+    if finite and _EXP_FLOOR:
+        np.maximum(logp, _exp_floor(logp.dtype), out=logp)
     np.exp(logp, out=logp)
     total = logp.sum(axis=0)
     with np.errstate(divide="ignore"):
@@ -830,9 +851,12 @@ def _responsibilities_stacked(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     and ``sum log max_k q`` (what :func:`_responsibilities` gives set by set).
     """
     amax = logp.max(axis=1)  # (sets, n)
-    if not np.isfinite(amax).all():
+    finite = bool(np.isfinite(amax).all())
+    if not finite:
         amax[~np.isfinite(amax)] = 0.0
     logp -= amax[:, None, :]
+    if finite and _EXP_FLOOR:
+        np.maximum(logp, _exp_floor(logp.dtype), out=logp)
     np.exp(logp, out=logp)
     total = logp.sum(axis=1)
     with np.errstate(divide="ignore"):

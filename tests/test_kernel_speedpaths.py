@@ -310,3 +310,39 @@ def test_wide_full_kernel_at_its_threshold_equals_stacked_kernel() -> None:
     (wide,) = g.chunk_statistics(X, [p], block_rows=700)
     ref = _ref_stats(X, p, False, np.ones(len(X), dtype=bool))
     _check(wide, ref, 1e-9, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_exp_floor_leaves_the_statistics_as_they_were(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Well-separated components put exp's arguments in its slow underflow range; the floor
+    (exp(-700) instead of 0) changes no log-likelihood bit and the moments by at most ~1e-300."""
+    rng = np.random.default_rng(3)
+    k, d = 12, 3
+    centres = rng.normal(scale=60.0, size=(k, d))
+    X = (centres[rng.integers(k, size=5000)] + rng.normal(size=(5000, d))).astype(dtype)
+    ps = [
+        g.GaussianParams.from_covariances(np.full(k, 1 / k), centres, np.ones((k, d)), "diag"),
+        g.GaussianParams.from_covariances(np.full(k, 1 / k), centres + 1.0, np.ones((k, d)), "diag"),
+        g.GaussianParams.from_covariances(np.full(k, 1 / k), centres, np.tile(np.eye(d), (k, 1, 1)), "full"),
+    ]
+    lp = g.estimate_weighted_log_prob(X.astype(np.float64), ps[0])
+    assert (lp - lp.max(axis=1, keepdims=True) < -745).mean() > 0.5  # mostly in exp's underflow range
+    mask = rng.random(len(X)) > 0.2
+    got = g.chunk_statistics(X, ps, train_mask=mask, dtype=dtype)  # two diag sets: the stacked path
+    monkeypatch.setattr(g, "_EXP_FLOOR", False)
+    ref = g.chunk_statistics(X, ps, train_mask=mask, dtype=dtype)
+    tiny = 1e-290 if dtype == "float64" else 1e-30
+    for a, b in zip(got, ref):
+        assert a.loglik == b.loglik and a.loglik_heldout == b.loglik_heldout and a.log_map == b.log_map
+        np.testing.assert_allclose(a.pack(), b.pack(), rtol=1e-12, atol=tiny * len(X) * np.abs(X).max() ** 2)
+
+
+def test_exp_floor_keeps_rows_of_minus_infinity() -> None:
+    """A row whose every term is -inf keeps its -inf log-likelihood (the floor is not applied)."""
+    lp = np.array([[0.0, -np.inf], [-800.0, -np.inf]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q, ll, _ = g._responsibilities(lp.copy(), False)
+    assert ll == -np.inf
+    lp = np.array([[0.0], [-800.0]])
+    q, ll, _ = g._responsibilities(lp.copy(), False)
+    assert ll == 0.0 and q[1, 0] == np.exp(-700.0) and q[0, 0] == 1.0
