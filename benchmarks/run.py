@@ -810,10 +810,10 @@ def main(argv: list[str] | None = None) -> dict:
         log("writing stores ...")
         small = args.quick
         stores: dict[str, Path] = {}
-        if sel & {"a", "b", "fit", "limits"}:
+        if sel & {"a", "b", "fit"}:
             stores["a"] = work / "a.zarr"
             make_store(stores["a"], n_a, d_a, k_a, min(n_a, 262_144 if not small else 5_000))
-        if "c" in sel or "limits" in sel:
+        if "c" in sel:
             stores["c"] = work / "c.zarr"
             make_store(stores["c"], n_c, d_c, k_c, min(n_c, 65_536 if not small else 2_000), seed=1)
         if "e" in sel:
