@@ -823,13 +823,36 @@ def _quiet_interrupts(args: argparse.Namespace) -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def progress_to_stderr() -> Iterator[None]:
+    """The command's progress lines: the ``daskem`` logger at INFO, to stderr, the message alone.
+
+    The fit loop writes its lines (``verbose``, :func:`daskem._fitloop.say`)
+    to the ``daskem.fit`` logger; the command shows them as the Python API
+    prints them, and puts the logger back as it was afterwards.
+    """
+    log = logging.getLogger("daskem")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``daskem`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = os.environ.get("DASKEM_DEBUG", "") not in ("", "0")
     try:
-        with warnings.catch_warnings(), _quiet_interrupts(args):
+        with warnings.catch_warnings(), _quiet_interrupts(args), progress_to_stderr():
             if args.quiet:
                 warnings.simplefilter("ignore")
             return int(args.func(args) or 0)
