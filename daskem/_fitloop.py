@@ -819,8 +819,27 @@ class Progress:
         n_conv = sum(r.converged for r in runs)
         n_failed = sum(r.failed for r in runs)
         n_max = len(runs) - n_conv - n_failed
-        self.snapshot = {**self.snapshot, "n_running": 0, "n_passes": n_passes, "eta_seconds": 0.0}
-        self.snapshot.update(elapsed_seconds=elapsed, eta_converge_seconds=None, finished=True)
+        # the leading run: the one kept (for one K), whichever run the lines followed
+        ok = [r for r in runs if r.history and not r.failed]
+        best = max(ok, key=lambda r: r.history[-1], default=None)
+        if best is not None:
+            self.snapshot.update(
+                iteration=best.n_iter,
+                run=run_name(best),
+                loglik=best.history[-1],
+                delta=best.history[-1] - best.history[-2] if len(best.history) > 1 else None,
+            )
+        self.snapshot.update(
+            max_iter=self.max_iter,
+            n_running=0,
+            n_runs=len(runs),
+            n_passes=n_passes,
+            eta_seconds=0.0,
+            eta_converge_seconds=None,
+            elapsed_seconds=elapsed,
+            finished=True,
+        )
+        self.snapshot.setdefault("seconds_per_pass", None)
         self._notify()
         if self.verbose:
             parts = [f"{n_conv} of {len(runs)} run(s) converged"]
@@ -828,7 +847,11 @@ class Progress:
                 parts.append(f"{n_max} reached max_iter ({self.max_iter})")
             if n_failed:
                 parts.append(f"{n_failed} failed")
-            say(f"EM finished in {format_seconds(elapsed)}: {', '.join(parts)}; {n_passes} passes", self.snapshot)
+            if n_passes:
+                parts.append(f"{n_passes:,} passes over the data")
+            if best is not None:
+                parts.append(f"leading run {run_name(best)}: loglik {best.history[-1]:.6f}")
+            say(f"EM finished in {format_seconds(elapsed)}: {', '.join(parts)}", self.snapshot)
 
     def _notify(self) -> None:
         for cb in list(self.observers):

@@ -36,6 +36,7 @@ from scipy.optimize import linear_sum_assignment
 
 from . import __version__, _outputs, jobs
 from ._covariance import COVARIANCE_TYPES
+from ._fitloop import format_seconds
 from .datasets import check_generate_target, generate_zarr, sample_chunk, truth_path
 from .errors import InputError
 from .mixture import GaussianMixture
@@ -519,17 +520,46 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_columns(s: dict) -> tuple[str, str, str]:
+    """ITERATION, LOGLIK and UPDATED of a job for ``daskem status`` (``-`` where there is none)."""
+    p = s.get("progress")
+    if not p:
+        return "-", "-", s.get("updated") or s.get("submitted") or "-"
+    it = f"{p.get('iteration', '?')}/{p.get('max_iter', '?')}"
+    ll = "-" if p.get("loglik") is None else f"{p['loglik']:.6f}"
+    return it, ll, p.get("updated", "-")
+
+
+def _status_line(s: dict) -> str:
+    """One sentence on a job's progress (stderr of ``daskem status JOB_ID``)."""
+    p = s.get("progress")
+    line = f"job {s['id']}: {s['state']}"
+    if not p:
+        return line + ("" if s["state"] != "running" else " (no iteration finished yet)")
+    line += f"; iteration {p.get('iteration', '?')}/{p.get('max_iter', '?')} of run {p.get('run', '?')}"
+    if p.get("loglik") is not None:
+        line += f", log-likelihood {p['loglik']:.6f}"
+    if p.get("finished"):
+        line += "; EM finished"
+    elif s["state"] == "running":
+        eta = format_seconds(p["eta_seconds"])
+        line += f"; {p['n_running']} of {p['n_runs']} run(s) running, ETA <= {eta} (max_iter)"
+    return line + f"; updated {p['updated']}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.job_id:
-        print(json.dumps(jobs.job_status(args.job_id), indent=2))
+        s = jobs.job_status(args.job_id)
+        _say(args, _status_line(s))
+        print(json.dumps(s, indent=2))
         return 0
     rows = jobs.list_jobs()
     if not rows:
         _say(args, f"no jobs recorded in {jobs.registry_dir()}")
         return 0
-    print("JOB ID\tSTATE\tOUTPUT")
+    print("JOB ID\tSTATE\tITERATION\tLOGLIK\tUPDATED\tOUTPUT")
     for s in rows:
-        print(f"{s['id']}\t{s['state']}\t{s.get('output', '')}")
+        print("\t".join([s["id"], s["state"], *_status_columns(s), s.get("output", "")]))
     return 0
 
 
@@ -732,8 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="state of a job, or of all recorded jobs",
         description="State of a job, or a list of all recorded jobs (registry: $DASKEM_HOME/jobs, default "
-        "~/.daskem/jobs). States: queued (submitted, not started), running, done, failed (with the error), and "
-        "superseded (the job's output folder now holds a later job of the same file).",
+        "~/.daskem/jobs): one line per job with its state, the iteration out of max_iter and the log-likelihood "
+        "of the run its progress follows, and the time of the last update. States: queued (submitted, not "
+        "started), running, done, failed (with the error), and superseded (the job's output folder now holds a "
+        "later job of the same file). With JOB_ID: a sentence on stderr, and the job's record as JSON "
+        "(its progress under 'progress').",
     )
     p.add_argument("job_id", nargs="?", metavar="JOB_ID")
     _add_common(p)
