@@ -722,7 +722,7 @@ class Progress:
     fails), so its log-likelihood never drops while its change is positive;
     then the leading run still iterating. Each line gives the run's
     iteration out of ``max_iter``, its log-likelihood and change, the
-    seconds per pass (the mean of the last five), an upper bound on the time
+    seconds per pass (the mean of the last ten), an upper bound on the time
     left (every live run going on to ``max_iter``), an estimate at the
     current convergence rate when every live run has one
     (:func:`passes_to_tol`), and the runs still running out of all.
@@ -744,7 +744,7 @@ class Progress:
         self.followed: Run | None = None
         self.snapshot: dict = {}
         self._t0 = self._t_last = time.perf_counter()
-        self._pass_seconds: deque[float] = deque(maxlen=5)
+        self._pass_seconds: deque[float] = deque(maxlen=10)
 
     def _choose(self, info: IterationInfo) -> Run | None:
         f = self.followed
@@ -788,11 +788,11 @@ class Progress:
         self._notify()
         if not self.verbose:
             return
-        stopped = run.done and len(live) > 0
-        if info.iteration % self.interval and info.iteration != 1 and not stopped:
+        # every verbose_interval, the first, and the last of the followed run
+        if info.iteration % self.interval and info.iteration != 1 and not run.done:
             return
         say(self.line(), self.snapshot)
-        if stopped:
+        if run.done and live:
             how = "failed" if run.failed else "converged" if run.converged else "reached max_iter"
             say(f"run {run_name(run)} {how} at iteration {run.n_iter}; following the leading run still running")
 
