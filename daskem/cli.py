@@ -365,13 +365,23 @@ def cmd_select_k(args: argparse.Namespace) -> int:
             v = r.get("validation_loglik")
             print(
                 f"{r['k']:>4} {r['train_loglik']:>12.5f} {(v if v is not None else float('nan')):>12.5f} "
-                f"{r['bic']:>14.1f} {r['aic']:>14.1f} {r['n_iter']:>5}",
+                f"{r['bic']:>14,.1f} {r['aic']:>14,.1f} {r['n_iter']:>5}",
                 file=sys.stderr,
             )
         print(f"best K = {summary['best_k']} ({args.criterion})", file=sys.stderr)
     _say_written(args, target)
     print(args.out)
     return 0
+
+
+def _check_columns(gm: GaussianMixture, X: Any, args: argparse.Namespace) -> None:
+    """The data's columns against the model's, in the command's words (before any work)."""
+    d, want = int(X.shape[1]), int(gm.n_features_in_)
+    if d != want:
+        raise InputError(
+            f"{args.data} has {d:,} column{'s' if d != 1 else ''}, but the model in {args.model_dir} was fitted "
+            f"on {want:,}"
+        )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -381,7 +391,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         threshold = anomaly_threshold(summary, args.anomaly_quantile)
     target = _out_target(args, "predictions", [args.data, args.model_dir])
     X = open_data(args.data, args.array)
-    gm._check_features(X.shape[1])
+    _check_columns(gm, X, args)
     with cluster_client(args):
         t0 = time.perf_counter()
         res = write_predictions(
@@ -413,7 +423,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     gm, _ = load_model_dir(args.model_dir)
     X = open_data(args.data, args.array)
-    gm._check_features(X.shape[1])
+    _check_columns(gm, X, args)
     with cluster_client(args):
         # one formula for BIC and AIC, on the rows actually used (with
         # --missing marginalize, rows with every entry missing are not counted)
@@ -783,27 +793,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long")
     _add_common(p)
     p.set_defaults(func=cmd_result)
+    for command in sub.choices.values():
+        # messages in this command's words (cli_message)
+        command.set_defaults(_flags=command_flags(command))
     return parser
 
 
-#: Python keyword → command-line flag, for messages (``reg_covar`` → ``--reg-covar``)
+#: Python keyword → command-line flag, for messages (``reg_covar`` → ``--reg-covar``): ``fit``'s and ``select-k``'s
 _FLAGS = {name: "--" + name.replace("_", "-") for name, _ in _MODEL_OPTIONS} | {
     "n_components": "--k",
+    "k": "--k",
+    "k_values": "--k",
     "validation_fraction": "--validation-fraction",
     "anomaly_quantile": "--anomaly-quantile",
 }
-_KEYWORD_VALUE = re.compile(r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")=(['\"]?)([^\s,;)'\"]+)\2")
-_BARE_KEYWORD = re.compile(r"(?<![-\w/.])(" + "|".join(n for n in _FLAGS if "_" in n) + r")(?![\w/.])")
+
+#: a command-line option → the Python keywords it is given as (``--k`` is ``n_components`` of GaussianMixture and
+#: ``k_values`` of select_k)
+_PYTHON_KEYWORDS = {"k": ("n_components", "k_values")}
+
+#: Python names that are no option of the command, in words (``n_samples=150`` → ``the number of rows (150)``)
+_WORDS = {"n_samples": "the number of rows", "n_features": "the number of columns"}
 
 
-def cli_message(text: str) -> str:
+def command_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Python keyword → flag, for the messages of one command: every ``--option`` of its parser.
+
+    ``generate --n-components`` is ``n_components``; in ``fit`` and
+    ``select-k`` ``n_components`` is ``--k`` (:data:`_PYTHON_KEYWORDS`).
+    """
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.dest in ("help", "version"):
+            continue
+        flags[action.dest] = longs[0]
+        for keyword in _PYTHON_KEYWORDS.get(action.dest, ()):
+            flags.setdefault(keyword, longs[0])
+    return flags
+
+
+def _keyword_patterns(flags: dict[str, str]) -> tuple[re.Pattern, re.Pattern, re.Pattern]:
+    names = "|".join(sorted(flags, key=len, reverse=True))
+    with_value = re.compile(r"\b(" + names + r")=(['\"]?)([^\s,;)'\"]+)\2")
+    bare = "|".join(sorted((n for n in flags if "_" in n), key=len, reverse=True)) or "(?!)"
+    bare_name = re.compile(r"(?<![-\w/.])(" + bare + r")(?![\w/.])")
+    subject = re.compile(r"(?<![-\w/.'\"])(" + names + r")(?= must be )")
+    return with_value, bare_name, subject
+
+
+def cli_message(text: str, flags: dict[str, str] | None = None) -> str:
     """A message of the Python API in the command line's words: ``reg_covar=0`` → ``--reg-covar 0``.
 
-    Only keyword names are translated: ``name=value`` for every option, and
-    the bare name for names with an underscore (never part of a path).
+    Only keyword names are translated (``flags``: :func:`command_flags` of
+    the command; default: ``fit``'s): ``name=value`` for every option, the
+    bare name for names with an underscore (never part of a path), a name
+    that is the subject of "must be" (``tol must be`` → ``--tol must be``);
+    ``n_samples`` and ``n_features`` when they are no option of the command
+    (:data:`_WORDS`). scikit-learn's own wording, kept in parentheses for
+    Python callers (``(Expected n_samples >= n_components ...)``), and the
+    ``None`` a command line cannot give, are left out.
     """
-    text = _KEYWORD_VALUE.sub(lambda m: f"{_FLAGS[m[1]]} {m[3]}", text)
-    return _BARE_KEYWORD.sub(lambda m: _FLAGS[m[1]], text)
+    flags = _FLAGS if flags is None else flags
+    text = re.sub(r" \(Expected [^()]*\)", "", text)
+    text = re.sub(r"must be None(,| or) ", "must be ", text)
+    text = text.replace(", a numpy RandomState or Generator,", ",")
+    for name, words in _WORDS.items():
+        if name not in flags:
+            text = re.sub(rf"\b{name}=(\d[\d,]*)", lambda m, w=words: f"{w} ({int(m[1].replace(',', '')):,})", text)
+    with_value, bare_name, subject = _keyword_patterns(flags)
+    text = with_value.sub(lambda m: f"{flags[m[1]]} {m[3]}", text)
+    text = subject.sub(lambda m: flags[m[1]], text)
+    text = bare_name.sub(lambda m: flags[m[1]], text)
+    # a run's tag as the progress lines name it: {'k': 8, 'init': 3} -> k=8 init=3
+    return re.sub(r"\{'k': (\d+), 'init': (\d+)\}", r"k=\1 init=\2", text)
+
+
+def _warning_printer(flags: dict[str, str] | None) -> Any:
+    """``warnings.showwarning`` for the command: ``daskem: warning: ...`` in its words, no source line."""
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"daskem: warning: {cli_message(str(message), flags)}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _names_an_option(text: str, flags: dict[str, str] | None) -> bool:
+    """Whether a message names an option of the command by its Python keyword (``reg_covar``)."""
+    return bool(_keyword_patterns(_FLAGS if flags is None else flags)[1].search(text))
 
 
 def _interrupted_message(args: argparse.Namespace) -> str:
@@ -888,11 +965,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings(), _quiet_interrupts(args), progress_to_stderr():
             if args.quiet:
                 warnings.simplefilter("ignore")
+            warnings.showwarning = _warning_printer(getattr(args, "_flags", None))
             return int(args.func(args) or 0)
     except InputError as exc:
         if debug:
             traceback.print_exc()
-        print(f"daskem: error: {cli_message(str(exc))}", file=sys.stderr)
+        print(f"daskem: error: {cli_message(str(exc), getattr(args, '_flags', None))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"daskem: {_interrupted_message(args)}", file=sys.stderr)
@@ -901,9 +979,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if isinstance(exc, ValueError) and _BARE_KEYWORD.search(msg):
+        if isinstance(exc, ValueError) and _names_an_option(msg, getattr(args, "_flags", None)):
             # a numerical failure that names the option to change (singular data with --reg-covar 0): bad input
-            print(f"daskem: error: {cli_message(msg)}", file=sys.stderr)
+            print(f"daskem: error: {cli_message(msg, getattr(args, '_flags', None))}", file=sys.stderr)
             return 2
         print(f"daskem: error: {type(exc).__name__}: {msg} (set DASKEM_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1

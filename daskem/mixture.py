@@ -290,7 +290,11 @@ class GaussianMixture(BaseMixture):
         n_train = n * (1.0 - validation_fraction)
         k_max = max(int(e.n_components) for e in estimators)
         if k_max > n_train:
-            raise InputError(f"k={k_max} is larger than the about {int(n_train)} training rows ({n} rows)")
+            held_out = f": about {int(n_train):,} of the {n:,} rows, {validation_fraction:.0%} held out for validation"
+            raise InputError(
+                f"k={k_max} is more than the training rows"
+                + (held_out if validation_fraction else f" ({n:,} row{'s' if n != 1 else ''})")
+            )
         n_init = int(first.n_init)
         model = first._make_model()
         if any(e.covariance_type != first.covariance_type for e in estimators):
