@@ -89,7 +89,10 @@ _MODEL_OPTIONS: list[tuple[str, dict]] = [
     ("missing", {"choices": ["error", "marginalize"], "help": "what to do with NaN entries (default: error)"}),
     (
         "checkpoint",
-        {"metavar": "PATH", "help": "checkpoint folder: written every iteration, resumed from when present"},
+        {
+            "metavar": "PATH",
+            "help": "checkpoint folder: written every iteration, resumed from when present (default: none)",
+        },
     ),
     ("cache", {"choices": ["auto", "true", "false"], "help": "persist the data in cluster memory (default: auto)"}),
     ("dtype", {"choices": ["float64", "float32"], "help": "compute dtype of the chunk kernel (default: float64)"}),
@@ -133,7 +136,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA", help="Zarr store path or URL (s3://, gs://, ...), or a .npy file")
-    p.add_argument("--array", metavar="NAME", help="the array inside a Zarr group")
+    p.add_argument("--array", metavar="NAME", help="the array inside a Zarr group (default: the group's only array)")
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
@@ -723,7 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     p.add_argument("--proba", action="store_true", help="also write responsibilities")
     p.add_argument(
-        "--anomaly-quantile", type=float, metavar="Q", help="flag rows below quantile Q of the training log-density"
+        "--anomaly-quantile",
+        type=float,
+        metavar="Q",
+        help="flag rows below quantile Q of the training log-density, e.g. 0.01 (default: no flags)",
     )
     _add_cluster_options(p)
     _add_common(p)
@@ -734,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mean log-likelihood, BIC and AIC of a model on data",
         description="Print the mean log-likelihood per row, BIC and AIC of a model on DATA as JSON.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `daskem fit --out` (or its model/)")
     _add_data_options(p)
     _add_cluster_options(p)
     _add_common(p)
@@ -746,7 +752,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a TOML job file in the "
         "foreground, with checkpoints in its output folder (a job run again resumes).",
     )
-    p.add_argument("job", metavar="JOB.toml")
+    p.add_argument(
+        "job",
+        metavar="JOB.toml",
+        help="the job file: TOML with [input], [model] or [select], [output] and optional [cluster] tables",
+    )
     _add_fresh(p)
     _add_overwrite(p)
     _add_cluster_options(p)
@@ -759,10 +769,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hand a TOML job file to a "
         "running Dask cluster: it keeps running after this command exits. Prints the job id.",
     )
-    p.add_argument("job", metavar="JOB.toml")
+    p.add_argument(
+        "job",
+        metavar="JOB.toml",
+        help="the job file: TOML with [input], [model] or [select], [output] and optional [cluster] tables",
+    )
     x = p.add_mutually_exclusive_group()
-    x.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler")
-    x.add_argument("--scheduler-file", metavar="FILE", help="scheduler file of a running Dask scheduler")
+    x.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running Dask scheduler (default: the job file's [cluster] scheduler)",
+    )
+    x.add_argument(
+        "--scheduler-file",
+        metavar="FILE",
+        help="scheduler file of a running Dask scheduler (default: the job file's [cluster] scheduler_file)",
+    )
     _add_fresh(p)
     _add_overwrite(p)
     _add_common(p)
@@ -778,7 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
         "later job of the same file). With JOB_ID: a sentence on stderr, and the job's record as JSON "
         "(its progress under 'progress').",
     )
-    p.add_argument("job_id", nargs="?", metavar="JOB_ID")
+    p.add_argument("job_id", nargs="?", metavar="JOB_ID", help="a job id (default: list every recorded job)")
     _add_common(p)
     p.set_defaults(func=cmd_status)
 
@@ -788,9 +810,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the result of a finished job "
         "(output folder, summary). Exit 1 if it failed or has not finished.",
     )
-    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("job_id", metavar="JOB_ID", help="the id `daskem run` or `daskem submit` printed")
     p.add_argument("--wait", action="store_true", help="wait until the job has finished")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long")
+    p.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long (default: never)"
+    )
     _add_common(p)
     p.set_defaults(func=cmd_result)
     for command in sub.choices.values():
