@@ -302,7 +302,7 @@ class GaussianMixture(BaseMixture):
         if k_max > n_train:
             held_out = f": about {int(n_train):,} of the {n:,} rows, {validation_fraction:.0%} held out for validation"
             raise InputError(
-                f"k={k_max} is more than the training rows"
+                f"k={k_max} is larger than the number of training rows"
                 + (held_out if validation_fraction else f" ({n:,} row{'s' if n != 1 else ''})")
             )
         n_init = int(first.n_init)

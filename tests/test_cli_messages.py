@@ -110,9 +110,9 @@ def test_cli_message_per_command():
     sklearn_words = "n_components=200 must be <= n_samples=1500 (Expected n_samples >= n_components but got " \
                     "n_components = 200, n_samples = 1500)"  # fmt: skip
     assert cli.cli_message(sklearn_words, fit) == "--k 200 must be <= the number of rows (1,500)"
-    assert cli.cli_message("k=200 is more than the training rows: about 135 of the 150 rows", select).startswith(
-        "--k 200 is more than"
-    )
+    assert cli.cli_message(
+        "k=200 is larger than the number of training rows: about 135 of the 150 rows", select
+    ).startswith("--k 200 is larger than")
     assert cli.cli_message("try more values in k_values", select) == "try more values in --k"
     assert (
         cli.cli_message("n_components=3 must be <= n_samples=2", generate)
@@ -135,9 +135,9 @@ def test_select_k_too_many_components_in_words(iris_npy):
         daskem.select_k(np.load(iris_npy), [2, 200], random_state=0)
     assert (
         str(info.value)
-        == "k=200 is more than the training rows: about 135 of the 150 rows, 10% held out for validation"
+        == "k=200 is larger than the number of training rows: about 135 of the 150 rows, 10% held out for validation"
     )
-    with pytest.raises(daskem.InputError, match=r"^k=200 is more than the training rows \(150 rows\)$"):
+    with pytest.raises(daskem.InputError, match=r"^k=200 is larger than the number of training rows \(150 rows\)$"):
         daskem.select_k(np.load(iris_npy), [2, 200], criterion="bic")
 
 
