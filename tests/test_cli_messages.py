@@ -174,3 +174,22 @@ def test_status_without_jobs_and_with_a_recorded_progress(tmp_path, monkeypatch,
     assert json.loads(cap.out)["progress"]["iteration"] == 12
     assert cap.err.startswith("job J1: running; iteration 12/100 of run k=8 init=3, log-likelihood -3.250000; ")
     assert "5 of 8 run(s) running, ETA <= 1 min 35 s (max_iter); updated 20" in cap.err
+
+
+def test_warnings_read_as_the_command_words_them(capsys):
+    import warnings
+
+    flags = cli.command_flags(_commands()["select-k"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = cli._warning_printer(flags)
+        warnings.warn(
+            "validation chose K=8, the largest of the candidates 2..8: try more values in k_values", stacklevel=1
+        )
+        warnings.warn(
+            "1 of 4 run(s) ended degenerate: run {'k': 8, 'init': 3}: component 2 has collapsed", stacklevel=1
+        )
+    assert capsys.readouterr().err.splitlines() == [
+        "daskem: warning: validation chose K=8, the largest of the candidates 2..8: try more values in --k",
+        "daskem: warning: 1 of 4 run(s) ended degenerate: run k=8 init=3: component 2 has collapsed",
+    ]
