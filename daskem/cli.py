@@ -378,12 +378,12 @@ def cmd_select_k(args: argparse.Namespace) -> int:
 
 
 def _check_columns(gm: GaussianMixture, X: Any, args: argparse.Namespace) -> None:
-    """The data's columns against the model's, in the command's words (before any work)."""
+    """The data's features (columns) against the model's, in the command's words (before any work)."""
     d, want = int(X.shape[1]), int(gm.n_features_in_)
     if d != want:
         raise InputError(
-            f"{args.data} has {d:,} column{'s' if d != 1 else ''}, but the model in {args.model_dir} was fitted "
-            f"on {want:,}"
+            f"{args.data} has {d:,} feature{'s' if d != 1 else ''} (columns), but the model in {args.model_dir} "
+            f"was fitted on {want:,}"
         )
 
 

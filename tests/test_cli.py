@@ -218,7 +218,7 @@ def test_model_with_other_dimension_is_refused(data, tmp_path):
     out = tmp_path / "fit4"
     assert daskem("fit", other, "--k", 2, "--out", out, *LOCAL, "--quiet").returncode == 0
     line = assert_one_line_error(daskem("predict", out, data / "data.zarr", "--out", tmp_path / "l.zarr"))
-    assert "features" in line
+    assert f"data.zarr has 3 features (columns), but the model in {out} was fitted on 4" in line
     assert_one_line_error(daskem("score", out, data / "data.zarr"))
     assert not (tmp_path / "l.zarr").exists()
 
