@@ -844,16 +844,18 @@ def command_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Python keyword → flag, for the messages of one command: every ``--option`` of its parser.
 
     ``generate --n-components`` is ``n_components``; in ``fit`` and
-    ``select-k`` ``n_components`` is ``--k`` (:data:`_PYTHON_KEYWORDS`).
+    ``select-k`` ``n_components`` is ``--k`` (:data:`_PYTHON_KEYWORDS`). The
+    model options keep their ``fit`` flags in every command (``predict``:
+    "refit with ``--missing marginalize``").
     """
-    flags: dict[str, str] = {}
+    flags: dict[str, str] = dict(_FLAGS)
     for action in parser._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
         if not longs or action.dest in ("help", "version"):
             continue
         flags[action.dest] = longs[0]
         for keyword in _PYTHON_KEYWORDS.get(action.dest, ()):
-            flags.setdefault(keyword, longs[0])
+            flags[keyword] = longs[0]
     return flags
 
 

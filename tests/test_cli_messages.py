@@ -193,3 +193,9 @@ def test_warnings_read_as_the_command_words_them(capsys):
         "daskem: warning: validation chose K=8, the largest of the candidates 2..8: try more values in --k",
         "daskem: warning: 1 of 4 run(s) ended degenerate: run k=8 init=3: component 2 has collapsed",
     ]
+
+
+def test_model_options_keep_their_flags_in_every_command():
+    predict = cli.command_flags(_commands()["predict"])
+    msg = "3 of 1,000 rows hold NaN; nothing was written (refit with missing='marginalize' to use the observed entries)"
+    assert cli.cli_message(msg, predict).endswith("(refit with --missing marginalize to use the observed entries)")
