@@ -20,13 +20,17 @@ of point from the same hooks (:meth:`~daskem._model.MixtureModel.to_vector`,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
+import logging
 import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -628,29 +632,234 @@ class FitResult:
         return out
 
 
-def _progress_printer(verbose: int, interval: int) -> Callable[[IterationInfo], None] | None:
-    if not verbose:
-        return None
+#: the logger of the progress lines (a child of ``daskem``; :func:`say`)
+logger = logging.getLogger("daskem.fit")
 
-    def show(info: IterationInfo) -> None:
-        if info.iteration % interval and info.iteration != 1:
+#: callbacks that receive every fit's progress snapshot in this context (:func:`observe_progress`)
+_observers: contextvars.ContextVar[tuple[Callable[[dict], None], ...]] = contextvars.ContextVar(
+    "daskem_progress_observers", default=()
+)
+
+
+@contextlib.contextmanager
+def observe_progress(callback: Callable[[dict], None]) -> Iterator[None]:
+    """Call ``callback(snapshot)`` after every pass of the fits run in this block (and context).
+
+    ``snapshot`` is :attr:`Progress.snapshot`, a JSON-able dict; it is sent
+    whatever ``verbose`` says (a batch job records it in ``progress.json``).
+    An ``OSError`` from the callback is warned about once, not raised.
+    """
+    token = _observers.set((*_observers.get(), callback))
+    try:
+        yield
+    finally:
+        _observers.reset(token)
+
+
+def say(message: str, snapshot: dict | None = None) -> None:
+    """One progress line: to the ``daskem.fit`` logger at INFO, and to stderr when logging would not show it.
+
+    Logging shows it when the logger is enabled for INFO and a handler is
+    configured (``logging.basicConfig(level=logging.INFO)``, or a handler on
+    ``daskem``); otherwise (logging left unconfigured, as in a notebook) the
+    line is printed to stderr, as scikit-learn's ``verbose`` does. The
+    record carries the snapshot as ``record.daskem_progress``.
+    """
+    logger.info(message, extra={"daskem_progress": snapshot})
+    if not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
+        print(message, file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for people: ``2.7 ms``, ``0.41 s``, ``36 s``, ``4 min 12 s``, ``2 h 05 min``."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 0.1:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 10:
+        return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def run_name(run: Run) -> str:
+    """A run as a person names it: ``k=8 init=3``."""
+    return " ".join(f"{k}={v}" for k, v in run.tag.items())
+
+
+def passes_to_tol(run: Run, tol: float) -> int | None:
+    """Passes this run needs until its change falls below ``tol``, at its current rate, or None.
+
+    Plain EM converges linearly near an optimum: successive changes shrink
+    by a steady ratio ``r``. An estimate is given only when the last four
+    changes are positive and their three ratios are below 1 and within 0.05
+    of each other; otherwise (early passes, a run still finding its way, an
+    accelerated run, whose passes are not EM steps) there is no honest one.
+    """
+    h = run.history
+    if isinstance(run, AcceleratedRun) or len(h) < 5 or tol <= 0:
+        return None
+    d = [b - a for a, b in zip(h[-5:-1], h[-4:])]
+    if min(d) <= 0:
+        return None
+    ratios = [b / a for a, b in zip(d[:-1], d[1:])]
+    if max(ratios) >= 1 or max(ratios) - min(ratios) > 0.05:
+        return None
+    if d[-1] < tol:
+        return 1
+    return max(1, math.ceil(math.log(tol / d[-1]) / math.log(ratios[-1])))
+
+
+class Progress:
+    """What a person reads after each pass, and the snapshot an observer receives.
+
+    The lines follow one named run (``k=8 init=3``): the leading run when it
+    is first chosen, kept until it stops (converges, reaches ``max_iter`` or
+    fails), so its log-likelihood never drops while its change is positive;
+    then the leading run still iterating. Each line gives the run's
+    iteration out of ``max_iter``, its log-likelihood and change, the
+    seconds per pass (the mean of the last ten), an upper bound on the time
+    left (every live run going on to ``max_iter``), an estimate at the
+    current convergence rate when every live run has one
+    (:func:`passes_to_tol`), and the runs still running out of all.
+    """
+
+    def __init__(
+        self,
+        max_iter: int,
+        tol: float,
+        verbose: int = 0,
+        interval: int = 1,
+        observers: Sequence[Callable[[dict], None]] = (),
+    ) -> None:
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.verbose = int(verbose)
+        self.interval = max(1, int(interval))
+        self.observers = list(observers)
+        self.followed: Run | None = None
+        self.snapshot: dict = {}
+        self._t0 = self._t_last = time.perf_counter()
+        self._pass_seconds: deque[float] = deque(maxlen=10)
+
+    def _choose(self, info: IterationInfo) -> Run | None:
+        f = self.followed
+        if f is not None and any(f is r for r in info.advanced):
+            return f
+        candidates = [r for r in info.advanced if r.history] or [r for r in info.runs if r.history and not r.failed]
+        self.followed = max(candidates, key=lambda r: r.history[-1], default=None)
+        return self.followed
+
+    def __call__(self, info: IterationInfo) -> None:
+        now = time.perf_counter()
+        self._pass_seconds.append(now - self._t_last)
+        self._t_last = now
+        run = self._choose(info)
+        if run is None:
             return
-        # the leading run among those this pass advanced
-        best = max((r for r in info.advanced if r.history), key=lambda r: r.history[-1], default=None)
-        if best is None:
+        live = [r for r in info.runs if not r.done]
+        per_pass = sum(self._pass_seconds) / len(self._pass_seconds)
+        passes_left = max(0, self.max_iter - min(r.n_iter for r in live)) if live else 0
+        estimates = [passes_to_tol(r, self.tol) for r in live]
+        to_tol = None
+        if live and all(e is not None for e in estimates):
+            to_tol = min(max(e for e in estimates if e is not None), passes_left)
+        ll = run.history[-1]
+        delta = ll - run.history[-2] if len(run.history) > 1 else None
+        self.snapshot = {
+            "iteration": run.n_iter,
+            "max_iter": self.max_iter,
+            "run": run_name(run),
+            "loglik": ll,
+            "delta": delta,
+            "n_running": len(live),
+            "n_runs": len(info.runs),
+            "n_passes": info.n_passes,
+            "seconds_per_pass": per_pass,
+            "eta_seconds": passes_left * per_pass,
+            "eta_converge_seconds": None if to_tol is None else to_tol * per_pass,
+            "elapsed_seconds": now - self._t0,
+            "finished": False,
+        }
+        self._notify()
+        if not self.verbose:
             return
-        ll = best.history[-1]
-        delta = f"{ll - best.history[-2]: .3e}" if len(best.history) > 1 else "         -"
-        tag = " ".join(f"{k}={v}" for k, v in best.tag.items())
-        print(
-            f"iter {info.iteration:4d}  loglik {ll: .6f}  delta {delta}  "
-            f"{info.seconds:6.2f} s/iter  passes {info.n_passes}  live runs {info.n_live}  "
-            f"(leading live run: {tag})",
-            file=sys.stderr,
-            flush=True,
+        # every verbose_interval, the first, and the last of the followed run
+        if info.iteration % self.interval and info.iteration != 1 and not run.done:
+            return
+        say(self.line(), self.snapshot)
+        if run.done and live:
+            how = "failed" if run.failed else "converged" if run.converged else "reached max_iter"
+            say(f"run {run_name(run)} {how} at iteration {run.n_iter}; following the leading run still running")
+
+    def line(self) -> str:
+        """The progress line of the last snapshot."""
+        s = self.snapshot
+        width = len(str(self.max_iter))
+        delta = "         -" if s["delta"] is None else f"{s['delta']:+.3e}"
+        if s["n_running"] == 0:
+            eta = "done"
+        else:
+            eta = f"ETA <= {format_seconds(s['eta_seconds'])} (max_iter)"
+            if s["eta_converge_seconds"] is not None and s["eta_converge_seconds"] < s["eta_seconds"]:
+                eta += f", ~{format_seconds(s['eta_converge_seconds'])} (at the current rate)"
+        return (
+            f"iteration {s['iteration']:>{width}}/{s['max_iter']}  run {s['run']}  loglik {s['loglik']: .6f}  "
+            f"delta {delta}  {format_seconds(s['seconds_per_pass'])}/pass  {eta}  "
+            f"running {s['n_running']}/{s['n_runs']}  passes {s['n_passes']}"
         )
 
-    return show
+    def finish(self, runs: Sequence[Run], n_passes: int) -> None:
+        """The closing line (verbose) and the last snapshot (``finished``: True)."""
+        elapsed = time.perf_counter() - self._t0
+        n_conv = sum(r.converged for r in runs)
+        n_failed = sum(r.failed for r in runs)
+        n_max = len(runs) - n_conv - n_failed
+        # the leading run: the one kept (for one K), whichever run the lines followed
+        ok = [r for r in runs if r.history and not r.failed]
+        best = max(ok, key=lambda r: r.history[-1], default=None)
+        if best is not None:
+            self.snapshot.update(
+                iteration=best.n_iter,
+                run=run_name(best),
+                loglik=best.history[-1],
+                delta=best.history[-1] - best.history[-2] if len(best.history) > 1 else None,
+            )
+        self.snapshot.update(
+            max_iter=self.max_iter,
+            n_running=0,
+            n_runs=len(runs),
+            n_passes=n_passes,
+            eta_seconds=0.0,
+            eta_converge_seconds=None,
+            elapsed_seconds=elapsed,
+            finished=True,
+        )
+        self.snapshot.setdefault("seconds_per_pass", None)
+        self._notify()
+        if self.verbose:
+            parts = [f"{n_conv} of {len(runs)} run(s) converged"]
+            if n_max:
+                parts.append(f"{n_max} reached max_iter ({self.max_iter})")
+            if n_failed:
+                parts.append(f"{n_failed} failed")
+            if n_passes:
+                parts.append(f"{n_passes:,} passes over the data")
+            if best is not None:
+                parts.append(f"leading run {run_name(best)}: loglik {best.history[-1]:.6f}")
+            say(f"EM finished in {format_seconds(elapsed)}: {', '.join(parts)}", self.snapshot)
+
+    def _notify(self) -> None:
+        for cb in list(self.observers):
+            try:
+                cb(dict(self.snapshot))
+            except OSError as exc:
+                self.observers.remove(cb)
+                warnings.warn(f"progress not recorded: {exc}", RuntimeWarning, stacklevel=2)
 
 
 def fit(
@@ -729,7 +938,7 @@ def _fit(
         _, runs = resumed
         if verbose:
             done = max((r.n_iter for r in runs), default=0)
-            print(f"resuming from checkpoint {checkpoint.path} at iteration {done}", file=sys.stderr)
+            say(f"resuming from checkpoint {checkpoint.path} at iteration {done}")
     elif start is not None:
         params, lower_bound = start
         runs = [settings.run_class(params, tag={"k": model.n_components(params), "init": 0}, lower_bound=lower_bound)]
@@ -744,18 +953,24 @@ def _fit(
             k = model.n_components(p)
             runs.append(settings.run_class(p, tag={"k": k, "init": sum(r.tag["k"] == k for r in runs)}))
         if verbose:
-            print(f"initialised {len(runs)} run(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+            say(f"initialised {len(runs)} run(s) in {format_seconds(time.perf_counter() - t0)}")
         if checkpoint is not None:
             checkpoint.save(runs, "em")
+    observers = _observers.get()
+    progress = None
+    if verbose or observers:
+        progress = Progress(settings.max_iter, settings.tol, verbose, settings.verbose_interval, observers)
     runs = iterate(
         passes,
         model,
         runs,
         tol=settings.tol,
         max_iter=settings.max_iter,
-        callback=_progress_printer(verbose, settings.verbose_interval),
+        callback=progress,
         checkpoint=checkpoint,
     )
+    if progress is not None:
+        progress.finish(runs, counter.n)
     if hasattr(model, "degenerate"):
         n_rows = float(X.shape[0]) * (1.0 - (split.fraction if split is not None else 0.0))
         for r in runs:

@@ -100,7 +100,7 @@ def degenerate_reason(params: GaussianParams, n_rows: float) -> str:
     rows = n_rows * w
     few = np.flatnonzero(live & (rows < need))
     if few.size:
-        return f"component {int(few[0])} has {rows[few[0]]:.3g} effective rows, fewer than the {need:g} it needs"
+        return f"component {int(few[0])} has {_rows(rows[few[0]])} effective rows, fewer than the {need:g} it needs"
     covs = cov_.dense_covariances(params.covariances, params.covariance_type, k, d)
     mean = w @ params.means
     centred = params.means - mean
@@ -115,10 +115,15 @@ def degenerate_reason(params: GaussianParams, n_rows: float) -> str:
     if flat.size:
         j = int(flat[np.argmin(rel[flat])])
         return (
-            f"component {j} ({rows[j]:.3g} effective rows) has collapsed: its covariance's smallest eigenvalue "
+            f"component {j} ({_rows(rows[j])} effective rows) has collapsed: its covariance's smallest eigenvalue "
             f"relative to the data's covariance is {rel[j]:.2g} (< {DEGENERATE_EIGENVALUE:g})"
         )
     return ""
+
+
+def _rows(x: float) -> str:
+    """A (weighted) row count for people: ``74.8``, ``1,234,567``."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,7 @@ class GaussianModel:
             n_empty = int(np.isnan(lp[:, 0]).sum()) if lp.size else 0
             if n_empty:
                 warnings.warn(
-                    f"{n_empty} row(s) have every entry missing: their score is NaN and their predicted label -1",
+                    f"{n_empty:,} row(s) have every entry missing: their score is NaN and their predicted label -1",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -202,7 +207,7 @@ class GaussianModel:
     def check_statistics(self, stats: Stats) -> None:
         if stats.n_bad and self.missing == "error":
             raise InputError(
-                f"the data hold NaN or infinite values in {int(stats.n_bad)} rows; "
+                f"the data hold NaN or infinite values in {int(stats.n_bad):,} rows; "
                 "clean them, or fit with missing='marginalize' to use the observed entries"
             )
 

@@ -90,8 +90,10 @@ class BaseMixture(DensityMixin, BaseEstimator):
         "max_iter": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
         "n_init": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
         "random_state": (
-            lambda v: v is None or _is_int(v) or isinstance(v, (np.random.Generator, np.random.RandomState)),
-            "None, an integer, a numpy RandomState or Generator",
+            lambda v: (
+                v is None or (_is_int(v) and v >= 0) or isinstance(v, (np.random.Generator, np.random.RandomState))
+            ),
+            "None, an integer >= 0, a numpy RandomState or Generator",
         ),
         "warm_start": (lambda v: isinstance(v, (bool, np.bool_)), "True or False"),
         "verbose": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),

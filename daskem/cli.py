@@ -36,6 +36,7 @@ from scipy.optimize import linear_sum_assignment
 
 from . import __version__, _outputs, jobs
 from ._covariance import COVARIANCE_TYPES
+from ._fitloop import format_seconds
 from .datasets import check_generate_target, generate_zarr, sample_chunk, truth_path
 from .errors import InputError
 from .mixture import GaussianMixture
@@ -88,7 +89,10 @@ _MODEL_OPTIONS: list[tuple[str, dict]] = [
     ("missing", {"choices": ["error", "marginalize"], "help": "what to do with NaN entries (default: error)"}),
     (
         "checkpoint",
-        {"metavar": "PATH", "help": "checkpoint folder: written every iteration, resumed from when present"},
+        {
+            "metavar": "PATH",
+            "help": "checkpoint folder: written every iteration, resumed from when present (default: none)",
+        },
     ),
     ("cache", {"choices": ["auto", "true", "false"], "help": "persist the data in cluster memory (default: auto)"}),
     ("dtype", {"choices": ["float64", "float32"], "help": "compute dtype of the chunk kernel (default: float64)"}),
@@ -132,7 +136,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA", help="Zarr store path or URL (s3://, gs://, ...), or a .npy file")
-    p.add_argument("--array", metavar="NAME", help="the array inside a Zarr group")
+    p.add_argument("--array", metavar="NAME", help="the array inside a Zarr group (default: the group's only array)")
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
@@ -364,13 +368,23 @@ def cmd_select_k(args: argparse.Namespace) -> int:
             v = r.get("validation_loglik")
             print(
                 f"{r['k']:>4} {r['train_loglik']:>12.5f} {(v if v is not None else float('nan')):>12.5f} "
-                f"{r['bic']:>14.1f} {r['aic']:>14.1f} {r['n_iter']:>5}",
+                f"{r['bic']:>14,.1f} {r['aic']:>14,.1f} {r['n_iter']:>5}",
                 file=sys.stderr,
             )
         print(f"best K = {summary['best_k']} ({args.criterion})", file=sys.stderr)
     _say_written(args, target)
     print(args.out)
     return 0
+
+
+def _check_columns(gm: GaussianMixture, X: Any, args: argparse.Namespace) -> None:
+    """The data's features (columns) against the model's, in the command's words (before any work)."""
+    d, want = int(X.shape[1]), int(gm.n_features_in_)
+    if d != want:
+        raise InputError(
+            f"{args.data} has {d:,} feature{'s' if d != 1 else ''} (columns), but the model in {args.model_dir} "
+            f"was fitted on {want:,}"
+        )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -380,7 +394,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         threshold = anomaly_threshold(summary, args.anomaly_quantile)
     target = _out_target(args, "predictions", [args.data, args.model_dir])
     X = open_data(args.data, args.array)
-    gm._check_features(X.shape[1])
+    _check_columns(gm, X, args)
     with cluster_client(args):
         t0 = time.perf_counter()
         res = write_predictions(
@@ -412,7 +426,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     gm, _ = load_model_dir(args.model_dir)
     X = open_data(args.data, args.array)
-    gm._check_features(X.shape[1])
+    _check_columns(gm, X, args)
     with cluster_client(args):
         # one formula for BIC and AIC, on the rows actually used (with
         # --missing marginalize, rows with every entry missing are not counted)
@@ -519,17 +533,46 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_columns(s: dict) -> tuple[str, str, str]:
+    """ITERATION, LOGLIK and UPDATED of a job for ``daskem status`` (``-`` where there is none)."""
+    p = s.get("progress")
+    if not p:
+        return "-", "-", s.get("updated") or s.get("submitted") or "-"
+    it = f"{p.get('iteration', '?')}/{p.get('max_iter', '?')}"
+    ll = "-" if p.get("loglik") is None else f"{p['loglik']:.6f}"
+    return it, ll, p.get("updated", "-")
+
+
+def _status_line(s: dict) -> str:
+    """One sentence on a job's progress (stderr of ``daskem status JOB_ID``)."""
+    p = s.get("progress")
+    line = f"job {s['id']}: {s['state']}"
+    if not p:
+        return line + ("" if s["state"] != "running" else " (no iteration finished yet)")
+    line += f"; iteration {p.get('iteration', '?')}/{p.get('max_iter', '?')} of run {p.get('run', '?')}"
+    if p.get("loglik") is not None:
+        line += f", log-likelihood {p['loglik']:.6f}"
+    if p.get("finished"):
+        line += "; EM finished"
+    elif s["state"] == "running":
+        eta = format_seconds(p["eta_seconds"])
+        line += f"; {p['n_running']} of {p['n_runs']} run(s) running, ETA <= {eta} (max_iter)"
+    return line + f"; updated {p['updated']}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.job_id:
-        print(json.dumps(jobs.job_status(args.job_id), indent=2))
+        s = jobs.job_status(args.job_id)
+        _say(args, _status_line(s))
+        print(json.dumps(s, indent=2))
         return 0
     rows = jobs.list_jobs()
     if not rows:
         _say(args, f"no jobs recorded in {jobs.registry_dir()}")
         return 0
-    print("JOB ID\tSTATE\tOUTPUT")
+    print("JOB ID\tSTATE\tITERATION\tLOGLIK\tUPDATED\tOUTPUT")
     for s in rows:
-        print(f"{s['id']}\t{s['state']}\t{s.get('output', '')}")
+        print("\t".join([s["id"], s["state"], *_status_columns(s), s.get("output", "")]))
     return 0
 
 
@@ -683,7 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     p.add_argument("--proba", action="store_true", help="also write responsibilities")
     p.add_argument(
-        "--anomaly-quantile", type=float, metavar="Q", help="flag rows below quantile Q of the training log-density"
+        "--anomaly-quantile",
+        type=float,
+        metavar="Q",
+        help="flag rows below quantile Q of the training log-density, e.g. 0.01 (default: no flags)",
     )
     _add_cluster_options(p)
     _add_common(p)
@@ -694,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mean log-likelihood, BIC and AIC of a model on data",
         description="Print the mean log-likelihood per row, BIC and AIC of a model on DATA as JSON.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `daskem fit --out` (or its model/)")
     _add_data_options(p)
     _add_cluster_options(p)
     _add_common(p)
@@ -706,7 +752,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a TOML job file in the "
         "foreground, with checkpoints in its output folder (a job run again resumes).",
     )
-    p.add_argument("job", metavar="JOB.toml")
+    p.add_argument(
+        "job",
+        metavar="JOB.toml",
+        help="the job file: TOML with [input], [model] or [select], [output] and optional [cluster] tables",
+    )
     _add_fresh(p)
     _add_overwrite(p)
     _add_cluster_options(p)
@@ -719,10 +769,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hand a TOML job file to a "
         "running Dask cluster: it keeps running after this command exits. Prints the job id.",
     )
-    p.add_argument("job", metavar="JOB.toml")
+    p.add_argument(
+        "job",
+        metavar="JOB.toml",
+        help="the job file: TOML with [input], [model] or [select], [output] and optional [cluster] tables",
+    )
     x = p.add_mutually_exclusive_group()
-    x.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler")
-    x.add_argument("--scheduler-file", metavar="FILE", help="scheduler file of a running Dask scheduler")
+    x.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running Dask scheduler (default: the job file's [cluster] scheduler)",
+    )
+    x.add_argument(
+        "--scheduler-file",
+        metavar="FILE",
+        help="scheduler file of a running Dask scheduler (default: the job file's [cluster] scheduler_file)",
+    )
     _add_fresh(p)
     _add_overwrite(p)
     _add_common(p)
@@ -732,10 +794,13 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="state of a job, or of all recorded jobs",
         description="State of a job, or a list of all recorded jobs (registry: $DASKEM_HOME/jobs, default "
-        "~/.daskem/jobs). States: queued (submitted, not started), running, done, failed (with the error), and "
-        "superseded (the job's output folder now holds a later job of the same file).",
+        "~/.daskem/jobs): one line per job with its state, the iteration out of max_iter and the log-likelihood "
+        "of the run its progress follows, and the time of the last update. States: queued (submitted, not "
+        "started), running, done, failed (with the error), and superseded (the job's output folder now holds a "
+        "later job of the same file). With JOB_ID: a sentence on stderr, and the job's record as JSON "
+        "(its progress under 'progress').",
     )
-    p.add_argument("job_id", nargs="?", metavar="JOB_ID")
+    p.add_argument("job_id", nargs="?", metavar="JOB_ID", help="a job id (default: list every recorded job)")
     _add_common(p)
     p.set_defaults(func=cmd_status)
 
@@ -745,32 +810,103 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the result of a finished job "
         "(output folder, summary). Exit 1 if it failed or has not finished.",
     )
-    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("job_id", metavar="JOB_ID", help="the id `daskem run` or `daskem submit` printed")
     p.add_argument("--wait", action="store_true", help="wait until the job has finished")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long")
+    p.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long (default: never)"
+    )
     _add_common(p)
     p.set_defaults(func=cmd_result)
+    for command in sub.choices.values():
+        # messages in this command's words (cli_message)
+        command.set_defaults(_flags=command_flags(command))
     return parser
 
 
-#: Python keyword → command-line flag, for messages (``reg_covar`` → ``--reg-covar``)
+#: Python keyword → command-line flag, for messages (``reg_covar`` → ``--reg-covar``): ``fit``'s and ``select-k``'s
 _FLAGS = {name: "--" + name.replace("_", "-") for name, _ in _MODEL_OPTIONS} | {
     "n_components": "--k",
+    "k": "--k",
+    "k_values": "--k",
     "validation_fraction": "--validation-fraction",
     "anomaly_quantile": "--anomaly-quantile",
 }
-_KEYWORD_VALUE = re.compile(r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")=(['\"]?)([^\s,;)'\"]+)\2")
-_BARE_KEYWORD = re.compile(r"(?<![-\w/.])(" + "|".join(n for n in _FLAGS if "_" in n) + r")(?![\w/.])")
+
+#: a command-line option → the Python keywords it is given as (``--k`` is ``n_components`` of GaussianMixture and
+#: ``k_values`` of select_k)
+_PYTHON_KEYWORDS = {"k": ("n_components", "k_values")}
+
+#: Python names that are no option of the command, in words (``n_samples=150`` → ``the number of rows (150)``)
+_WORDS = {"n_samples": "the number of rows", "n_features": "the number of columns"}
 
 
-def cli_message(text: str) -> str:
+def command_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Python keyword → flag, for the messages of one command: every ``--option`` of its parser.
+
+    ``generate --n-components`` is ``n_components``; in ``fit`` and
+    ``select-k`` ``n_components`` is ``--k`` (:data:`_PYTHON_KEYWORDS`). The
+    model options keep their ``fit`` flags in every command (``predict``:
+    "refit with ``--missing marginalize``").
+    """
+    flags: dict[str, str] = dict(_FLAGS)
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.dest in ("help", "version"):
+            continue
+        flags[action.dest] = longs[0]
+        for keyword in _PYTHON_KEYWORDS.get(action.dest, ()):
+            flags[keyword] = longs[0]
+    return flags
+
+
+def _keyword_patterns(flags: dict[str, str]) -> tuple[re.Pattern, re.Pattern, re.Pattern]:
+    names = "|".join(sorted(flags, key=len, reverse=True))
+    with_value = re.compile(r"\b(" + names + r")=(['\"]?)([^\s,;)'\"]+)\2")
+    bare = "|".join(sorted((n for n in flags if "_" in n), key=len, reverse=True)) or "(?!)"
+    bare_name = re.compile(r"(?<![-\w/.])(" + bare + r")(?![\w/.])")
+    subject = re.compile(r"(?<![-\w/.'\"])(" + names + r")(?= must be )")
+    return with_value, bare_name, subject
+
+
+def cli_message(text: str, flags: dict[str, str] | None = None) -> str:
     """A message of the Python API in the command line's words: ``reg_covar=0`` → ``--reg-covar 0``.
 
-    Only keyword names are translated: ``name=value`` for every option, and
-    the bare name for names with an underscore (never part of a path).
+    Only keyword names are translated (``flags``: :func:`command_flags` of
+    the command; default: ``fit``'s): ``name=value`` for every option, the
+    bare name for names with an underscore (never part of a path), a name
+    that is the subject of "must be" (``tol must be`` → ``--tol must be``);
+    ``n_samples`` and ``n_features`` when they are no option of the command
+    (:data:`_WORDS`). scikit-learn's own wording, kept in parentheses for
+    Python callers (``(Expected n_samples >= n_components ...)``), and the
+    ``None`` a command line cannot give, are left out.
     """
-    text = _KEYWORD_VALUE.sub(lambda m: f"{_FLAGS[m[1]]} {m[3]}", text)
-    return _BARE_KEYWORD.sub(lambda m: _FLAGS[m[1]], text)
+    flags = _FLAGS if flags is None else flags
+    text = re.sub(r" \(Expected [^()]*\)", "", text)
+    text = re.sub(r"must be None(,| or) ", "must be ", text)
+    text = text.replace(", a numpy RandomState or Generator,", ",")
+    for name, words in _WORDS.items():
+        if name not in flags:
+            text = re.sub(rf"\b{name}=(\d[\d,]*)", lambda m, w=words: f"{w} ({int(m[1].replace(',', '')):,})", text)
+    with_value, bare_name, subject = _keyword_patterns(flags)
+    text = with_value.sub(lambda m: f"{flags[m[1]]} {m[3]}", text)
+    text = subject.sub(lambda m: flags[m[1]], text)
+    text = bare_name.sub(lambda m: flags[m[1]], text)
+    # a run's tag as the progress lines name it: {'k': 8, 'init': 3} -> k=8 init=3
+    return re.sub(r"\{'k': (\d+), 'init': (\d+)\}", r"k=\1 init=\2", text)
+
+
+def _warning_printer(flags: dict[str, str] | None) -> Any:
+    """``warnings.showwarning`` for the command: ``daskem: warning: ...`` in its words, no source line."""
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"daskem: warning: {cli_message(str(message), flags)}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _names_an_option(text: str, flags: dict[str, str] | None) -> bool:
+    """Whether a message names an option of the command by its Python keyword (``reg_covar``)."""
+    return bool(_keyword_patterns(_FLAGS if flags is None else flags)[1].search(text))
 
 
 def _interrupted_message(args: argparse.Namespace) -> str:
@@ -823,20 +959,44 @@ def _quiet_interrupts(args: argparse.Namespace) -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def progress_to_stderr() -> Iterator[None]:
+    """The command's progress lines: the ``daskem`` logger at INFO, to stderr, the message alone.
+
+    The fit loop writes its lines (``verbose``, :func:`daskem._fitloop.say`)
+    to the ``daskem.fit`` logger; the command shows them as the Python API
+    prints them, and puts the logger back as it was afterwards.
+    """
+    log = logging.getLogger("daskem")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``daskem`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = os.environ.get("DASKEM_DEBUG", "") not in ("", "0")
     try:
-        with warnings.catch_warnings(), _quiet_interrupts(args):
+        with warnings.catch_warnings(), _quiet_interrupts(args), progress_to_stderr():
             if args.quiet:
                 warnings.simplefilter("ignore")
+            warnings.showwarning = _warning_printer(getattr(args, "_flags", None))
             return int(args.func(args) or 0)
     except InputError as exc:
         if debug:
             traceback.print_exc()
-        print(f"daskem: error: {cli_message(str(exc))}", file=sys.stderr)
+        print(f"daskem: error: {cli_message(str(exc), getattr(args, '_flags', None))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"daskem: {_interrupted_message(args)}", file=sys.stderr)
@@ -845,9 +1005,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if isinstance(exc, ValueError) and _BARE_KEYWORD.search(msg):
+        if isinstance(exc, ValueError) and _names_an_option(msg, getattr(args, "_flags", None)):
             # a numerical failure that names the option to change (singular data with --reg-covar 0): bad input
-            print(f"daskem: error: {cli_message(msg)}", file=sys.stderr)
+            print(f"daskem: error: {cli_message(msg, getattr(args, '_flags', None))}", file=sys.stderr)
             return 2
         print(f"daskem: error: {type(exc).__name__}: {msg} (set DASKEM_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1

@@ -30,8 +30,11 @@ Relative paths are taken relative to the job file's folder.
 
 The output folder holds the report (``model/``, ``summary.json``, plots,
 ``labels.zarr``), the EM checkpoint (``checkpoint/``, written after every
-iteration; a job run again resumes from it) and the job state ``job.json``
-(``queued``, ``running``, ``done`` or ``failed``). It is a daskem output of
+iteration; a job run again resumes from it), the job state ``job.json``
+(``queued``, ``running``, ``done`` or ``failed``) and its progress
+``progress.json`` (after every pass: the iteration out of ``max_iter``, the
+log-likelihood of the run the progress lines follow, the time per pass and
+the ETA, the update time; what ``daskem status`` shows). It is a daskem output of
 kind ``job`` (:mod:`daskem._outputs`): a job is run into a new path, an
 empty folder or its own previous output folder, never into a folder daskem
 did not write. While a job runs, ``.daskem-lock`` in the output folder names
@@ -69,6 +72,7 @@ import psutil
 from distributed import Client, fire_and_forget
 
 from . import _outputs
+from ._fitloop import observe_progress
 from .errors import InputError, InputNotFoundError
 from .io import atomic_write_text
 from .mixture import GaussianMixture
@@ -89,6 +93,9 @@ except ImportError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 JOB_STATES = ("queued", "running", "done", "failed")
+
+#: the job's progress in its output folder: the fit loop's last snapshot (iteration, log-likelihood, ...)
+PROGRESS_FILE = "progress.json"
 
 _SECTIONS = {
     "input": {"path", "array"},
@@ -268,7 +275,21 @@ def job_status(job_id: str) -> dict:
         if state is not None and state.get("id") != job_id:
             return {**reg, "state": "superseded", "note": f"output folder now holds job {state.get('id')}"}
         return {**reg, "state": "queued"}
-    return {**reg, **state}
+    out = {**reg, **state}
+    progress = _read_json(Path(reg["output"]) / PROGRESS_FILE)
+    if progress is not None and progress.get("id") == job_id:
+        out["progress"] = {k: v for k, v in progress.items() if k != "id"}
+    return out
+
+
+def _progress_writer(out: Path, job_id: str) -> Callable[[dict], None]:
+    """An observer of the fit loop (:func:`daskem._fitloop.observe_progress`): ``<output>/progress.json``."""
+
+    def write(snapshot: dict) -> None:
+        doc = {"id": job_id, "updated": _now(), **snapshot}
+        atomic_write_text(out / PROGRESS_FILE, json.dumps(doc, default=str) + "\n")
+
+    return write
 
 
 def list_jobs() -> list[dict]:
@@ -528,18 +549,19 @@ def _run_locked(job: dict, job_id: str, out: Path, *, verbose: int, fresh: bool,
         work = out / f".work-{job_id}"
         work.mkdir()
         try:
-            try:
-                _fit_job(job, job_id, X, work, options, verbose)
-            except InputError as exc:
-                if _OTHER_OPTIONS not in str(exc) or not _is_checkpoint(checkpoint):
-                    raise
-                moved = _move_aside(checkpoint)
-                say(
-                    f"daskem: the checkpoint {checkpoint} belongs to other data or options (the job file changed); "
-                    f"moved it to {moved.name} and starting afresh"
-                )
-                shutil.rmtree(work / "report", ignore_errors=True)
-                _fit_job(job, job_id, X, work, options, verbose)
+            with observe_progress(_progress_writer(out, job_id)):
+                try:
+                    _fit_job(job, job_id, X, work, options, verbose)
+                except InputError as exc:
+                    if _OTHER_OPTIONS not in str(exc) or not _is_checkpoint(checkpoint):
+                        raise
+                    moved = _move_aside(checkpoint)
+                    say(
+                        f"daskem: the checkpoint {checkpoint} belongs to other data or options (the job file "
+                        f"changed); moved it to {moved.name} and starting afresh"
+                    )
+                    shutil.rmtree(work / "report", ignore_errors=True)
+                    _fit_job(job, job_id, X, work, options, verbose)
             _move_into(work / "report", out)
         finally:
             shutil.rmtree(work, ignore_errors=True)

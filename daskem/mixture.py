@@ -126,13 +126,23 @@ class GaussianMixture(BaseMixture):
         A folder where the state of every run is written after each
         iteration; a fit started again with the same checkpoint resumes.
     verbose : int, default=0
-        1 prints one line per iteration (log-likelihood and change of the
-        leading run still iterating, seconds per iteration) and, on a
-        terminal, a progress bar for passes that take more than a second.
+        1 (or more) reports each pass in one line: ``iteration i/max_iter``,
+        the log-likelihood and change of one named run (``run k=8 init=3``,
+        followed until it stops, then the leading run still running), the
+        time per pass, an upper bound on the time left (``ETA <= ...
+        (max_iter)``) and, when every live run converges at a steady rate,
+        an estimate at that rate, and the runs still running; a closing line
+        says how the runs ended. On a terminal, a progress bar shows passes
+        that take more than a second. The lines go to the ``logging`` logger
+        ``daskem.fit`` at INFO (the record's ``daskem_progress`` holds the
+        numbers); when logging would not show them (no handler configured,
+        or the ``daskem`` logger not enabled for INFO, as in a notebook) they
+        are printed to stderr as well. ``logging.basicConfig(level=logging.INFO)``
+        sends them through logging alone. 0: nothing.
     verbose_interval : int, default=1
-        With ``verbose``, print every this many iterations (scikit-learn's
-        default is 10; daskem's iterations are passes over the data, long
-        enough to report each).
+        With ``verbose``, report every this many iterations (and the first
+        and the last; scikit-learn's default is 10; daskem's iterations are
+        passes over the data, long enough to report each).
     cache : {'auto', True, False}, default='auto'
         Persist the data in (cluster) memory once (True), stream it from its
         store every iteration (False), or persist only when it fits in half
@@ -290,7 +300,11 @@ class GaussianMixture(BaseMixture):
         n_train = n * (1.0 - validation_fraction)
         k_max = max(int(e.n_components) for e in estimators)
         if k_max > n_train:
-            raise InputError(f"k={k_max} is larger than the about {int(n_train)} training rows ({n} rows)")
+            held_out = f": about {int(n_train):,} of the {n:,} rows, {validation_fraction:.0%} held out for validation"
+            raise InputError(
+                f"k={k_max} is larger than the number of training rows"
+                + (held_out if validation_fraction else f" ({n:,} row{'s' if n != 1 else ''})")
+            )
         n_init = int(first.n_init)
         model = first._make_model()
         if any(e.covariance_type != first.covariance_type for e in estimators):

@@ -164,7 +164,7 @@ def select_k(
         )
     failed = [k for k, s in zip(ks, scores) if s is None]
     if failed:
-        raise RunsFailedError(f"every restart failed for k={', '.join(map(str, failed))}")
+        raise RunsFailedError(f"every restart failed for K = {', '.join(map(str, failed))}")
 
     table = [{"k": k, **score_row(models[k], s)} for k, s in zip(ks, scores)]
     best = choose(table, criterion)
@@ -172,7 +172,7 @@ def select_k(
     at_edge = warn_if_at_range_edge(best_k, ks, criterion)
     if models[best_k].max_iter > 0 and not table[best]["converged"]:
         warnings.warn(
-            f"the best run for the chosen k={best_k} did not converge; increase max_iter or tol",
+            f"the best run for the chosen K={best_k} did not converge; increase max_iter or tol",
             ConvergenceWarning,
             stacklevel=2,
         )
@@ -244,8 +244,8 @@ def warn_if_at_range_edge(best_k: int, ks: list[int], criterion: str, what: str 
         return False
     side = "smallest" if best_k == min(ks) else "largest"
     warnings.warn(
-        f"{criterion} chose k={best_k}{what}, the {side} of the candidates {min(ks)}..{max(ks)}: "
-        "the range was probably too narrow; try more values of k",
+        f"{criterion} chose K={best_k}{what}, the {side} of the candidates {min(ks)}..{max(ks)}: "
+        "the range was probably too narrow; try more values in k_values",
         UserWarning,
         stacklevel=3,
     )
@@ -411,7 +411,7 @@ def select_model(
     gm = models[(best_type, best_k)]
     if gm.max_iter > 0 and not table[best]["converged"]:
         warnings.warn(
-            f"the best run for the chosen covariance_type={best_type!r}, k={best_k} did not converge; "
+            f"the best run for the chosen covariance_type={best_type!r}, K={best_k} did not converge; "
             "increase max_iter or tol",
             ConvergenceWarning,
             stacklevel=2,

@@ -83,7 +83,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(store, tmp_path):
     resumed_at = int(m.group(1))
     assert resumed_at >= killed_at
     # the second process ran only the iterations that were left, and no initialisation
-    second_iters = len(re.findall(r"iter +\d+ +loglik", second.stderr))
+    second_iters = len(re.findall(r"^iteration +\d+/\d+  run ", second.stderr, re.M))
     assert second_iters == FIT_OPTIONS["max_iter"] - resumed_at
     assert "initialised" not in second.stderr
 

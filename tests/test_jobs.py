@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import zarr
-from _cli_helpers import LOCAL, DaskCluster, assert_one_line_error, daskem
+from _cli_helpers import LOCAL, DaskCluster, assert_one_line_error, daskem, env
 
 from daskem.datasets import generate_zarr
 from daskem.io import InputError
@@ -100,8 +105,63 @@ def test_run_job_with_checkpoint_and_status(tmp_path, store):
     assert json.loads(p.stdout)["lower_bound"] == pytest.approx(res["lower_bound"], abs=1e-12)
     p = daskem("status", DASKEM_HOME=str(home))
     lines = p.stdout.strip().splitlines()
-    assert lines[0].split("\t") == ["JOB ID", "STATE", "OUTPUT"]
+    assert lines[0].split("\t") == ["JOB ID", "STATE", "ITERATION", "LOGLIK", "UPDATED", "OUTPUT"]
     assert len(lines) == 1 + 2  # the header, then both runs of the job file
+    # a finished job keeps its last progress: EM finished, the iteration reached, the final log-likelihood
+    second = json.loads(daskem("status", lines[2].split("\t")[0], DASKEM_HOME=str(home)).stdout)
+    progress = second["progress"]
+    assert progress["finished"] and progress["n_running"] == 0 and progress["max_iter"] == 100
+    assert progress["loglik"] == pytest.approx(res["lower_bound"], abs=1e-12)
+    assert lines[2].split("\t")[2] == f"{progress['iteration']}/100"
+
+
+def test_status_of_a_running_job(tmp_path):
+    """`daskem status` while a job runs: its iteration out of max_iter, log-likelihood and update time."""
+    generate_zarr(tmp_path / "data.zarr", 20_000, 4, 6, seed=3, chunk_rows=2_000, separation=1.5)
+    home = tmp_path / "home"
+    # tol 0: it runs until stopped (max_iter 1,000,000), one pass every few milliseconds
+    job = _job(tmp_path, tmp_path / "data.zarr", extra="")
+    job.write_text(job.read_text().replace("random_state = 0", "random_state = 0\ntol = 0.0\nmax_iter = 1000000"))
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daskem", "run", str(job), *LOCAL],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env(DASKEM_HOME=str(home)),
+        start_new_session=True,
+    )
+    try:
+        progress_file = tmp_path / "out" / "progress.json"
+        deadline = time.monotonic() + 180
+        while not (progress_file.exists() and json.loads(progress_file.read_text())["iteration"] >= 3):
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()
+            assert time.monotonic() < deadline, "the job did not reach iteration 3"
+            time.sleep(0.1)
+        p = daskem("status", DASKEM_HOME=str(home))
+        header, row = p.stdout.strip().splitlines()
+        assert header.split("\t") == ["JOB ID", "STATE", "ITERATION", "LOGLIK", "UPDATED", "OUTPUT"]
+        job_id, state, iteration, loglik, updated, output = row.split("\t")
+        assert state == "running" and output == str(tmp_path / "out")
+        i, n = map(int, iteration.split("/"))
+        assert i >= 3 and n == 1_000_000
+        assert np.isfinite(float(loglik)) and updated.startswith("20")
+        p = daskem("status", job_id, DASKEM_HOME=str(home))
+        s = json.loads(p.stdout)
+        assert s["state"] == "running" and not s["progress"]["finished"]
+        assert s["progress"]["iteration"] >= i and s["progress"]["run"] in {"k=3 init=0", "k=3 init=1"}
+        assert s["progress"]["n_runs"] == 2 and s["progress"]["seconds_per_pass"] > 0
+        assert f"job {job_id}: running; iteration " in p.stderr and "/1000000 of run k=3 init=" in p.stderr
+        assert "ETA" in p.stderr and "updated 20" in p.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the job stops and records it
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    s = json.loads(daskem("status", job_id, DASKEM_HOME=str(home)).stdout)
+    assert s["state"] == "failed" and s["progress"]["iteration"] >= i  # the last recorded progress stays
 
 
 def test_submit_needs_a_cluster(tmp_path, store):

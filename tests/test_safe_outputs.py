@@ -373,7 +373,7 @@ def test_cli_message_translates_keywords_only():
     assert cli_message("increase reg_covar, or fit with missing='marginalize'") == (
         "increase --reg-covar, or fit with --missing marginalize"
     )
-    assert cli_message("n_components=5 must be <= n_samples=3") == "--k 5 must be <= n_samples=3"
+    assert cli_message("n_components=5 must be <= n_samples=3") == "--k 5 must be <= the number of rows (3)"
     assert cli_message("no such Zarr store: /data/reg_covar/tol.zarr") == "no such Zarr store: /data/reg_covar/tol.zarr"
 
 
