@@ -6,8 +6,9 @@ cannot call its fixed-point map when it likes. Each run is instead an
 statistics the next pass must compute (:meth:`EMAccelerator.proposal`, None
 once the run is done), makes the pass for all runs together, and hands each
 run its statistics (:meth:`EMAccelerator.receive`). The machine knows nothing
-Gaussian: the model comes in as four callables (``m_step``, ``objective`` and,
-for SQUAREM, ``to_vector`` / ``from_vector``).
+Gaussian: the model comes in as callables (``m_step``, ``objective`` and,
+for SQUAREM, ``to_vector`` / ``from_vector`` and optionally ``scale``, the
+metric of the step lengths).
 
 Plain EM (``method=None``) is the machine with one state: every pass is an
 E-step at the current parameters followed by the M-step, exactly as
@@ -207,6 +208,11 @@ class EMAccelerator:
     to_vector, from_vector : callable, optional
         ``params -> 1-d float64 array`` and ``(vector, like) -> params or
         None`` (None: no valid model there). Required for SQUAREM.
+    scale : callable, optional
+        ``params -> positive weights of the vector's coordinates`` (or None):
+        the metric of the step lengths and of EM's observed rate, taken at
+        each cycle's ``x0`` (the Gaussian model's makes them independent of
+        the data's units). Default: Euclidean.
     method : {None, "squarem"}
         None is plain EM.
     tol : float
@@ -246,6 +252,7 @@ class EMAccelerator:
         objective: Callable[[Stats], float],
         to_vector: Callable[[Params], np.ndarray] | None = None,
         from_vector: Callable[[np.ndarray, Params], Params | None] | None = None,
+        scale: Callable[[Params], np.ndarray | None] | None = None,
         method: str | None = "squarem",
         tol: float = 1e-3,
         max_iter: int = 100,
@@ -264,6 +271,7 @@ class EMAccelerator:
         self.objective = objective
         self.to_vector = to_vector
         self.from_vector = from_vector
+        self.scale = scale
         self.method = method
         self.tol = float(tol)
         self.max_iter = int(max_iter)
@@ -415,7 +423,9 @@ class EMAccelerator:
         r = v1 - v0
         q = v2 - v1
         v = q - r
-        sr, sq, sv = (float(np.sqrt(np.dot(a, a))) for a in (r, q, v))
+        # the norms in the model's metric at x0 (e.g. independent of the data's units)
+        w = self.scale(x0) if self.scale is not None else None
+        sr, sq, sv = (float(np.linalg.norm(a if w is None else w * a)) for a in (r, q, v))
         self.rates = [*self.rates, sq / sr if sr > 0.0 else 0.0][-_RATE_WINDOW:]
         if self.remaining() < self.tol:
             self.converged = self.done = True
@@ -469,6 +479,10 @@ class EMAccelerator:
             self._reject()
             return
         x1, perturbed = self._em_point(stats, xf, ll)
+        if perturbed:
+            # EM's map had to re-seed (or failed) at the stabilised point: not accepted
+            self._reject()
+            return
         self._grow(self.alpha)
         # accepted: the pass at M(x') was the first pass of the next cycle
         self._accept(ll, x1)
@@ -565,6 +579,7 @@ class EMAccelerator:
         objective: Callable[[Stats], float],
         to_vector: Callable[[Params], np.ndarray] | None = None,
         from_vector: Callable[[np.ndarray, Params], Params | None] | None = None,
+        scale: Callable[[Params], np.ndarray | None] | None = None,
     ) -> EMAccelerator:
         """Rebuild a machine from :meth:`state`'s output; it continues exactly where that one was."""
         points = {
@@ -577,6 +592,7 @@ class EMAccelerator:
             objective=objective,
             to_vector=to_vector,
             from_vector=from_vector,
+            scale=scale,
             method=meta["method"],
             tol=meta["tol"],
             max_iter=meta["max_iter"],

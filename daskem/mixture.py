@@ -194,7 +194,7 @@ class GaussianMixture(BaseMixture):
         reg_covar: float = 1e-6,
         max_iter: int = 100,
         n_init: int = 1,
-        accelerate: str | None = None,
+        accelerate: str | None = "squarem",
         init_params: str = "kmeans",
         weights_init: Any = None,
         means_init: Any = None,
