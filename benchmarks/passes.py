@@ -8,7 +8,8 @@ the fit loop's pass counter for the traces) on in-process numpy fits.
 Six data sets x ``full`` and ``diag`` x 5 seeds (``n_init=1``,
 ``random_state=seed``):
 
-* ``overlap16``: 200,000 x 16, K=8, overlapping components;
+* ``overlap16``: 200,000 x 16, K=8, overlapping components (centres drawn
+  with standard deviation 0.5, per-column spreads 0.6-1.4);
 * ``digits``: scikit-learn's digits, 1,797 x 64, K=10;
 * ``china``: the pixels of scikit-learn's ``china.jpg``, 273,280 x 3, K=8;
 * ``separated5``: 100,000 x 5, K=6, well separated;
@@ -98,7 +99,7 @@ def load(name: str) -> tuple[np.ndarray, int]:
     rng = np.random.default_rng(12)
     if name == "overlap16":
         n, d, k = 200_000, 16, 8
-        centres = rng.normal(scale=1.0, size=(k, d))
+        centres = rng.normal(scale=0.5, size=(k, d))  # as the issue's: k-means over all rows needs ~20 passes
         scales = rng.uniform(0.6, 1.4, size=(k, d))
         lab = rng.integers(0, k, size=n)
         return centres[lab] + rng.standard_normal((n, d)) * scales[lab], k
@@ -206,7 +207,13 @@ def case(X: np.ndarray, k: int, cov: str, seed: int, c_options: dict | None = No
     lstar = plain["final"]
     target = lstar - NEAR
     acc = trace(
-        Xd, model, params, _fitloop.AcceleratedRun, tol=0.0, max_iter=max(200, 2 * len(plain["per_pass"])), stop_at=target
+        Xd,
+        model,
+        params,
+        _fitloop.AcceleratedRun,
+        tol=0.0,
+        max_iter=max(200, 2 * len(plain["per_pass"])),
+        stop_at=target,
     )
     out["lstar"] = {"loglik": lstar, "passes": plain["n_iter"], "converged": plain["converged"]}
     out["gap"] = lstar - out["c"]["loglik"]
@@ -262,11 +269,15 @@ def print_table(cases: list[dict], summary: dict) -> None:
 def print_targets(summary: dict, ooc: dict | None) -> None:
     s = summary
     print()
-    print(f"cases: {s['cases']}; median passes (a) {s['passes_median']['a']}, (b) {s['passes_median']['b']}, "
-          f"(c) {s['passes_median']['c']}")
+    print(
+        f"cases: {s['cases']}; median passes (a) {s['passes_median']['a']}, (b) {s['passes_median']['b']}, "
+        f"(c) {s['passes_median']['c']}"
+    )
     print(f"1. median passes new defaults / today's defaults: {s['passes_ratio_median']:.3f}  (target <= 0.35)")
-    print(f"2. share of cases within 1e-4 of L*: {s['share_within']:.1%}  (target >= 90%; "
-          f"median gap {s['gap_median']:.2e}, largest {s['gap_max']:.2e})")
+    print(
+        f"2. share of cases within 1e-4 of L*: {s['share_within']:.1%}  (target >= 90%; "
+        f"median gap {s['gap_median']:.2e}, largest {s['gap_max']:.2e})"
+    )
     print(f"3. median accelerated / plain passes to L* - 1e-4: {s['accel_ratio_median']:.3f}  (target <= 0.3)")
     if ooc:
         print(
@@ -300,8 +311,9 @@ def out_of_core(rows: int, rounds: int = 3) -> dict:
         info: dict[str, dict] = {}
         with (
             dask.config.set({"distributed.worker.memory.spill": False}),
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="400MB")
-            as cl,
+            LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="400MB"
+            ) as cl,
             Client(cl),
         ):
             for r in range(rounds + 1):
@@ -309,9 +321,9 @@ def out_of_core(rows: int, rounds: int = 3) -> dict:
                     t = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        est = daskem.GaussianMixture(
-                            k, covariance_type="diag", random_state=0, cache=False, **kw
-                        ).fit(str(store))
+                        est = daskem.GaussianMixture(k, covariance_type="diag", random_state=0, cache=False, **kw).fit(
+                            str(store)
+                        )
                     dt = time.perf_counter() - t
                     if r:  # the first round warms up
                         times[name].append(dt)
@@ -365,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarise(cases) if cases else {}
     ooc = out_of_core(args.ooc_rows) if (args.out_of_core or args.ooc_only) else None
     res = {
-        "command": "PYTHONPATH=$PWD python benchmarks/passes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "PYTHONPATH=$PWD python benchmarks/passes.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "defaults": {"accelerate": daskem.GaussianMixture().accelerate, "tol": daskem.GaussianMixture().tol},
         "targets": TARGETS,
         "summary": summary,

@@ -81,8 +81,8 @@ _MODEL_OPTIONS: list[tuple[str, dict]] = [
         "accelerate",
         {
             "choices": ["none", "squarem"],
-            "help": "squarem: SQUAREM-accelerated EM (fewer passes on slowly converging data); none: plain EM, "
-            "scikit-learn's trajectory (default: none)",
+            "help": "squarem: SQUAREM-accelerated EM, stopping on the estimated remaining gain (fewer passes "
+            "on slowly converging data); none: plain EM, scikit-learn's trajectory and tol (default: squarem)",
         },
     ),
     ("missing", {"choices": ["error", "marginalize"], "help": "what to do with NaN entries (default: error)"}),

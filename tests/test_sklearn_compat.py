@@ -52,7 +52,9 @@ def test_tags_say_density_estimator() -> None:
 def test_pipeline_equals_sklearn_pipeline(X) -> None:
     Z = StandardScaler().fit_transform(X)
     init = sklearn_init(Z, 3, "full")
-    ours = Pipeline([("s", StandardScaler()), ("gm", daskem.GaussianMixture(3, tol=1e-8, accelerate=None, **init))]).fit(X)
+    ours = Pipeline(
+        [("s", StandardScaler()), ("gm", daskem.GaussianMixture(3, tol=1e-8, accelerate=None, **init))]
+    ).fit(X)
     ref = Pipeline([("s", StandardScaler()), ("gm", SkGaussianMixture(3, tol=1e-8, **init))]).fit(X)
     assert ours.score(X) == pytest.approx(ref.score(X), rel=1e-10)
     np.testing.assert_array_equal(ours.predict(X), ref.predict(X))
