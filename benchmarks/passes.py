@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     c_options = {}
     for kv in args.c:
         key, value = kv.split("=", 1)
-        c_options[key] = None if value == "None" else (float(value) if key == "tol" else value)
+        c_options[key] = None if value == "None" else json.loads(value) if value[0] in "0123456789.-" else value
     t0 = time.perf_counter()
     cases: list[dict] = []
     if not args.ooc_only:
