@@ -305,6 +305,31 @@ def print_em_targets(s: dict) -> None:
     )
 
 
+def markdown(cases: list[dict]) -> str:
+    """One row per data set and covariance type: medians over the seeds (README's table)."""
+    rows = [
+        "| data | cov | passes (a) today | (b) new init, plain EM | (c) new defaults | (c)'s gap to L* | "
+        "(c) within 1e-4 | passes to L* - 1e-4: plain | accelerated |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for c in cases:
+        groups.setdefault((c["data"], c["cov"]), []).append(c)
+    for (name, cov), cs in groups.items():
+
+        def med(f, cs=cs):
+            return statistics.median(f(c) for c in cs)
+
+        shape = f"{cs[0]['N']:,} x {cs[0]['D']}, K={cs[0]['K']}"
+        rows.append(
+            f"| {name} ({shape}) | {cov} | {med(lambda c: c['a']['passes']):g} | {med(lambda c: c['b']['passes']):g} "
+            f"| {med(lambda c: c['c']['passes']):g} | {med(lambda c: c['gap']):.1e} | "
+            f"{sum(c['gap'] <= NEAR for c in cs)}/{len(cs)} | {med(lambda c: c['to_target']['plain'] or math.inf):g} "
+            f"| {med(lambda c: c['to_target']['squarem'] or math.inf):g} |"
+        )
+    return "\n".join(rows)
+
+
 # --------------------------------------------------------------------------
 # out of core
 # --------------------------------------------------------------------------
@@ -372,12 +397,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--c", nargs="*", default=[], metavar="KEY=VALUE", help="options of (c) other than the defaults (tuning)"
     )
     ap.add_argument("--from-json", metavar="PATH", help="print the table and targets of an earlier run")
+    ap.add_argument("--markdown", action="store_true", help="with --from-json: README's table")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "passes.json"))
     args = ap.parse_args(argv)
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())
         res["summary"] = summarise(res["cases"]) if res["cases"] else {}
-        if res["cases"]:
+        if args.markdown:
+            print(markdown(res["cases"]))
+        elif res["cases"]:
             print_table(res["cases"], res["summary"])
             print_targets(res["summary"], res.get("out_of_core"))
         else:
