@@ -308,7 +308,7 @@ def print_em_targets(s: dict) -> None:
 def markdown(cases: list[dict]) -> str:
     """One row per data set and covariance type: medians over the seeds (README's table)."""
     rows = [
-        "| data | cov | passes (a) today | (b) new init, plain EM | (c) new defaults | (c)'s gap to L* | "
+        "| data | cov | passes (a) former defaults | (b) new init, plain EM | (c) new defaults | (c)'s gap to L* | "
         "(c) within 1e-4 | passes to L* - 1e-4: plain | accelerated |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
