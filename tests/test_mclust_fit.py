@@ -307,7 +307,8 @@ def test_faithful_collapsed_component_is_flagged_and_never_chosen() -> None:
         flagged = [r for r in gm.runs_ if r["degenerate"]]
         found += len(flagged)
         chosen = max((r for r in gm.runs_ if not r["degenerate"]), key=lambda r: r["lower_bound"])
-        assert gm.lower_bound_ == chosen["lower_bound"]
+        # (restarts within 1e-9 relative of the best count as equal: best_run keeps the first of them)
+        assert gm.lower_bound_ == pytest.approx(chosen["lower_bound"], rel=1e-9, abs=0)
         # the chosen run is never a flagged one (that a degenerate optimum can be the highest is
         # shown by the collapsed start above)
         assert not any(r["degenerate"] and r["lower_bound"] == gm.lower_bound_ for r in gm.runs_)
