@@ -259,7 +259,14 @@ class AcceleratedRun(Run):
         if step.model.loglik(s)[1] == 0:
             raise InputError("no training rows to fit on")
         m = self._bind(step)
-        m.receive(s)
+        try:
+            m.receive(s)
+        finally:
+            # the bound callables hold the pass source (a persisted array, through the re-seeding pool)
+            # in a reference cycle with the machine: unbind them, so that the data are released with the
+            # fit, not at the next garbage collection
+            m.m_step = m.objective = m.to_vector = m.from_vector = _unbound
+            m.scale = None
         self._sync()
 
     def _sync(self) -> None:
