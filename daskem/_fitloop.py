@@ -222,11 +222,20 @@ class AcceleratedRun(Run):
         model = step.model
 
         def m_step(stats: Any, params: Any) -> tuple[Any, bool]:
-            new, empty = model.m_step(stats, params)
+            if m.stage in ("C", "D"):
+                # at an extrapolated point (or its image): an ill-defined M-step rejects the point, not the run
+                try:
+                    new, empty = model.m_step(stats, params)
+                except RUN_FAILURES as exc:
+                    if isinstance(exc, InputError):
+                        raise
+                    return params, True
+            else:
+                new, empty = model.m_step(stats, params)
             if not empty.any():
                 return new, False
-            if m.stage == "C":
-                # the M-step at an extrapolated point: the machine rejects the point, the image is not used
+            if m.stage in ("C", "D"):
+                # at an extrapolated point or its image: the machine rejects the point, the image is not used
                 return new, True
             warnings.warn(
                 f"{int(empty.sum())} component(s) of run {self.tag} received no rows at "
@@ -240,6 +249,7 @@ class AcceleratedRun(Run):
         m.objective = model.objective
         m.to_vector = model.to_vector
         m.from_vector = model.from_vector
+        m.scale = getattr(model, "vector_scale", None)
         m.tol = float(step.tol)
         m.max_iter = int(step.max_iter)
         return m
@@ -253,7 +263,14 @@ class AcceleratedRun(Run):
         if step.model.loglik(s)[1] == 0:
             raise InputError("no training rows to fit on")
         m = self._bind(step)
-        m.receive(s)
+        try:
+            m.receive(s)
+        finally:
+            # the bound callables hold the pass source (a persisted array, through the re-seeding pool)
+            # in a reference cycle with the machine: unbind them, so that the data are released with the
+            # fit, not at the next garbage collection
+            m.m_step = m.objective = m.to_vector = m.from_vector = _unbound
+            m.scale = None
         self._sync()
 
     def _sync(self) -> None:

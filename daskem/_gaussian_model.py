@@ -325,6 +325,36 @@ class GaussianModel:
                 return None
         return GaussianParams(weights, means, cov, pc, like.covariance_type)
 
+    def vector_scale(self, params: GaussianParams) -> np.ndarray:
+        """Per-coordinate weights of :meth:`to_vector` that make SQUAREM's step lengths scale-invariant.
+
+        The extrapolation itself is an affine combination of points, which
+        commutes with a change of the columns' units (``x -> x diag(s) + b``
+        maps the means affinely, the precision factors' rows by ``1/s`` and
+        shifts the log-diagonals), but its step length ``||r|| / ||v||`` and
+        EM's observed rate are norms. Measured with these weights they do not
+        depend on the units: the means are divided by the mixture's marginal
+        standard deviation of their column (from ``params``, so it moves with
+        the units), the strict upper triangle of row ``i`` of a precision
+        factor is multiplied by column ``i``'s; log-weights and log-diagonals
+        are left as they are (a change of units only shifts them).
+        """
+        k, d = params.means.shape
+        w = np.asarray(params.weights, dtype=np.float64)
+        means = np.asarray(params.means, dtype=np.float64)
+        covs = cov_.dense_covariances(params.covariances, params.covariance_type, k, d)
+        var = w @ np.diagonal(covs, axis1=1, axis2=2) + w @ means**2 - (w @ means) ** 2
+        sd = np.sqrt(np.maximum(var, 0.0))
+        sd = np.where(np.isfinite(sd) & (sd > 0.0), sd, 1.0)
+        parts = [np.ones(k), np.tile(1.0 / sd, k)]
+        if params.layout in ("full", "tied"):
+            m = k if params.layout == "full" else 1
+            iu = np.triu_indices(d, 1)
+            parts += [np.ones(m * d), np.tile(sd[iu[0]], m)]
+        else:
+            parts.append(np.ones(params.precisions_cholesky.size))
+        return np.concatenate(parts)
+
     def scoring_model(self) -> GaussianModel:
         return dataclasses.replace(self, hard=False)
 

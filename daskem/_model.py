@@ -33,6 +33,10 @@ the engine.
 
 Optional: a ``chunk_order`` attribute (``"C"`` or ``"F"``), the memory order
 in which persisted chunks are laid out for the kernel (default ``"C"``).
+Optional too: a ``vector_scale(params)`` method, positive weights of
+:meth:`MixtureModel.to_vector`'s coordinates for SQUAREM's norms (its step
+lengths and EM's observed rate), e.g. to make them independent of the data's
+units (default: plain Euclidean norms).
 
 A minimal complete implementation (a 1-D two-component mean model) lives in
 ``tests/test_seam.py``; :class:`daskem._gaussian_model.GaussianModel` is the

@@ -211,7 +211,8 @@ def test_float32_fit_caches_a_float32_copy() -> None:
     assert persisted and Xp.dtype == np.float32
     assert engine.prepare_data(Xd, False, dtype="float32")[0].dtype == np.float64  # streamed: untouched
     assert engine.prepare_data(Xd, True)[0].dtype == np.float64
-    opts = dict(dtype="float32", tol=1e-6, max_iter=50, **sklearn_init(X, 3, "full"))
+    # plain EM: in float32, an extrapolation's step amplifies the two paths' round-off
+    opts = dict(dtype="float32", tol=1e-6, max_iter=50, accelerate=None, **sklearn_init(X, 3, "full"))
     cached = daskem.GaussianMixture(3, cache=True, **opts).fit(Xd)
     streamed = daskem.GaussianMixture(3, cache=False, **opts).fit(Xd)
     assert cached.n_iter_ == streamed.n_iter_

@@ -38,10 +38,11 @@ def assert_same_fit(ours: daskem.GaussianMixture, ref: SkGaussianMixture, rtol: 
 def test_parity_with_sklearn(covariance_type: str, kind: str) -> None:
     X = make_blobs(n=5000, d=4, k=3, seed=2)
     init = sklearn_init(X, 3, covariance_type)
+    # accelerate=None: plain EM, scikit-learn's trajectory step by step (the default accelerates)
     opts = dict(covariance_type=covariance_type, tol=1e-8, max_iter=300, reg_covar=1e-6, **init)
     ref = SkGaussianMixture(3, **opts).fit(X)
     data = X if kind == "numpy" else _uneven(X)
-    ours = daskem.GaussianMixture(3, **opts).fit(data)
+    ours = daskem.GaussianMixture(3, accelerate=None, **opts).fit(data)
     assert ref.n_iter_ > 3  # a real trajectory, not one step
     assert_same_fit(ours, ref)
     # the fitted model also predicts and scores like scikit-learn
@@ -62,7 +63,7 @@ def test_parity_hits_max_iter_like_sklearn(covariance_type: str) -> None:
         warnings.simplefilter("ignore")
         ref = SkGaussianMixture(4, **opts).fit(X)
     with pytest.warns(daskem.ConvergenceWarning):
-        ours = daskem.GaussianMixture(4, **opts).fit(_uneven(X) if X.shape[0] > 3700 else X)
+        ours = daskem.GaussianMixture(4, accelerate=None, **opts).fit(_uneven(X) if X.shape[0] > 3700 else X)
     assert ours.n_iter_ == 7 and not ours.converged_
     assert_same_fit(ours, ref)
 
@@ -120,6 +121,6 @@ def test_parity_with_sklearn_through_the_outer_product_kernel(covariance_type: s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = SkGaussianMixture(8, **opts).fit(X)
-        ours = daskem.GaussianMixture(8, **opts).fit(_uneven(X))
+        ours = daskem.GaussianMixture(8, accelerate=None, **opts).fit(_uneven(X))
     assert ref.n_iter_ > 3
     assert_same_fit(ours, ref)

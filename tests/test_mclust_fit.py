@@ -307,7 +307,8 @@ def test_faithful_collapsed_component_is_flagged_and_never_chosen() -> None:
         flagged = [r for r in gm.runs_ if r["degenerate"]]
         found += len(flagged)
         chosen = max((r for r in gm.runs_ if not r["degenerate"]), key=lambda r: r["lower_bound"])
-        assert gm.lower_bound_ == chosen["lower_bound"]
+        # (restarts within 1e-9 relative of the best count as equal: best_run keeps the first of them)
+        assert gm.lower_bound_ == pytest.approx(chosen["lower_bound"], rel=1e-9, abs=0)
         # the chosen run is never a flagged one (that a degenerate optimum can be the highest is
         # shown by the collapsed start above)
         assert not any(r["degenerate"] and r["lower_bound"] == gm.lower_bound_ for r in gm.runs_)
@@ -336,7 +337,11 @@ def test_a_failed_restart_is_dropped_with_a_warning() -> None:
     """With reg_covar=0, restarts whose component lands on 4 identical rows fail; the others carry the fit."""
     rng = np.random.default_rng(0)
     X = np.vstack([rng.normal(size=(300, 2)), np.tile([6.0, 6.0], (4, 1))])
-    opts = dict(covariance_type="VVV", reg_covar=0.0, n_init=6, init_params="random_from_data", max_iter=200)
+    # plain EM: at reg_covar=0 the likelihood is unbounded at the 4 identical rows, and accelerated EM
+    # climbs towards that collapse in every restart (so every restart fails)
+    opts = dict(
+        covariance_type="VVV", reg_covar=0.0, n_init=6, init_params="random_from_data", max_iter=200, accelerate=None
+    )
     with pytest.warns(RuntimeWarning, match="run \\{'k': 3, 'init': \\d\\} failed at iteration \\d+ and was dropped"):
         gm = daskem.GaussianMixture(3, random_state=0, **opts).fit(X)
     failed = [r for r in gm.runs_ if r["failed"]]

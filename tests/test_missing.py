@@ -194,6 +194,7 @@ def test_tiny_loglik_and_em_step_match_brute_force(ct):
         missing="marginalize",
         tol=0.0,
         max_iter=10,
+        accelerate=None,  # plain EM: the brute-force EM steps above
         weights_init=_tiny_params(ct).weights,
         means_init=_tiny_params(ct).means,
         precisions_init=_tiny_params(ct).precisions,

@@ -14,7 +14,9 @@ from daskem._engine import RowSplit
 
 N, D, K = 20_000, 3, 5
 KS = [3, 4, 5, 6, 7]
-OPTS = dict(covariance_type="full", n_init=2, random_state=1, chunk_bytes=80_000)
+# plain EM: converged fits of K=6, 7 score within 2e-4 per row of K=5 on the held-out rows (noise), and the
+# accelerated default, which does not stop early, lets validation choose K=7
+OPTS = dict(covariance_type="full", n_init=2, random_state=1, chunk_bytes=80_000, accelerate=None)
 
 
 @pytest.fixture(scope="module")

@@ -468,3 +468,35 @@ def test_vector_roundtrip_and_every_extrapolated_point_is_a_valid_model(ctype):
     # a structure stored in another's layout (internal k-means): its constraints are no coordinates
     km = GaussianParams.from_covariances(p0.weights, p0.means, np.ones(len(p0.weights)), "kmeans")
     assert gaussian_from_vector(gaussian_to_vector(km), km) is None
+
+
+@pytest.mark.parametrize("ctype", ["full", "diag"])
+def test_step_lengths_in_the_models_metric_do_not_depend_on_the_units(ctype):
+    """X and X diag(s) + b from corresponding starts: with the model's ``vector_scale`` the same path (passes,
+    accept/reject decisions, log-likelihoods up to the Jacobian term); with Euclidean norms another path."""
+    X = overlapping_2d(3000, noise=0.6)
+    s, b = np.array([1e-3, 1e3]), np.array([5.0, -2e4])
+    Y = X * s + b
+    rng = np.random.default_rng(1)
+    lab = np.argmin(((X[:, None, :] - X[rng.choice(len(X), 3, replace=False)][None]) ** 2).sum(-1), axis=1)
+    p = params_from_labels(X, lab, 3, ctype)
+    cov = p.covariances * (np.outer(s, s) if ctype == "full" else s**2)
+    q = GaussianParams.from_covariances(p.weights, p.means * s + b, cov, ctype)
+    jac = np.log(s).sum()
+    runs = {}
+    for name, data, start, scale in (
+        ("x", X, p, GaussianModel().vector_scale),
+        ("y", Y, q, GaussianModel().vector_scale),
+        ("y_euclid", Y, q, None),
+    ):
+        m = gaussian_machine(start, "squarem", tol=1e-9, max_iter=400, reg=0.0)
+        m.scale = scale
+        runs[name] = (trajectory(data, m), m)
+    (tx, mx), (ty, _), (te, _) = runs["x"], runs["y"], runs["y_euclid"]
+    assert mx.n_extrapolations > 3
+    # the first 30 passes (later, round-off of sums over the offset columns may flip a decision)
+    n = 30
+    assert len(tx) > n and len(ty) > n and len(te) > n
+    np.testing.assert_allclose([v + jac for _, v in ty[:n]], [v for _, v in tx[:n]], rtol=1e-9)
+    # Euclidean norms mix units: another sequence of steps
+    assert [v + jac for _, v in te[:n]] != pytest.approx([v for _, v in tx[:n]], rel=1e-6)
