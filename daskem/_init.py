@@ -65,7 +65,12 @@ KMEANS_MAX_ITER = 20
 #: explains the sample best (log-likelihood, a scale-invariant choice) is kept.
 #: Measured with ``benchmarks/init_quality.py``: on digits (full, K=10) the median
 #: final log-likelihood over 5 seeds rose from -12.8 to -9.4 per row with 4 candidates.
-KMEANS_CANDIDATES = 4
+KMEANS_CANDIDATES: tuple[tuple[str, bool], ...] = (
+    ("kmeans", False),
+    ("kmeans", True),
+    ("kmeans", False),
+    ("kmeans", True),
+)
 #: sample rows at most on which the candidates are scored
 SCORE_ROWS = 10_000
 #: EM iterations on those rows before a candidate's log-likelihood is taken
@@ -254,6 +259,12 @@ def _sample_centres(
     return out
 
 
+def _candidate_kinds(covariance_type: str, d: int) -> tuple[tuple[str, bool], ...]:
+    """The (seeding, whitened) of each candidate a ``kmeans`` restart tries (:data:`KMEANS_CANDIDATES`)."""
+    white = cov_.layout(covariance_type) == "tied" and d > 1
+    return tuple((kind, white and w) for kind, w in KMEANS_CANDIDATES)
+
+
 def _best_kmeans(
     rows: np.ndarray,
     Z: np.ndarray,
@@ -264,21 +275,25 @@ def _best_kmeans(
     covariance_type: str,
     reg_covar: float,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per restart, the best of :data:`KMEANS_CANDIDATES` k-means solutions.
+    """Per restart, the best of the :data:`KMEANS_CANDIDATES` solutions on the sample.
 
-    For ``tied`` every other candidate is k-means on whitened rows (the
-    sample's correlation removed): one covariance shared by all components
-    makes the metric matter, and the model is invariant to any linear map of
-    the data (measured with ``benchmarks/init_quality.py``: iris K=4 and
-    wdbc K=2..4 reached better optima; for ``full`` whitened candidates won
-    the short EM on iris K=3 and then ended 0.06 per row lower, so ``full``
-    keeps standardised ones). Returns the centres (data units) and the
-    metric of each restart's hard pass.
+    Candidates are k-means solutions (k-means++ seeds and Lloyd) and bare
+    k-means++ seeds: Lloyd from different seeds mostly ends at one partition,
+    so restarts of k-means alone explore little (wdbc, VVV, G=2: every
+    restart ended 256 nats below mclust), while the seeds' own partitions
+    are diverse and the short EM of :func:`_sample_score` picks those that
+    lead to good optima. For ``tied`` the candidates marked whitened work on
+    whitened rows (the sample's correlation removed): one covariance shared
+    by all components makes the metric matter, and the model is invariant
+    to any linear map of the data (measured with ``benchmarks/init_quality.py``:
+    iris K=4 and wdbc K=2..4 reached better optima; for ``full`` whitened
+    candidates won the short EM on iris K=3 and then ended 0.06 per row
+    lower, so ``full`` keeps standardised ones). Returns the centres (data
+    units) and the metric of each restart's hard pass.
     """
     variances = scale**2
-    white = None
-    if cov_.layout(covariance_type) == "tied" and Z.shape[1] > 1 and KMEANS_CANDIDATES > 1:
-        white = _kmeans.whiten(Z)
+    kinds = _candidate_kinds(covariance_type, Z.shape[1])
+    white = _kmeans.whiten(Z) if any(w for _, w in kinds) else None
     scored = rows
     if rows.shape[0] > SCORE_ROWS:
         # a fixed subset (the sample is in row order): the same for every run
@@ -287,12 +302,13 @@ def _best_kmeans(
     centres, metrics = [], []
     for k, r in zip(components, rngs):
         cands = []
-        for j in range(KMEANS_CANDIDATES):
-            if white is not None and j % 2 == 1:
+        for kind, whitened in kinds:
+            seed = _kmeans.kmeans if kind == "kmeans" else kmeans_plusplus
+            if whitened and white is not None:
                 W, L = white
-                cands.append((centre + scale * (_kmeans.kmeans(W, k, r) @ L.T), scale[:, None] * (L @ L.T) * scale))
+                cands.append((centre + scale * (seed(W, k, r) @ L.T), scale[:, None] * (L @ L.T) * scale))
             else:
-                cands.append((centre + scale * _kmeans.kmeans(Z, k, r), variances))
+                cands.append((centre + scale * seed(Z, k, r), variances))
         if len(cands) == 1:
             best_i = 0
         else:
