@@ -154,17 +154,26 @@ def verdict(row: dict) -> bool:
 
 
 def run(
-    datasets: list[str], models: list[str], gs: list[int], init: str, n_init: int, seed: int, options: dict
+    datasets: list[str],
+    models: list[str],
+    gs: list[int],
+    init: str,
+    n_init: int,
+    seed: int,
+    options: dict,
+    only: set[tuple[str, str, int]] | None = None,
 ) -> list[dict]:
     rows = []
     for name in datasets:
+        if only is not None and not any(c[0] == name for c in only):
+            continue
         X, fits = load(name)
         t0 = time.perf_counter()
         for m in models:
             cov = MODELS[m]
             for G in gs:
                 ref = fits.get((m, G))
-                if ref is None:
+                if ref is None or (only is not None and (name, m, G) not in only):
                     continue
                 row = {"data": name, "model": m, "cov": cov, "G": G, "mclust": ref["loglik"]}
                 row["mclust_degenerate"] = mclust_degenerate(ref, cov, X.shape[0])
@@ -188,12 +197,15 @@ def report(rows: list[dict]) -> None:
     for r in misses:
         gap = r["daskem"] - r["mclust"] if r["daskem"] is not None and r["mclust"] is not None else math.nan
         note = "degenerate" if r["degenerate"] else (r.get("error") or "")
-        print(f"{r['data']:9s} {r['model']:5s} {r['G']:>2d} {_fmt(r['daskem'])} {_fmt(r['mclust'])} {gap:>+10.3f}  {note}")
+        print(
+            f"{r['data']:9s} {r['model']:5s} {r['G']:>2d} {_fmt(r['daskem'])} {_fmt(r['mclust'])} {gap:>+10.3f}  {note}"
+        )
     na = [r for r in rows if r["mclust"] is None]
     if na:
-        print("\nmclust NA (met when daskem keeps a sound fit): " + ", ".join(
-            f"{r['data']} {r['model']} {r['G']}: {'met' if r['met'] else 'miss'}" for r in na
-        ))
+        print(
+            "\nmclust NA (met when daskem keeps a sound fit): "
+            + ", ".join(f"{r['data']} {r['model']} {r['G']}: {'met' if r['met'] else 'miss'}" for r in na)
+        )
     above = sum(r["met"] and r["mclust"] is not None and r["daskem"] > r["mclust"] + MARGIN for r in rows)
     deg = sum(bool(r["degenerate"]) for r in rows)
     n_met = sum(r["met"] for r in rows)
@@ -211,10 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", default="kmeans", help="init_params (default: kmeans)")
     ap.add_argument("--n-init", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cases", nargs="*", help="only these cases, e.g. wdbc:VVV:2 faithful:VVV:4")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "mclust_init.json"))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    rows = run(args.datasets, args.models, args.gs, args.init, args.n_init, args.seed, FIT_OPTIONS)
+    only = None
+    if args.cases:
+        only = {(d, m, int(g)) for d, m, g in (c.split(":") for c in args.cases)}
+    rows = run(args.datasets, args.models, args.gs, args.init, args.n_init, args.seed, FIT_OPTIONS, only)
     report(rows)
     out = {
         "init_params": args.init,

@@ -71,6 +71,9 @@ KMEANS_CANDIDATES: tuple[tuple[str, bool], ...] = (
     ("kmeans", False),
     ("kmeans", True),
 )
+#: further candidates a restart draws at most when none of the first gives a
+#: well-defined model on the sample
+EXTRA_CANDIDATES = 8
 #: sample rows at most on which the candidates are scored
 SCORE_ROWS = 10_000
 #: EM iterations on those rows before a candidate's log-likelihood is taken
@@ -172,13 +175,29 @@ def _hard_pass_params(
     metrics = [None] * len(centers_list) if metrics is None else metrics
     start = [_assign_params(np.asarray(c, dtype=np.float64), covariance_type, m) for c, m in zip(centers_list, metrics)]
     stats = passes.statistics(hard, start)
-    out = []
+    out: list[GaussianParams | None] = []
+    errors: list[Exception] = []
     for p0, s in zip(start, stats):
-        p, empty = hard.m_step(s, _as_type(p0, covariance_type))
+        try:
+            p, empty = hard.m_step(s, _as_type(p0, covariance_type))
+        except InputError:
+            raise
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError) as exc:
+            # this restart's partition has a component whose covariance is
+            # ill-defined (reg_covar=0 on rounded data): the run is dropped,
+            # unless it was its K's last one
+            errors.append(exc)
+            out.append(None)
+            continue
         if empty.any():
             p = hard.reseed(p, empty, passes.sample())
         out.append(p)
-    return out
+    if errors:
+        ks = [p0.n_components for p0 in start]
+        for k in set(ks):
+            if all(p is None for p, kk in zip(out, ks) if kk == k):
+                raise errors[0]
+    return [p for p in out if p is not None]
 
 
 def _as_type(p0: GaussianParams, covariance_type: str) -> GaussianParams:
@@ -259,10 +278,16 @@ def _sample_centres(
     return out
 
 
+def _random_rows(Z: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    return Z[rng.choice(Z.shape[0], size=k, replace=Z.shape[0] < k)]
+
+
 def _candidate_kinds(covariance_type: str, d: int) -> tuple[tuple[str, bool], ...]:
     """The (seeding, whitened) of each candidate a ``kmeans`` restart tries (:data:`KMEANS_CANDIDATES`)."""
-    white = cov_.layout(covariance_type) == "tied" and d > 1
-    return tuple((kind, white and w) for kind, w in KMEANS_CANDIDATES)
+    layout = cov_.layout(covariance_type)
+    # whitened rows are assigned with a full metric: for the full and tied layouts only
+    ok = {True: layout in ("full", "tied"), "tied": layout == "tied", False: False}
+    return tuple((kind, d > 1 and ok[w]) for kind, w in KMEANS_CANDIDATES)
 
 
 def _best_kmeans(
@@ -301,22 +326,31 @@ def _best_kmeans(
         scored = rows[np.sort(pick)]
     centres, metrics = [], []
     for k, r in zip(components, rngs):
-        cands = []
-        for kind, whitened in kinds:
-            seed = _kmeans.kmeans if kind == "kmeans" else kmeans_plusplus
+
+        def draw(kind: str, whitened: bool) -> tuple[np.ndarray, np.ndarray]:
+            seed = {"kmeans": _kmeans.kmeans, "k-means++": kmeans_plusplus, "random_from_data": _random_rows}[kind]
             if whitened and white is not None:
                 W, L = white
-                cands.append((centre + scale * (seed(W, k, r) @ L.T), scale[:, None] * (L @ L.T) * scale))
-            else:
-                cands.append((centre + scale * seed(Z, k, r), variances))
-        if len(cands) == 1:
-            best_i = 0
-        else:
+                return centre + scale * (seed(W, k, r) @ L.T), scale[:, None] * (L @ L.T) * scale  # noqa: B023
+            return centre + scale * seed(Z, k, r), variances  # noqa: B023
+
+        cands = [draw(kind, whitened) for kind, whitened in kinds]
+        best_i = 0
+        if len(cands) > 1:
             scores = [_sample_score(scored, c, covariance_type, m, reg_covar) for c, m in cands]
+            # no candidate gave a well-defined model on the sample (a component with too
+            # few distinct rows for its covariance: rounded data, small clusters in many
+            # dimensions): draw more, up to :data:`EXTRA_CANDIDATES`
+            for j in range(EXTRA_CANDIDATES):
+                if max(scores) > -np.inf:
+                    break
+                cands.append(draw(*kinds[j % len(kinds)]))
+                scores.append(_sample_score(scored, cands[-1][0], covariance_type, cands[-1][1], reg_covar))
             # the first of the best: candidates that found one partition (in another
             # order) tie up to round-off, and round-off must not decide
             best = max(scores)
-            best_i = next(i for i, v in enumerate(scores) if v >= best - 1e-9 * abs(best))
+            if best > -np.inf:
+                best_i = next(i for i, v in enumerate(scores) if v >= best - 1e-9 * abs(best))
         centres.append(cands[best_i][0])
         metrics.append(cands[best_i][1])
     return centres, metrics
