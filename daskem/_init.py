@@ -8,9 +8,10 @@ rows excluded, cached and reused to re-seed empty components), and one hard
 pass over all the data assigns each row to its nearest centre and gives the
 statistics of the target covariance type.
 
-* ``kmeans`` (default): k-means++ seeds and Lloyd's iterations to
-  convergence on the sample, :data:`KMEANS_CANDIDATES` times per restart;
-  the solution whose model (hard M-step to the target type, then
+* ``kmeans`` (default): :data:`KMEANS_CANDIDATES` per restart on the
+  sample -- k-means solutions (k-means++ seeds and Lloyd's iterations to
+  convergence), bare k-means++ seeds and random rows, some on whitened rows;
+  the one whose model (hard M-step to the target type, then
   :data:`SCORE_EM_ITER` EM iterations on the sample) explains the sample best
   is kept; then the hard pass;
 * ``k-means++``: k-means++ seeds on the sample, then the hard pass;
@@ -24,7 +25,10 @@ Seeding and Lloyd measure distances between *standardised* sample rows
 (column mean and standard deviation of the sample), and the hard pass
 assigns by the same distance (its parameters have the sample's per-column
 variances), so that the start does not depend on the units of the columns
-(``kmeans`` for ``tied`` also tries whitened rows, see :func:`_best_kmeans`).
+(``kmeans`` also tries whitened rows for ``full`` and ``tied``, see
+:func:`_best_kmeans`). A restart whose hard-pass M-step is ill-defined (a
+component with too few distinct rows, possible with ``reg_covar=0``) is
+dropped, unless it is its K's last.
 Each restart has its own random stream (a ``SeedSequence`` child keyed by K
 and the restart's index), so the first restart of a fit with ``n_init=10`` is
 the restart of the same fit with ``n_init=1``.
@@ -60,24 +64,63 @@ INIT_METHODS = ("kmeans", "k-means++", "random_from_data", "random", "kmeans-ful
 #: Lloyd iterations over all the data run by the ``kmeans-full`` initialisation at most.
 KMEANS_MAX_ITER = 20
 
-#: ``kmeans``: k-means solutions (each from its own k-means++ seeds) tried on the
-#: sample per restart; the one whose hard M-step to the target covariance type
-#: explains the sample best (log-likelihood, a scale-invariant choice) is kept.
-#: Measured with ``benchmarks/init_quality.py``: on digits (full, K=10) the median
-#: final log-likelihood over 5 seeds rose from -12.8 to -9.4 per row with 4 candidates.
-KMEANS_CANDIDATES: tuple[tuple[str, bool], ...] = (
-    ("kmeans", False),
-    ("kmeans", True),
-    ("kmeans", False),
-    ("kmeans", True),
-)
+#: ``kmeans``: the candidates each restart draws on the sample, per layout of the
+#: target covariance type, as (seeding, space): k-means solutions (k-means++
+#: seeds, then Lloyd), bare k-means++ seeds or random rows, on standardised rows
+#: (``std``), whitened rows (``white``: the sample's correlation removed too;
+#: the full and tied models are invariant to any linear map of the data) or
+#: centred rows under one common scale (``iso``: the spherical model's own
+#: metric: it is not invariant to the units of single columns). The one whose
+#: hard M-step to the target type, then :data:`SCORE_EM_ITER` EM iterations,
+#: explains the sample best (log-likelihood) is kept.
+#: Measured with ``benchmarks/mclust_init.py`` (best of ``n_init=10`` within 0.01
+#: nats of mclust or above, 288 cases): four k-means candidates met 260 cases;
+#: Lloyd from different seeds mostly ends at one partition, so those restarts
+#: explored little (wdbc VVV G=2: all ten at one optimum 256 nats below mclust's);
+#: this mix met 279. With ``benchmarks/init_quality.py``: on digits (full, K=10)
+#: the median final log-likelihood over 5 seeds rose from -12.8 to -9.4 per row
+#: with 4 k-means candidates against 1.
+KMEANS_CANDIDATES: dict[str, tuple[tuple[str, str], ...]] = {
+    "full": (
+        ("kmeans", "std"),
+        ("k-means++", "std"),
+        ("kmeans", "std"),
+        ("k-means++", "white"),
+        ("random_from_data", "std"),
+        ("k-means++", "std"),
+    ),
+    "tied": (
+        ("kmeans", "std"),
+        ("k-means++", "std"),
+        ("kmeans", "white"),
+        ("k-means++", "white"),
+        ("random_from_data", "std"),
+        ("k-means++", "std"),
+    ),
+    "diag": (
+        ("kmeans", "std"),
+        ("k-means++", "std"),
+        ("kmeans", "std"),
+        ("k-means++", "std"),
+        ("random_from_data", "std"),
+        ("k-means++", "std"),
+    ),
+    "spherical": (
+        ("kmeans", "std"),
+        ("k-means++", "std"),
+        ("kmeans", "std"),
+        ("k-means++", "std"),
+        ("random_from_data", "std"),
+        ("k-means++", "std"),
+    ),
+}
 #: further candidates a restart draws at most when none of the first gives a
 #: well-defined model on the sample
 EXTRA_CANDIDATES = 8
 #: sample rows at most on which the candidates are scored
 SCORE_ROWS = 10_000
 #: EM iterations on those rows before a candidate's log-likelihood is taken
-SCORE_EM_ITER = 5
+SCORE_EM_ITER = 15
 
 
 def _assign_params(centers: np.ndarray, covariance_type: str, metric: np.ndarray | None = None) -> GaussianParams:
@@ -282,12 +325,12 @@ def _random_rows(Z: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return Z[rng.choice(Z.shape[0], size=k, replace=Z.shape[0] < k)]
 
 
-def _candidate_kinds(covariance_type: str, d: int) -> tuple[tuple[str, bool], ...]:
-    """The (seeding, whitened) of each candidate a ``kmeans`` restart tries (:data:`KMEANS_CANDIDATES`)."""
+def _candidate_kinds(covariance_type: str, d: int) -> tuple[tuple[str, str], ...]:
+    """The (seeding, space) of each candidate a ``kmeans`` restart tries (:data:`KMEANS_CANDIDATES`)."""
     layout = cov_.layout(covariance_type)
     # whitened rows are assigned with a full metric: for the full and tied layouts only
-    ok = {True: layout in ("full", "tied"), "tied": layout == "tied", False: False}
-    return tuple((kind, d > 1 and ok[w]) for kind, w in KMEANS_CANDIDATES)
+    ok = {"std": True, "white": d > 1 and layout in ("full", "tied"), "iso": d > 1}
+    return tuple((kind, space if ok[space] else "std") for kind, space in KMEANS_CANDIDATES[layout])
 
 
 def _best_kmeans(
@@ -300,41 +343,51 @@ def _best_kmeans(
     covariance_type: str,
     reg_covar: float,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per restart, the best of the :data:`KMEANS_CANDIDATES` solutions on the sample.
+    """Per restart, the best of the :data:`KMEANS_CANDIDATES` on the sample.
 
-    Candidates are k-means solutions (k-means++ seeds and Lloyd) and bare
-    k-means++ seeds: Lloyd from different seeds mostly ends at one partition,
-    so restarts of k-means alone explore little (wdbc, VVV, G=2: every
-    restart ended 256 nats below mclust), while the seeds' own partitions
-    are diverse and the short EM of :func:`_sample_score` picks those that
-    lead to good optima. For ``tied`` the candidates marked whitened work on
-    whitened rows (the sample's correlation removed): one covariance shared
-    by all components makes the metric matter, and the model is invariant
-    to any linear map of the data (measured with ``benchmarks/init_quality.py``:
-    iris K=4 and wdbc K=2..4 reached better optima; for ``full`` whitened
-    candidates won the short EM on iris K=3 and then ended 0.06 per row
-    lower, so ``full`` keeps standardised ones). Returns the centres (data
-    units) and the metric of each restart's hard pass.
+    Candidates are k-means solutions (k-means++ seeds and Lloyd), bare
+    k-means++ seeds and random rows: Lloyd from different seeds mostly ends
+    at one partition, so restarts of k-means alone explore little (wdbc, VVV,
+    G=2: every restart ended 256 nats below mclust), while the seeds' own
+    partitions are diverse and the short EM of :func:`_sample_score` picks
+    those that lead to good optima. Whitened candidates work on whitened rows
+    (the sample's correlation removed; the model is invariant to any linear
+    map of the data, so the start may be too): for ``tied`` one k-means
+    candidate (one covariance shared by all components makes the metric
+    matter: iris K=4 and wdbc K=2..4 reached better optima, measured with
+    ``benchmarks/init_quality.py``) and, for ``full`` and ``tied``, one
+    k-means++ one. When no candidate gives a well-defined model on the sample
+    (rounded data, small clusters in many dimensions), up to
+    :data:`EXTRA_CANDIDATES` more are drawn. Returns the centres (data units)
+    and the metric of each restart's hard pass.
     """
     variances = scale**2
     kinds = _candidate_kinds(covariance_type, Z.shape[1])
-    white = _kmeans.whiten(Z) if any(w for _, w in kinds) else None
+    white = _kmeans.whiten(Z) if any(sp == "white" for _, sp in kinds) else None
+    # one common scale: the root mean column variance
+    iso = float(np.sqrt(np.mean(variances)))
     scored = rows
     if rows.shape[0] > SCORE_ROWS:
         # a fixed subset (the sample is in row order): the same for every run
         pick = np.random.default_rng(rows.shape[0]).choice(rows.shape[0], size=SCORE_ROWS, replace=False)
         scored = rows[np.sort(pick)]
+    spaces: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray], np.ndarray]] = {
+        "std": (Z, lambda c: centre + scale * c, variances)
+    }
+    if white is not None:
+        W, L = white
+        spaces["white"] = (W, lambda c: centre + scale * (c @ L.T), scale[:, None] * (L @ L.T) * scale)
+    if any(sp == "iso" for _, sp in kinds):
+        spaces["iso"] = ((rows - centre) / iso, lambda c: centre + iso * c, np.full(Z.shape[1], iso**2))
     centres, metrics = [], []
     for k, r in zip(components, rngs):
 
-        def draw(kind: str, whitened: bool) -> tuple[np.ndarray, np.ndarray]:
+        def draw(kind: str, space: str) -> tuple[np.ndarray, np.ndarray]:
             seed = {"kmeans": _kmeans.kmeans, "k-means++": kmeans_plusplus, "random_from_data": _random_rows}[kind]
-            if whitened and white is not None:
-                W, L = white
-                return centre + scale * (seed(W, k, r) @ L.T), scale[:, None] * (L @ L.T) * scale  # noqa: B023
-            return centre + scale * seed(Z, k, r), variances  # noqa: B023
+            U, back, metric = spaces.get(space, spaces["std"])
+            return back(seed(U, k, r)), metric  # noqa: B023
 
-        cands = [draw(kind, whitened) for kind, whitened in kinds]
+        cands = [draw(kind, space) for kind, space in kinds]
         best_i = 0
         if len(cands) > 1:
             scores = [_sample_score(scored, c, covariance_type, m, reg_covar) for c, m in cands]
