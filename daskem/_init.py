@@ -108,10 +108,10 @@ KMEANS_CANDIDATES: dict[str, tuple[tuple[str, str], ...]] = {
     "spherical": (
         ("kmeans", "std"),
         ("k-means++", "std"),
-        ("kmeans", "std"),
-        ("k-means++", "std"),
+        ("kmeans", "iso"),
+        ("k-means++", "iso"),
         ("random_from_data", "std"),
-        ("k-means++", "std"),
+        ("k-means++", "iso"),
     ),
 }
 #: further candidates a restart draws at most when none of the first gives a
