@@ -93,9 +93,9 @@ KMEANS_CANDIDATES: dict[str, tuple[tuple[str, str], ...]] = {
         ("kmeans", "std"),
         ("k-means++", "std"),
         ("kmeans", "white"),
+        ("kmeans", "std"),
         ("k-means++", "white"),
-        ("random_from_data", "std"),
-        ("k-means++", "std"),
+        ("kmeans", "white"),
     ),
     "diag": (
         ("kmeans", "std"),
@@ -121,6 +121,14 @@ EXTRA_CANDIDATES = 8
 SCORE_ROWS = 10_000
 #: EM iterations on those rows before a candidate's log-likelihood is taken
 SCORE_EM_ITER = 15
+#: ... fewer (down to :data:`SCORE_MIN_EM_ITER`) when scoring one restart's candidates
+#: would take more than this many multiply-adds (rows x K x D^2 for full and tied
+#: covariances, rows x K x D otherwise, per iteration and candidate): many
+#: components in many dimensions. Measured with ``benchmarks/mclust_init.py`` and
+#: ``benchmarks/init_quality.py``: 15 iterations chose better than 5 (iris K=3 full:
+#: median final log-likelihood over 10 seeds -1.232 with 5, -1.201 with 15).
+SCORE_WORK = 10**10
+SCORE_MIN_EM_ITER = 5
 
 
 def _assign_params(centers: np.ndarray, covariance_type: str, metric: np.ndarray | None = None) -> GaussianParams:
@@ -257,8 +265,20 @@ def _as_type(p0: GaussianParams, covariance_type: str) -> GaussianParams:
     return GaussianParams.from_covariances(p0.weights, p0.means, cov, covariance_type)
 
 
+def _score_iterations(n_rows: int, k: int, d: int, covariance_type: str, n_candidates: int) -> int:
+    """EM iterations per candidate within :data:`SCORE_WORK` (see there)."""
+    per_row = k * (d * d if cov_.layout(covariance_type) in ("full", "tied") else d)
+    fit = SCORE_WORK // max(n_candidates * per_row * n_rows, 1) - 1
+    return int(min(SCORE_EM_ITER, max(SCORE_MIN_EM_ITER, fit)))
+
+
 def _sample_score(
-    rows: np.ndarray, centres: np.ndarray, covariance_type: str, metric: np.ndarray, reg_covar: float
+    rows: np.ndarray,
+    centres: np.ndarray,
+    covariance_type: str,
+    metric: np.ndarray,
+    reg_covar: float,
+    n_iter: int = SCORE_EM_ITER,
 ) -> float:
     """Log-likelihood on the sample of the model the hard pass would give from ``centres``.
 
@@ -274,7 +294,7 @@ def _sample_score(
         return -np.inf
     if empty.any():
         return -np.inf
-    for _ in range(SCORE_EM_ITER):
+    for _ in range(n_iter):
         s = chunk_statistics(rows, [p])[0]
         try:
             p, empty = m_step(s, p, reg_covar)
@@ -390,7 +410,8 @@ def _best_kmeans(
         cands = [draw(kind, space) for kind, space in kinds]
         best_i = 0
         if len(cands) > 1:
-            scores = [_sample_score(scored, c, covariance_type, m, reg_covar) for c, m in cands]
+            n_iter = _score_iterations(scored.shape[0], k, Z.shape[1], covariance_type, len(cands))
+            scores = [_sample_score(scored, c, covariance_type, m, reg_covar, n_iter) for c, m in cands]
             # no candidate gave a well-defined model on the sample (a component with too
             # few distinct rows for its covariance: rounded data, small clusters in many
             # dimensions): draw more, up to :data:`EXTRA_CANDIDATES`
@@ -398,7 +419,7 @@ def _best_kmeans(
                 if max(scores) > -np.inf:
                     break
                 cands.append(draw(*kinds[j % len(kinds)]))
-                scores.append(_sample_score(scored, cands[-1][0], covariance_type, cands[-1][1], reg_covar))
+                scores.append(_sample_score(scored, cands[-1][0], covariance_type, cands[-1][1], reg_covar, n_iter))
             # the first of the best: candidates that found one partition (in another
             # order) tie up to round-off, and round-off must not decide
             best = max(scores)
