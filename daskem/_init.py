@@ -77,7 +77,7 @@ KMEANS_MAX_ITER = 20
 #: nats of mclust or above, 288 cases): four k-means candidates met 260 cases;
 #: Lloyd from different seeds mostly ends at one partition, so those restarts
 #: explored little (wdbc VVV G=2: all ten at one optimum 256 nats below mclust's);
-#: this mix met 279. With ``benchmarks/init_quality.py``: on digits (full, K=10)
+#: this mix met 282. With ``benchmarks/init_quality.py``: on digits (full, K=10)
 #: the median final log-likelihood over 5 seeds rose from -12.8 to -9.4 per row
 #: with 4 k-means candidates against 1.
 KMEANS_CANDIDATES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -371,13 +371,15 @@ def _best_kmeans(
     G=2: every restart ended 256 nats below mclust), while the seeds' own
     partitions are diverse and the short EM of :func:`_sample_score` picks
     those that lead to good optima. Whitened candidates work on whitened rows
-    (the sample's correlation removed; the model is invariant to any linear
-    map of the data, so the start may be too): for ``tied`` one k-means
-    candidate (one covariance shared by all components makes the metric
-    matter: iris K=4 and wdbc K=2..4 reached better optima, measured with
-    ``benchmarks/init_quality.py``) and, for ``full`` and ``tied``, one
-    k-means++ one. When no candidate gives a well-defined model on the sample
-    (rounded data, small clusters in many dimensions), up to
+    (the sample's correlation removed; the full and tied models are invariant
+    to any linear map of the data, so the start may be too): for ``tied``,
+    where one covariance shared by all components makes the metric matter,
+    half the candidates (iris K=4 and wdbc K=2..4 reached better optima,
+    measured with ``benchmarks/init_quality.py``), for ``full`` one k-means++
+    candidate. ``spherical`` candidates are half on centred rows under one
+    common scale, the model's own metric (thyroid VII G=3: 72 nats more).
+    When no candidate gives a well-defined model on the sample (rounded data,
+    small clusters in many dimensions), up to
     :data:`EXTRA_CANDIDATES` more are drawn. Returns the centres (data units)
     and the metric of each restart's hard pass.
     """
