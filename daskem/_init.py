@@ -25,7 +25,9 @@ Seeding and Lloyd measure distances between *standardised* sample rows
 (column mean and standard deviation of the sample), and the hard pass
 assigns by the same distance (its parameters have the sample's per-column
 variances), so that the start does not depend on the units of the columns
-(``kmeans`` also tries whitened rows for ``full`` and ``tied``, see
+(``kmeans`` also tries whitened rows for ``full`` and ``tied``, and for
+``spherical`` centred rows under one common scale, the model's own metric:
+spherical EM is equivariant to a common scale of the columns only; see
 :func:`_best_kmeans`). A restart whose hard-pass M-step is ill-defined (a
 component with too few distinct rows, possible with ``reg_covar=0``) is
 dropped, unless it is its K's last.
