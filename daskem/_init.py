@@ -8,9 +8,10 @@ rows excluded, cached and reused to re-seed empty components), and one hard
 pass over all the data assigns each row to its nearest centre and gives the
 statistics of the target covariance type.
 
-* ``kmeans`` (default): k-means++ seeds and Lloyd's iterations to
-  convergence on the sample, :data:`KMEANS_CANDIDATES` times per restart;
-  the solution whose model (hard M-step to the target type, then
+* ``kmeans`` (default): :data:`KMEANS_CANDIDATES` per restart on the
+  sample -- k-means solutions (k-means++ seeds and Lloyd's iterations to
+  convergence), bare k-means++ seeds and random rows, some on whitened rows;
+  the one whose model (hard M-step to the target type, then
   :data:`SCORE_EM_ITER` EM iterations on the sample) explains the sample best
   is kept; then the hard pass;
 * ``k-means++``: k-means++ seeds on the sample, then the hard pass;
@@ -24,7 +25,12 @@ Seeding and Lloyd measure distances between *standardised* sample rows
 (column mean and standard deviation of the sample), and the hard pass
 assigns by the same distance (its parameters have the sample's per-column
 variances), so that the start does not depend on the units of the columns
-(``kmeans`` for ``tied`` also tries whitened rows, see :func:`_best_kmeans`).
+(``kmeans`` also tries whitened rows for ``full`` and ``tied``, and for
+``spherical`` centred rows under one common scale, the model's own metric:
+spherical EM is equivariant to a common scale of the columns only; see
+:func:`_best_kmeans`). A restart whose hard-pass M-step is ill-defined (a
+component with too few distinct rows, possible with ``reg_covar=0``) is
+dropped, unless it is its K's last.
 Each restart has its own random stream (a ``SeedSequence`` child keyed by K
 and the restart's index), so the first restart of a fit with ``n_init=10`` is
 the restart of the same fit with ``n_init=1``.
@@ -60,16 +66,71 @@ INIT_METHODS = ("kmeans", "k-means++", "random_from_data", "random", "kmeans-ful
 #: Lloyd iterations over all the data run by the ``kmeans-full`` initialisation at most.
 KMEANS_MAX_ITER = 20
 
-#: ``kmeans``: k-means solutions (each from its own k-means++ seeds) tried on the
-#: sample per restart; the one whose hard M-step to the target covariance type
-#: explains the sample best (log-likelihood, a scale-invariant choice) is kept.
-#: Measured with ``benchmarks/init_quality.py``: on digits (full, K=10) the median
-#: final log-likelihood over 5 seeds rose from -12.8 to -9.4 per row with 4 candidates.
-KMEANS_CANDIDATES = 4
+#: ``kmeans``: the candidates each restart draws on the sample, per layout of the
+#: target covariance type, as (seeding, space): k-means solutions (k-means++
+#: seeds, then Lloyd), bare k-means++ seeds or random rows, on standardised rows
+#: (``std``), whitened rows (``white``: the sample's correlation removed too;
+#: the full and tied models are invariant to any linear map of the data) or
+#: centred rows under one common scale (``iso``: the spherical model's own
+#: metric: it is not invariant to the units of single columns). The one whose
+#: hard M-step to the target type, then :data:`SCORE_EM_ITER` EM iterations,
+#: explains the sample best (log-likelihood) is kept.
+#: Measured with ``benchmarks/mclust_init.py`` (best of ``n_init=10`` within 0.01
+#: nats of mclust or above, 288 cases): four k-means candidates met 260 cases;
+#: Lloyd from different seeds mostly ends at one partition, so those restarts
+#: explored little (wdbc VVV G=2: all ten at one optimum 256 nats below mclust's);
+#: this mix met 282. With ``benchmarks/init_quality.py``: on digits (full, K=10)
+#: the median final log-likelihood over 5 seeds rose from -12.8 to -9.4 per row
+#: with 4 k-means candidates against 1.
+KMEANS_CANDIDATES: dict[str, tuple[tuple[str, str], ...]] = {
+    "full": (
+        ("kmeans", "std"),
+        ("k-means++", "std"),
+        ("kmeans", "std"),
+        ("k-means++", "white"),
+        ("random_from_data", "std"),
+        ("k-means++", "std"),
+    ),
+    "tied": (
+        ("kmeans", "std"),
+        ("k-means++", "std"),
+        ("kmeans", "white"),
+        ("kmeans", "std"),
+        ("k-means++", "white"),
+        ("kmeans", "white"),
+    ),
+    "diag": (
+        ("kmeans", "std"),
+        ("k-means++", "std"),
+        ("kmeans", "std"),
+        ("k-means++", "std"),
+        ("random_from_data", "std"),
+        ("k-means++", "std"),
+    ),
+    "spherical": (
+        ("kmeans", "std"),
+        ("k-means++", "std"),
+        ("kmeans", "iso"),
+        ("k-means++", "iso"),
+        ("random_from_data", "std"),
+        ("k-means++", "iso"),
+    ),
+}
+#: further candidates a restart draws at most when none of the first gives a
+#: well-defined model on the sample
+EXTRA_CANDIDATES = 8
 #: sample rows at most on which the candidates are scored
 SCORE_ROWS = 10_000
 #: EM iterations on those rows before a candidate's log-likelihood is taken
-SCORE_EM_ITER = 5
+SCORE_EM_ITER = 15
+#: ... fewer (down to :data:`SCORE_MIN_EM_ITER`) when scoring one restart's candidates
+#: would take more than this many multiply-adds (rows x K x D^2 for full and tied
+#: covariances, rows x K x D otherwise, per iteration and candidate): many
+#: components in many dimensions. Measured with ``benchmarks/mclust_init.py`` and
+#: ``benchmarks/init_quality.py``: 15 iterations chose better than 5 (iris K=3 full:
+#: median final log-likelihood over 10 seeds -1.232 with 5, -1.201 with 15).
+SCORE_WORK = 10**10
+SCORE_MIN_EM_ITER = 5
 
 
 def _assign_params(centers: np.ndarray, covariance_type: str, metric: np.ndarray | None = None) -> GaussianParams:
@@ -167,13 +228,29 @@ def _hard_pass_params(
     metrics = [None] * len(centers_list) if metrics is None else metrics
     start = [_assign_params(np.asarray(c, dtype=np.float64), covariance_type, m) for c, m in zip(centers_list, metrics)]
     stats = passes.statistics(hard, start)
-    out = []
+    out: list[GaussianParams | None] = []
+    errors: list[Exception] = []
     for p0, s in zip(start, stats):
-        p, empty = hard.m_step(s, _as_type(p0, covariance_type))
+        try:
+            p, empty = hard.m_step(s, _as_type(p0, covariance_type))
+        except InputError:
+            raise
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError) as exc:
+            # this restart's partition has a component whose covariance is
+            # ill-defined (reg_covar=0 on rounded data): the run is dropped,
+            # unless it was its K's last one
+            errors.append(exc)
+            out.append(None)
+            continue
         if empty.any():
             p = hard.reseed(p, empty, passes.sample())
         out.append(p)
-    return out
+    if errors:
+        ks = [p0.n_components for p0 in start]
+        for k in set(ks):
+            if all(p is None for p, kk in zip(out, ks) if kk == k):
+                raise errors[0]
+    return [p for p in out if p is not None]
 
 
 def _as_type(p0: GaussianParams, covariance_type: str) -> GaussianParams:
@@ -190,8 +267,20 @@ def _as_type(p0: GaussianParams, covariance_type: str) -> GaussianParams:
     return GaussianParams.from_covariances(p0.weights, p0.means, cov, covariance_type)
 
 
+def _score_iterations(n_rows: int, k: int, d: int, covariance_type: str, n_candidates: int) -> int:
+    """EM iterations per candidate within :data:`SCORE_WORK` (see there)."""
+    per_row = k * (d * d if cov_.layout(covariance_type) in ("full", "tied") else d)
+    fit = SCORE_WORK // max(n_candidates * per_row * n_rows, 1) - 1
+    return int(min(SCORE_EM_ITER, max(SCORE_MIN_EM_ITER, fit)))
+
+
 def _sample_score(
-    rows: np.ndarray, centres: np.ndarray, covariance_type: str, metric: np.ndarray, reg_covar: float
+    rows: np.ndarray,
+    centres: np.ndarray,
+    covariance_type: str,
+    metric: np.ndarray,
+    reg_covar: float,
+    n_iter: int = SCORE_EM_ITER,
 ) -> float:
     """Log-likelihood on the sample of the model the hard pass would give from ``centres``.
 
@@ -207,7 +296,7 @@ def _sample_score(
         return -np.inf
     if empty.any():
         return -np.inf
-    for _ in range(SCORE_EM_ITER):
+    for _ in range(n_iter):
         s = chunk_statistics(rows, [p])[0]
         try:
             p, empty = m_step(s, p, reg_covar)
@@ -254,6 +343,18 @@ def _sample_centres(
     return out
 
 
+def _random_rows(Z: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    return Z[rng.choice(Z.shape[0], size=k, replace=Z.shape[0] < k)]
+
+
+def _candidate_kinds(covariance_type: str, d: int) -> tuple[tuple[str, str], ...]:
+    """The (seeding, space) of each candidate a ``kmeans`` restart tries (:data:`KMEANS_CANDIDATES`)."""
+    layout = cov_.layout(covariance_type)
+    # whitened rows are assigned with a full metric: for the full and tied layouts only
+    ok = {"std": True, "white": d > 1 and layout in ("full", "tied"), "iso": d > 1}
+    return tuple((kind, space if ok[space] else "std") for kind, space in KMEANS_CANDIDATES[layout])
+
+
 def _best_kmeans(
     rows: np.ndarray,
     Z: np.ndarray,
@@ -264,43 +365,70 @@ def _best_kmeans(
     covariance_type: str,
     reg_covar: float,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per restart, the best of :data:`KMEANS_CANDIDATES` k-means solutions.
+    """Per restart, the best of the :data:`KMEANS_CANDIDATES` on the sample.
 
-    For ``tied`` every other candidate is k-means on whitened rows (the
-    sample's correlation removed): one covariance shared by all components
-    makes the metric matter, and the model is invariant to any linear map of
-    the data (measured with ``benchmarks/init_quality.py``: iris K=4 and
-    wdbc K=2..4 reached better optima; for ``full`` whitened candidates won
-    the short EM on iris K=3 and then ended 0.06 per row lower, so ``full``
-    keeps standardised ones). Returns the centres (data units) and the
-    metric of each restart's hard pass.
+    Candidates are k-means solutions (k-means++ seeds and Lloyd), bare
+    k-means++ seeds and random rows: Lloyd from different seeds mostly ends
+    at one partition, so restarts of k-means alone explore little (wdbc, VVV,
+    G=2: every restart ended 256 nats below mclust), while the seeds' own
+    partitions are diverse and the short EM of :func:`_sample_score` picks
+    those that lead to good optima. Whitened candidates work on whitened rows
+    (the sample's correlation removed; the full and tied models are invariant
+    to any linear map of the data, so the start may be too): for ``tied``,
+    where one covariance shared by all components makes the metric matter,
+    half the candidates (iris K=4 and wdbc K=2..4 reached better optima,
+    measured with ``benchmarks/init_quality.py``), for ``full`` one k-means++
+    candidate. ``spherical`` candidates are half on centred rows under one
+    common scale, the model's own metric (thyroid VII G=3: 72 nats more).
+    When no candidate gives a well-defined model on the sample (rounded data,
+    small clusters in many dimensions), up to
+    :data:`EXTRA_CANDIDATES` more are drawn. Returns the centres (data units)
+    and the metric of each restart's hard pass.
     """
     variances = scale**2
-    white = None
-    if cov_.layout(covariance_type) == "tied" and Z.shape[1] > 1 and KMEANS_CANDIDATES > 1:
-        white = _kmeans.whiten(Z)
+    kinds = _candidate_kinds(covariance_type, Z.shape[1])
+    white = _kmeans.whiten(Z) if any(sp == "white" for _, sp in kinds) else None
+    # one common scale: the root mean column variance
+    iso = float(np.sqrt(np.mean(variances)))
     scored = rows
     if rows.shape[0] > SCORE_ROWS:
         # a fixed subset (the sample is in row order): the same for every run
         pick = np.random.default_rng(rows.shape[0]).choice(rows.shape[0], size=SCORE_ROWS, replace=False)
         scored = rows[np.sort(pick)]
+    spaces: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray], np.ndarray]] = {
+        "std": (Z, lambda c: centre + scale * c, variances)
+    }
+    if white is not None:
+        W, L = white
+        spaces["white"] = (W, lambda c: centre + scale * (c @ L.T), scale[:, None] * (L @ L.T) * scale)
+    if any(sp == "iso" for _, sp in kinds):
+        spaces["iso"] = ((rows - centre) / iso, lambda c: centre + iso * c, np.full(Z.shape[1], iso**2))
     centres, metrics = [], []
     for k, r in zip(components, rngs):
-        cands = []
-        for j in range(KMEANS_CANDIDATES):
-            if white is not None and j % 2 == 1:
-                W, L = white
-                cands.append((centre + scale * (_kmeans.kmeans(W, k, r) @ L.T), scale[:, None] * (L @ L.T) * scale))
-            else:
-                cands.append((centre + scale * _kmeans.kmeans(Z, k, r), variances))
-        if len(cands) == 1:
-            best_i = 0
-        else:
-            scores = [_sample_score(scored, c, covariance_type, m, reg_covar) for c, m in cands]
+
+        def draw(kind: str, space: str) -> tuple[np.ndarray, np.ndarray]:
+            seed = {"kmeans": _kmeans.kmeans, "k-means++": kmeans_plusplus, "random_from_data": _random_rows}[kind]
+            U, back, metric = spaces.get(space, spaces["std"])
+            return back(seed(U, k, r)), metric  # noqa: B023
+
+        cands = [draw(kind, space) for kind, space in kinds]
+        best_i = 0
+        if len(cands) > 1:
+            n_iter = _score_iterations(scored.shape[0], k, Z.shape[1], covariance_type, len(cands))
+            scores = [_sample_score(scored, c, covariance_type, m, reg_covar, n_iter) for c, m in cands]
+            # no candidate gave a well-defined model on the sample (a component with too
+            # few distinct rows for its covariance: rounded data, small clusters in many
+            # dimensions): draw more, up to :data:`EXTRA_CANDIDATES`
+            for j in range(EXTRA_CANDIDATES):
+                if max(scores) > -np.inf:
+                    break
+                cands.append(draw(*kinds[j % len(kinds)]))
+                scores.append(_sample_score(scored, cands[-1][0], covariance_type, cands[-1][1], reg_covar, n_iter))
             # the first of the best: candidates that found one partition (in another
             # order) tie up to round-off, and round-off must not decide
             best = max(scores)
-            best_i = next(i for i, v in enumerate(scores) if v >= best - 1e-9 * abs(best))
+            if best > -np.inf:
+                best_i = next(i for i, v in enumerate(scores) if v >= best - 1e-9 * abs(best))
         centres.append(cands[best_i][0])
         metrics.append(cands[best_i][1])
     return centres, metrics

@@ -18,7 +18,7 @@ import daskem
 from daskem import _engine as engine
 from daskem import _fitloop, _kmeans
 from daskem._gaussian_model import GaussianModel
-from daskem._init import INIT_METHODS, initialize
+from daskem._init import INIT_METHODS, _hard_pass_params, initialize
 
 NEW_METHODS = ["kmeans", "k-means++", "random_from_data", "random"]
 
@@ -305,3 +305,19 @@ def test_kmeans_init_fits_every_covariance_type(covariance_type) -> None:
     assert gm.covariances_.shape == ref
     # the start already separates the three blobs (scaled columns and all): no component is small
     assert gm.weights_.min() > 0.15
+
+
+def test_a_restart_with_an_ill_defined_start_is_dropped_not_the_fit() -> None:
+    """reg_covar=0: a restart whose hard partition leaves a component one row (a singular
+    covariance) is dropped; the fit fails only when every restart of that K does."""
+    X = make_blobs(n=600, d=3, k=2, seed=4)
+    X[0] = X.mean(0) + 100.0 * X.std(0)  # an outlier: alone in the cell of a centre on it
+    model = GaussianModel(covariance_type="full", reg_covar=0.0)
+    passes = _fitloop.Passes(da.from_array(X, chunks=len(X)), model)
+    labels = KMeans(2, n_init=1, random_state=0).fit(X[1:]).labels_
+    good = np.stack([X[1:][labels == j].mean(0) for j in range(2)])
+    bad = np.stack([X[1:].mean(0), X[0]])
+    kept = _hard_pass_params(passes, [bad, good, bad], "full", model)
+    assert len(kept) == 1 and kept[0].weights.min() > 0.2  # the good restart
+    with pytest.raises(ValueError, match="ill-defined"):
+        _hard_pass_params(passes, [bad, bad], "full", model)

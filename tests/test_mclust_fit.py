@@ -394,7 +394,9 @@ def test_select_model_chooses_mclusts_model_and_g_on_iris() -> None:
 
 
 #: restarts daskem needs (k-means starts) to find optima as good as mclust's (hierarchical starts)
-SELECT_N_INIT = {"iris": 1, "faithful": 1, "diabetes": 1, "banknote": 1}
+#: (faithful: one restart's shared start, chosen for VVV, leads EEE G=3 to a poorer optimum since the
+#: candidates of issue 12's initialisation; three restarts find mclust's)
+SELECT_N_INIT = {"iris": 1, "faithful": 3, "diabetes": 1, "banknote": 1}
 
 
 @pytest.mark.slow
