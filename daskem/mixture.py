@@ -95,9 +95,11 @@ class GaussianMixture(BaseMixture):
         64 MiB) and work on its standardised columns, so the start does not
         depend on the units of the columns.
 
-        * ``'kmeans'``: k-means (k-means++ seeds, Lloyd to convergence) on
-          the sample, the best of 4 solutions per restart, then one hard
-          pass assigning every row to its nearest centre: 2 passes.
+        * ``'kmeans'``: per restart, 6 candidate starts on the sample
+          (k-means solutions, bare k-means++ seeds and random rows; also on
+          whitened rows for full and tied), each scored after a few EM
+          iterations on the sample, the best kept; then one hard pass
+          assigning every row to its nearest centre: 2 passes.
         * ``'k-means++'``: k-means++ seeds on the sample, then the hard
           pass: 2 passes.
         * ``'random_from_data'``: random sample rows as centres, then the
