@@ -369,7 +369,7 @@ def test_parity_with_sklearn_through_the_wide_full_kernel(d: int, monkeypatch: p
     init = sklearn_init(X, 3, "full", seed=1)
     p = g.GaussianParams.from_precisions(init["weights_init"], init["means_init"], init["precisions_init"], "full")
     assert g._make_plan(p, np.dtype(np.float64)).wide is not None
-    opts = dict(covariance_type="full", tol=0.0, max_iter=6, **init)
+    opts = dict(covariance_type="full", tol=0.0, max_iter=6, accelerate=None, **init)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = SkGaussianMixture(3, **opts).fit(X)
