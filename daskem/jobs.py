@@ -613,6 +613,7 @@ def job_result_from_folder(job_id: str, out: Path) -> dict:
         "summary": str(out / "summary.json"),
         "n_components": model.get("n_components"),
         "best_k": summary.get("best_k"),
+        "best_covariance_type": summary.get("best_covariance_type"),
         "lower_bound": model.get("lower_bound"),
         "converged": model.get("converged"),
     }
