@@ -110,6 +110,7 @@ def model_summary(gm: Any) -> dict:
         "means": np.asarray(gm.means_).tolist(),
         "runs": [
             {
+                **({"covariance_type": r["tag"]["covariance_type"]} if "covariance_type" in r["tag"] else {}),
                 "k": r["tag"].get("k"),
                 "init": r["tag"].get("init"),
                 "n_iter": r["n_iter"],

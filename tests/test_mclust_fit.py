@@ -469,6 +469,16 @@ def test_an_initialisation_that_fails_fails_its_pairs_only() -> None:
     assert alone.table[1]["bic"] == pytest.approx(rows[("EII", 2)]["bic"], rel=1e-9)
 
 
+def test_select_k_reports_a_k_whose_initialisation_fails() -> None:
+    """One covariance model, several K: a K that cannot start is a failed row (NaN scores), not a failed fit."""
+    X = _collapsed_at_large_scale()
+    with pytest.warns(RuntimeWarning, match="the initialisation of k=4 failed"):
+        res = daskem.select_k(X, [1, 4], criterion="bic", covariance_type="VVV", reg_covar=0.0, random_state=0)
+    assert [(r["k"], r["failed"]) for r in res.table] == [(1, False), (4, True)]
+    assert np.isnan(res.table[1]["bic"]) and res.table[1]["df"] == 4 * 2 + 4 * 3 + 3
+    assert res.best_k == 1 and set(res.models) == {1} and tuple(res.table[0]) == daskem.select.TABLE_KEYS
+
+
 def test_an_initialisation_that_fails_everywhere_fails_the_fit() -> None:
     X = _collapsed_at_large_scale()
     with pytest.raises(ValueError, match="ill-defined"):
