@@ -63,9 +63,10 @@ suppressMessages(library(mclust))
 set.seed(0)
 for (f in commandArgs(trailingOnly = TRUE)) {
   X <- as.matrix(read.csv(f))
-  t <- system.time(m <- Mclust(X, verbose = FALSE))[["elapsed"]]
-  cat(sprintf('{"file":"%s","model":"%s","G":%d,"bic":%.17g,"loglik":%.17g,"seconds":%.3f,"mclust":"%s"}\n',
-              f, m$modelName, m$G, m$bic, m$loglik, t, as.character(packageVersion("mclust"))))
+  t <- system.time(m <- Mclust(X, verbose = FALSE))
+  cat(sprintf('{"file":"%s","model":"%s","G":%d,"bic":%.17g,"loglik":%.17g,"seconds":%.3f,"cpu_seconds":%.3f,"mclust":"%s"}\n',
+              f, m$modelName, m$G, m$bic, m$loglik, t[["elapsed"]], t[["user.self"]] + t[["sys.self"]],
+              as.character(packageVersion("mclust"))))
 }
 """
 
@@ -99,9 +100,9 @@ def daskem_choice(X: np.ndarray) -> dict:
     """daskem's select_model(X, 1..9, all models, BIC), timed around select_model only."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # range-edge, degenerate and failed-restart warnings: in the table
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = daskem.select_model(X, K_VALUES, "all", criterion="bic", random_state=0)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     row = next(r for r in res.table if r["covariance_type"] == res.best_covariance_type and r["k"] == res.best_k)
     return {
         "model": res.best_covariance_type,
@@ -109,6 +110,7 @@ def daskem_choice(X: np.ndarray) -> dict:
         "bic": -float(row["bic"]),  # mclust's sign: higher is better
         "loglik": float(row["loglik"]),
         "seconds": seconds,
+        "cpu_seconds": cpu,  # every thread of this process (the threaded scheduler's too)
         "n_passes": int(res.n_passes),
         "failed_pairs": sum(bool(r["failed"]) for r in res.table),
         "degenerate_pairs": sum(bool(r["degenerate"]) for r in res.table),
@@ -144,6 +146,10 @@ def write_resample(folder: Path, rows: int) -> Path:
     X = resample(rows)
     np.savetxt(csv, X, delimiter=",", fmt="%.10g", header=",".join(f"x{i}" for i in range(X.shape[1])), comments="")
     return csv
+
+
+def cpu_text(t: dict) -> str:
+    return f"{t['cpu_seconds']:8.1f} s" if t.get("cpu_seconds") is not None else "       ? s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,14 +223,22 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"\nbanknote resample, {Xr.shape[0]:,} x {Xr.shape[1]} (load average before {load_before[0]:.2f}):")
         if r_time:
-            print(f"  mclust Mclust(X):          {r_time['seconds']:8.1f} s -> {r_time['model']},{r_time['G']}")
+            print(
+                f"  mclust Mclust(X):          {r_time['seconds']:8.1f} s wall, {cpu_text(r_time)} CPU -> "
+                f"{r_time['model']},{r_time['G']}"
+            )
         print(
-            f"  daskem select_model(...):  {dk_time['seconds']:8.1f} s -> {dk_time['model']},{dk_time['G']} "
-            f"({dk_time['n_passes']} passes)"
+            f"  daskem select_model(...):  {dk_time['seconds']:8.1f} s wall, {cpu_text(dk_time)} CPU -> "
+            f"{dk_time['model']},{dk_time['G']} ({dk_time['n_passes']} passes)"
         )
 
     doc = {
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "cpus": os.cpu_count(),
+            "loadavg_at_end": os.getloadavg(),
+        },
         "daskem": daskem.__version__,
         "mclust_source": source,
         "k_values": list(K_VALUES),
