@@ -469,6 +469,21 @@ def test_an_initialisation_that_fails_fails_its_pairs_only() -> None:
     assert alone.table[1]["bic"] == pytest.approx(rows[("EII", 2)]["bic"], rel=1e-9)
 
 
+def test_a_failed_initialisation_is_checkpointed_and_resumed(tmp_path) -> None:
+    """The runs that could not start are saved in the checkpoint (without parameters) and come back failed."""
+    X = _collapsed_at_large_scale()
+    opts = dict(reg_covar=0.0, random_state=0, checkpoint=str(tmp_path / "ck"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = daskem.select_model(X, [1, 2, 4], ["VVV", "EII"], **opts)
+        again = daskem.select_model(X, [1, 2, 4], ["VVV", "EII"], **opts)
+    assert [r["failed"] for r in again.table] == [r["failed"] for r in first.table] == [0, 1, 1, 0, 0, 1]
+    assert again.n_passes < first.n_passes  # resumed: no initialisation, no EM passes
+    np.testing.assert_allclose(
+        [r["bic"] for r in again.table], [r["bic"] for r in first.table], rtol=1e-12, equal_nan=True
+    )
+
+
 def test_select_k_reports_a_k_whose_initialisation_fails() -> None:
     """One covariance model, several K: a K that cannot start is a failed row (NaN scores), not a failed fit."""
     X = _collapsed_at_large_scale()
