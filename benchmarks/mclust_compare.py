@@ -27,6 +27,9 @@ Usage::
         [--datasets iris faithful ...] [--rows 200000] [--no-timing] [--out benchmarks/results/mclust_compare.json]
     PYTHONPATH=$PWD python benchmarks/mclust_compare.py --save-mclust [--datasets ...] [--no-timing]
 
+``--merge`` adds the data sets (or the timing) of this run to an earlier
+``--out`` file, so that the long cases can be run on their own.
+
 A benchmark, not a test: nothing is asserted. The timing of a busy machine
 says little; the JSON records the machine's load average.
 """
@@ -160,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=200_000, help="rows of the banknote resample (default: 200000)")
     ap.add_argument("--no-timing", action="store_true", help="skip the timing on the resample")
     ap.add_argument("--out", default=str(RESULTS / "mclust_compare.json"))
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge into the --out file: its rows of other data sets (and its timing, with --no-timing) are kept",
+    )
     args = ap.parse_args(argv)
 
     use_r = args.mclust == "rscript" or (args.mclust == "auto" and shutil.which("Rscript"))
@@ -246,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "timing": timing,
     }
+    if args.merge and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text())
+        mine = {r["data"] for r in rows}
+        merged = [r for r in old.get("rows", []) if r["data"] not in mine] + rows
+        doc["rows"] = sorted(merged, key=lambda r: DATASETS.index(r["data"]))
+        doc["timing"] = timing or old.get("timing")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out}")
