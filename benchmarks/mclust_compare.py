@@ -30,6 +30,12 @@ Usage::
 ``--merge`` adds the data sets (or the timing) of this run to an earlier
 ``--out`` file, so that the long cases can be run on their own.
 
+The committed ``results/mclust_compare.json`` has seven of the eight data
+sets: on wdbc neither side finished on the loaded 2-core machine (mclust
+stopped after 75 min wall / 19 min CPU, daskem after 52 min wall / 8 min CPU;
+daskem's time goes to the iterative M-steps of EVE/VVE, ``_mclust._m_mm``,
+whose cost grows with D).
+
 A benchmark, not a test: nothing is asserted. The timing of a busy machine
 says little; the JSON records the machine's load average.
 """
