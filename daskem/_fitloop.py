@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -400,7 +402,8 @@ class Checkpoint:
         arrays: dict[str, np.ndarray] = {}
         meta_runs = []
         for i, r in enumerate(runs):
-            p_arrays, p_meta = self.model.params_state(r.params)
+            # a run whose initialisation failed has no parameters
+            p_arrays, p_meta = ({}, None) if r.params is None else self.model.params_state(r.params)
             for name, a in p_arrays.items():
                 arrays[f"run{i}_{name}"] = a
             s_arrays, s_meta = r.strategy_state(self.model)
@@ -463,6 +466,9 @@ class Checkpoint:
         with np.load(self.path / doc["arrays"], allow_pickle=False) as npz:
             for i, m in enumerate(doc["runs"]):
                 arrays = {k: npz[f"run{i}_{k}"] for k in m["arrays"]}
+                if m["params"] is None:  # its initialisation failed
+                    runs.append(Run(None, tag=m["tag"], done=True, failed=True))
+                    continue
                 run = self.run_class(
                     params=self.model.params_from_state(arrays, m["params"]),
                     tag=m["tag"],
@@ -964,11 +970,14 @@ def _fit(
         t0 = time.perf_counter()
         # every restart of every K: their initialisation passes are shared too
         components = [c.n_components for c in candidates for _ in range(c.n_init)]
-        params_list = model.initialize(passes, components, rng, {"tol": settings.tol, **settings.init})
+        params_list = initialize(passes, model, components, rng, {"tol": settings.tol, **settings.init})
+        types = tuple(getattr(model, "run_types", ()) or ())
         runs = []
-        for p in params_list:
-            k = model.n_components(p)
-            runs.append(settings.run_class(p, tag={"k": k, "init": sum(r.tag["k"] == k for r in runs)}))
+        for i, (k, p) in enumerate(zip(components, params_list)):
+            # tagged by covariance structure too when several are fitted together
+            tag: dict[str, Any] = {"covariance_type": types[i], "k": k} if types else {"k": k}
+            tag["init"] = sum({**r.tag, "init": None} == {**tag, "init": None} for r in runs)
+            runs.append(settings.run_class(p, tag=tag) if p is not None else Run(None, tag=tag, done=True, failed=True))
         if verbose:
             say(f"initialised {len(runs)} run(s) in {format_seconds(time.perf_counter() - t0)}")
         if checkpoint is not None:
@@ -1001,6 +1010,69 @@ def _fit(
                 stacklevel=3,
             )
     return FitResult(runs, counter.n, seed)
+
+
+def initialize(
+    passes: Passes, model: MixtureModel, components: Sequence[int], rng: np.random.Generator, options: Mapping
+) -> list[Any | None]:
+    """Initial parameters of every run, in the order of ``components``; None for a run that cannot start.
+
+    Every run is initialised together, in shared passes. When that fails
+    with an ill-defined covariance (a singular start), every K is
+    initialised on its own, then, when the model fits several covariance
+    structures together (``run_types``), every structure of a K that still
+    fails: a run that cannot start fails alone (with a warning) and the others
+    go on, from the same starts as together (the streams are keyed by K and
+    restart). When every run fails the first error is raised.
+    """
+    start = copy.deepcopy(rng)
+    try:
+        return list(model.initialize(passes, components, rng, options))
+    except RUN_FAILURES as exc:
+        if isinstance(exc, InputError):
+            raise
+        error = exc
+    types = tuple(getattr(model, "run_types", ()) or ())
+    out: list[Any | None] = [None] * len(components)
+    failed: list[tuple[list[int], BaseException]] = []
+
+    def attempt(idx: list[int]) -> BaseException | None:
+        sub = model
+        if types:
+            sub = dataclasses.replace(model, run_types=tuple(types[i] for i in idx))  # type: ignore[type-var]
+        try:
+            params = sub.initialize(passes, [components[i] for i in idx], copy.deepcopy(start), options)
+        except RUN_FAILURES as exc:
+            if isinstance(exc, InputError):
+                raise
+            return exc
+        for i, p in zip(idx, params):
+            out[i] = p
+        return None
+
+    for k in dict.fromkeys(components):
+        idx = [i for i, c in enumerate(components) if c == k]
+        exc = attempt(idx)
+        if exc is None:
+            continue
+        if not types or len({types[i] for i in idx}) == 1:
+            failed.append((idx, exc))
+            continue
+        for t in dict.fromkeys(types[i] for i in idx):
+            sub_idx = [i for i in idx if types[i] == t]
+            exc = attempt(sub_idx)
+            if exc is not None:
+                failed.append((sub_idx, exc))
+    if all(p is None for p in out):
+        raise error
+    for idx, exc in failed:
+        what = f"covariance_type={types[idx[0]]!r}, k={components[idx[0]]}" if types else f"k={components[idx[0]]}"
+        warnings.warn(
+            f"the initialisation of {what} failed and its {len(idx)} run(s) were dropped: {exc}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return out
 
 
 def score(

@@ -47,6 +47,7 @@ from .workflows import (
     fit_and_report,
     load_model_dir,
     open_data,
+    parse_covariance_types,
     parse_k_values,
     store_chunk_rows,
     write_predictions,
@@ -128,9 +129,11 @@ def model_options(args: argparse.Namespace) -> dict:
     return out
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, replace: dict[str, dict] | None = None) -> None:
+    """The model options; ``replace`` maps an option name to the argparse keywords a command uses instead."""
     g = p.add_argument_group("model options (GaussianMixture keywords)")
     for name, kw in _MODEL_OPTIONS:
+        kw = (replace or {}).get(name, kw)
         g.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
 
 
@@ -346,6 +349,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_select_k(args: argparse.Namespace) -> int:
     ks = parse_k_values(args.k)
     opts = model_options(args)
+    types = parse_covariance_types(opts.pop("covariance_type")) if opts.get("covariance_type") else None
+    if types is not None and len(types) == 1:
+        opts["covariance_type"] = types[0]
     GaussianMixture(n_components=max(ks), **opts)._validate_params()
     if args.validation_fraction is not None and not 0.0 <= args.validation_fraction < 1.0:
         raise InputError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
@@ -358,20 +364,26 @@ def cmd_select_k(args: argparse.Namespace) -> int:
             k_values=ks,
             criterion=args.criterion,
             validation_fraction=args.validation_fraction,
+            covariance_types=types,
             options=opts,
             verbose=0 if args.quiet else 1,
             extra={"command": "select-k", "input": {"path": args.data, "array": args.array}},
         )
     if not args.quiet:
-        print(f"{'K':>4} {'train':>12} {'validation':>12} {'BIC':>14} {'AIC':>14} {'iter':>5}", file=sys.stderr)
-        for r in summary["select_k"]["table"]:
-            v = r.get("validation_loglik")
+        for line in selection_table_lines(summary["select_k"]["table"]):
+            print(line, file=sys.stderr)
+        chosen = f"K = {summary['best_k']}"
+        if types is not None and len(types) > 1:
+            chosen = f"model {summary['best_covariance_type']}, {chosen}"
+        print(f"best {chosen} ({args.criterion})", file=sys.stderr)
+        if summary.get("at_range_edge"):
+            side = "smallest" if summary["best_k"] == min(ks) else "largest"
             print(
-                f"{r['k']:>4} {r['train_loglik']:>12.5f} {(v if v is not None else float('nan')):>12.5f} "
-                f"{r['bic']:>14,.1f} {r['aic']:>14,.1f} {r['n_iter']:>5}",
+                f"note: K = {summary['best_k']} is the {side} of the range {min(ks)}..{max(ks)}: "
+                "the range was probably too narrow; try more values with --k",
                 file=sys.stderr,
             )
-        print(f"best K = {summary['best_k']} ({args.criterion})", file=sys.stderr)
+        print(f"table: {target.path / 'select_k.csv'}", file=sys.stderr)
     _say_written(args, target)
     print(args.out)
     return 0
@@ -385,6 +397,53 @@ def _check_columns(gm: GaussianMixture, X: Any, args: argparse.Namespace) -> Non
             f"{args.data} has {d:,} feature{'s' if d != 1 else ''} (columns), but the model in {args.model_dir} "
             f"was fitted on {want:,}"
         )
+
+
+def selection_table_lines(table: Sequence[dict]) -> list[str]:
+    """The K (or model and K) selection table as aligned text lines: one row per K or (model, K).
+
+    Columns: the model (when the rows have one), K, the log-likelihood
+    (total when the rows have it, else the mean per row), df, BIC, ICL, AIC,
+    the validation mean log-likelihood (when rows were held out),
+    iterations, converged, and what is wrong with the row (degenerate, failed).
+    """
+
+    def num(v: Any, fmt: str) -> str:
+        return "nan" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
+
+    has_model = any("covariance_type" in r for r in table)
+    total = any("loglik" in r for r in table)
+    validation = any(r.get("validation_loglik") is not None and np.isfinite(r["validation_loglik"]) for r in table)
+    cols: list[tuple[str, int, Any]] = []
+    if has_model:
+        cols.append(("model", 9, lambda r: str(r["covariance_type"])))
+    cols.append(("K", 4, lambda r: str(r["k"])))
+    if total:
+        cols.append(("loglik", 14, lambda r: num(r.get("loglik"), ".3f")))
+    else:
+        cols.append(("train", 12, lambda r: num(r.get("train_loglik"), ".5f")))
+    cols += [
+        ("df", 5, lambda r: str(r.get("df", ""))),
+        ("BIC", 14, lambda r: num(r.get("bic"), ".2f")),
+        ("ICL", 14, lambda r: num(r.get("icl"), ".2f")),
+        ("AIC", 14, lambda r: num(r.get("aic"), ".2f")),
+    ]
+    if validation:
+        cols.append(("validation", 12, lambda r: num(r.get("validation_loglik"), ".5f")))
+    cols += [
+        ("iter", 5, lambda r: str(r.get("n_iter", ""))),
+        ("conv", 5, lambda r: "yes" if r.get("converged") else "no"),
+    ]
+
+    def note(r: dict) -> str:
+        if r.get("failed"):
+            return "failed"
+        return f"degenerate: {r['degenerate']}" if r.get("degenerate") else ""
+
+    lines = [" ".join(f"{name:>{w}}" for name, w, _ in cols) + "  note"]
+    for r in table:
+        lines.append((" ".join(f"{get(r):>{w}}" for _, w, get in cols) + "  " + note(r)).rstrip())
+    return lines
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -683,7 +742,10 @@ def build_parser() -> argparse.ArgumentParser:
         "select-k",
         help="choose the number of components",
         description="Fit every K (sharing passes "
-        "over the data) and keep the best by held-out log-likelihood, BIC or AIC.",
+        "over the data) and keep the best by held-out log-likelihood, BIC, ICL or AIC. With several "
+        "covariance models (--covariance-type VVV,EEE,VII or all), choose the model and K together, every "
+        "(model, K) pair in the same passes. Writes DIR/summary.json, DIR/select_k.csv (one row per K or "
+        "(model, K)), the model of the choice and the plots.",
     )
     _add_data_options(p)
     p.add_argument("--k", required=True, metavar="RANGE", help="K values: a range 2:12 (inclusive) or a list 2,4,8")
@@ -708,7 +770,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (a previous one of the same kind is replaced atomically)",
     )
     _add_overwrite(p)
-    _add_model_options(p)
+    _add_model_options(
+        p,
+        replace={
+            "covariance_type": {
+                "metavar": "TYPES",
+                "help": f"covariance model: one of {', '.join(COVARIANCE_TYPES)}; or several, a comma list "
+                "(VVV,EEE,VII) or 'all' (mclust's fourteen), to choose the model and K together (default: full)",
+            }
+        },
+    )
     _add_cluster_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_select_k)

@@ -9,13 +9,13 @@ folder and, optionally, the cluster::
 
     [model]                     # GaussianMixture keyword arguments
     n_components = 5            # not needed with [select]
-    covariance_type = "full"
-    n_init = 4
+    covariance_type = "full"    # with [select] also "all" (mclust's fourteen) or a list
+    n_init = 4                  # ["VVV", "EEE", "VII"]: the model and K chosen together
     random_state = 0
 
     [select]                    # optional: choose K
     k = [2, 4, 6, 8]            # or "2:8"
-    criterion = "validation"    # or "bic", "aic"
+    criterion = "validation"    # or "bic", "icl", "aic"
     validation_fraction = 0.1
 
     [output]
@@ -82,6 +82,7 @@ from .workflows import (
     fit_and_report,
     load_model_dir,
     open_data,
+    parse_covariance_types,
     parse_k_values,
     store_chunk_rows,
     write_predictions,
@@ -176,6 +177,15 @@ def load_job(path: str | Path) -> dict:
     if bad:
         raise InputError(f"{path}: unknown model option(s) {sorted(bad)}; known: {sorted(valid)}")
     select = doc.get("select")
+    types = model.get("covariance_type")
+    if types is not None:
+        types = parse_covariance_types(types, option=f"{path}: [model] covariance_type")
+        if len(types) > 1 and select is None:
+            raise InputError(
+                f"{path}: [model] covariance_type with several models needs a [select] table with k "
+                "(the model and K are chosen together)"
+            )
+        model["covariance_type"] = types[0]
     if select is not None:
         if "k" not in select:
             raise InputError(f'{path}: [select] needs k (a list [2, 4, 8] or a range "2:12")')
@@ -192,6 +202,9 @@ def load_job(path: str | Path) -> dict:
         if select["criterion"] not in ("validation", "bic", "icl", "aic"):
             raise InputError(f"{path}: [select] criterion must be 'validation', 'bic', 'icl' or 'aic'")
         model.pop("n_components", None)
+        if types is not None and len(types) > 1:
+            select["covariance_types"] = types
+            model.pop("covariance_type")
     elif "n_components" not in model:
         raise InputError(f"{path}: give [model] n_components, or a [select] table with k")
     if model.get("checkpoint"):
@@ -322,6 +335,7 @@ def job_result(job_id: str) -> dict:
         "model_dir": str(out / "model"),
         "n_components": model.get("n_components"),
         "best_k": summary.get("best_k"),
+        "best_covariance_type": summary.get("best_covariance_type"),
         "lower_bound": model.get("lower_bound"),
         "converged": model.get("converged"),
         "labels": str(out / "labels.zarr") if (out / "labels.zarr").exists() else None,
@@ -591,6 +605,7 @@ def _fit_job(job: dict, job_id: str, X: Any, work: Path, options: dict, verbose:
             k_values=sel["k"],
             criterion=sel["criterion"],
             validation_fraction=sel["validation_fraction"],
+            covariance_types=sel.get("covariance_types"),
             options=options,
             verbose=verbose,
             extra=extra,
@@ -620,6 +635,7 @@ def job_result_from_folder(job_id: str, out: Path) -> dict:
         "summary": str(out / "summary.json"),
         "n_components": model.get("n_components"),
         "best_k": summary.get("best_k"),
+        "best_covariance_type": summary.get("best_covariance_type"),
         "lower_bound": model.get("lower_bound"),
         "converged": model.get("converged"),
     }

@@ -110,6 +110,7 @@ def model_summary(gm: Any) -> dict:
         "means": np.asarray(gm.means_).tolist(),
         "runs": [
             {
+                **({"covariance_type": r["tag"]["covariance_type"]} if "covariance_type" in r["tag"] else {}),
                 "k": r["tag"].get("k"),
                 "init": r["tag"].get("init"),
                 "n_iter": r["n_iter"],
@@ -964,6 +965,8 @@ def write_report(
     best_k: int | None = None,
     criterion: str | None = None,
     runs: Sequence[dict] | None = None,
+    best_covariance_type: str | None = None,
+    at_range_edge: bool | None = None,
 ) -> dict:
     """Write model, ``summary.json`` and plots into ``folder`` (which exists).
 
@@ -982,6 +985,11 @@ def write_report(
     runs : list of dict, optional
         The runs to draw in ``loglik.png`` (default: ``gm.runs_``); with K
         selection, the runs of every K.
+    best_covariance_type, at_range_edge : optional
+        With a selection table: the chosen covariance model (the one fitted
+        when only K was chosen) and whether the chosen K is at the edge of
+        the range; recorded in the summary (``best_covariance_type``,
+        ``at_range_edge``, top level and under ``select_k``).
 
     Returns
     -------
@@ -1011,8 +1019,17 @@ def write_report(
         "training_log_density_quantiles": log_density_quantiles(gm, sample),
     }
     if table is not None:
-        summary["select_k"] = {"best_k": best_k, "criterion": criterion, "table": list(table)}
+        best_type = str(best_covariance_type or gm.covariance_type)
+        summary["select_k"] = {
+            "best_k": best_k,
+            "best_covariance_type": best_type,
+            "criterion": criterion,
+            "at_range_edge": bool(at_range_edge),
+            "table": list(table),
+        }
         summary["best_k"] = best_k
+        summary["best_covariance_type"] = best_type
+        summary["at_range_edge"] = bool(at_range_edge)
     if extra:
         summary.update(extra)
     write_summary(folder / "summary.json", summary)

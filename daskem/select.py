@@ -34,7 +34,19 @@ CRITERIA = ("validation", "bic", "icl", "aic")
 DEFAULT_VALIDATION_FRACTION = {"validation": 0.1, "bic": 0.0, "icl": 0.0, "aic": 0.0}
 
 #: table keys, in order
-TABLE_KEYS = ("k", "train_loglik", "validation_loglik", "bic", "icl", "aic", "df", "n_iter", "converged", "degenerate")
+TABLE_KEYS = (
+    "k",
+    "train_loglik",
+    "validation_loglik",
+    "bic",
+    "icl",
+    "aic",
+    "df",
+    "n_iter",
+    "converged",
+    "degenerate",
+    "failed",
+)
 
 
 @dataclass
@@ -55,7 +67,9 @@ class SelectKResult:
         ``icl`` are minus mclust's), ``df`` (free parameters), ``n_iter``,
         ``converged`` and ``degenerate`` (why the chosen run is degenerate, or
         ``""``: see :func:`daskem._gaussian_model.degenerate_reason`; a
-        degenerate K is never chosen over a non-degenerate one).
+        degenerate K is never chosen over a non-degenerate one) and ``failed``
+        (every restart of the K failed, at its initialisation or in EM: NaN
+        scores, never chosen).
     criterion : str
     validation_fraction : float
         The fraction held out (0: every row trained on and scored).
@@ -63,7 +77,7 @@ class SelectKResult:
         The seed of the split and of the initialisations; passing it as
         ``random_state`` reproduces the result.
     models : dict of int to GaussianMixture
-        The fitted model of every K.
+        The fitted model of every K that did not fail.
     n_passes : int
         Passes over the data, initialisation and the scoring pass included.
     at_range_edge : bool
@@ -162,11 +176,15 @@ def select_k(
         scores, n_passes = GaussianMixture.fit_models(
             X, [models[k] for k in ks], validation_fraction=fraction, seed=seed
         )
-    failed = [k for k, s in zip(ks, scores) if s is None]
-    if failed:
-        raise RunsFailedError(f"every restart failed for K = {', '.join(map(str, failed))}")
-
-    table = [{"k": k, **score_row(models[k], s)} for k, s in zip(ks, scores)]
+    if all(s is None for s in scores):
+        raise RunsFailedError(f"every restart failed for K = {', '.join(map(str, ks))}")
+    d = models[ks[0]].n_features_in_  # the first estimator's, set even when it failed
+    cov_type = gm_params.get("covariance_type") or GaussianMixture().covariance_type
+    table = [
+        {"k": k, **score_row(models[k], s), "failed": False} if s is not None else failed_row(cov_type, k, d)
+        for k, s in zip(ks, scores)
+    ]
+    table = [{key: row[key] for key in TABLE_KEYS} for row in table]
     best = choose(table, criterion)
     best_k = table[best]["k"]
     at_edge = warn_if_at_range_edge(best_k, ks, criterion)
@@ -183,10 +201,30 @@ def select_k(
         criterion=criterion,
         validation_fraction=fraction,
         seed=seed,
-        models=models,
+        models={k: models[k] for k, s in zip(ks, scores) if s is not None},
         n_passes=n_passes,
         at_range_edge=at_edge,
     )
+
+
+def failed_row(covariance_type: str, k: int, n_features: int) -> dict:
+    """The scores of a candidate whose restarts all failed (mclust's NA): NaN, with its df."""
+    nan = float("nan")
+    df = int(cov_.structure(covariance_type).n_covariance_parameters(k, n_features) + k * n_features + k - 1)
+    return {
+        "k": k,
+        "loglik": nan,
+        "train_loglik": nan,
+        "validation_loglik": nan,
+        "bic": nan,
+        "icl": nan,
+        "aic": nan,
+        "df": df,
+        "n_iter": 0,
+        "converged": False,
+        "degenerate": "",
+        "failed": True,
+    }
 
 
 def _check_criterion(criterion: str, validation_fraction: float | None) -> float:
@@ -396,10 +434,7 @@ def select_model(
     for p in pairs:
         row = {"covariance_type": p[0], "k": p[1]}
         if p not in scores:
-            nan = float("nan")
-            df = int(cov_.structure(p[0]).n_covariance_parameters(p[1], d) + p[1] * d + p[1] - 1)
-            row.update(loglik=nan, train_loglik=nan, validation_loglik=nan, bic=nan, icl=nan, aic=nan, df=df, n_iter=0)
-            row.update(converged=False, degenerate="", failed=True)
+            row.update(failed_row(p[0], p[1], d))
             table.append({key: row[key] for key in MODEL_TABLE_KEYS})
             continue
         s = scores[p]

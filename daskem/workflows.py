@@ -21,13 +21,14 @@ import dask
 import dask.array as da
 import numpy as np
 
+from . import _covariance as cov_
 from . import _engine as engine
 from . import _outputs
 from .errors import InputError
 from .io import model_folder, open_array
 from .mixture import GaussianMixture, load
 from .report import threshold_from_quantiles, write_report
-from .select import select_k
+from .select import select_k, select_model
 
 #: rows gathered on the client for plots and the training log-density quantiles
 REPORT_SAMPLE_ROWS = 20_000
@@ -55,6 +56,36 @@ def parse_k_values(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise InputError(f"K values must be integers >= 1, got {text!r}")
     return sorted(set(values))
+
+
+def parse_covariance_types(value: str | Sequence[str], option: str = "--covariance-type") -> list[str]:
+    """``"VVV"``, ``"VVV,EEE,VII"``, ``"all"`` (mclust's fourteen) or a list of names → list of names.
+
+    ``option`` names the setting in the error message (``--covariance-type``
+    on the command line, ``[model] covariance_type`` in a job file).
+
+    Raises
+    ------
+    InputError
+        For an unknown name or an empty list, before any work.
+    """
+    if isinstance(value, str):
+        names = [t.strip() for t in value.split(",") if t.strip()]
+    elif isinstance(value, Sequence) and all(isinstance(t, str) for t in value):
+        names = [t.strip() for t in value]
+    else:
+        raise InputError(f"{option} must be a covariance model name, a list of names or 'all', got {value!r}")
+    if "all" in names:
+        if len(names) > 1:
+            raise InputError(f"{option}: 'all' stands alone (it means mclust's fourteen models), got {value!r}")
+        return list(cov_.MCLUST_MODELS)
+    bad = [t for t in names if t not in cov_.COVARIANCE_TYPES]
+    if bad or not names:
+        raise InputError(
+            f"{option}: unknown covariance model(s) {', '.join(map(repr, bad)) or repr(value)}; "
+            f"choose from {', '.join(cov_.COVARIANCE_TYPES)}, a comma list of them, or 'all'"
+        )
+    return list(dict.fromkeys(names))
 
 
 def open_data(path: str, array: str | None = None, chunk_bytes: int | None = None) -> da.Array:
@@ -102,23 +133,46 @@ def fit_and_report(
     k_values: Sequence[int] | None = None,
     criterion: str = "validation",
     validation_fraction: float | None = None,
+    covariance_types: Sequence[str] | None = None,
     options: dict,
     verbose: int,
     extra: dict | None = None,
 ) -> dict:
     """Fit one K (``k``) or choose among ``k_values``; write the report into ``out`` atomically.
 
+    With several ``covariance_types`` (and ``k_values``), the covariance model
+    and K are chosen together (:func:`daskem.select_model`, every pair in
+    shared passes); ``options`` then holds no ``covariance_type``. The
+    selection table is also written as ``select_k.csv``.
+
     ``out`` is a path (checked here, before the fit) or an
     :class:`~daskem._outputs.OutputTarget` the caller checked already.
     """
     target = _target(out, "select-k" if k_values is not None else "fit")
     t0 = time.perf_counter()
-    table = best_k = runs = None
-    if k_values is not None:
+    table = best_k = runs = best_type = at_edge = None
+    if k_values is not None and covariance_types is not None and len(covariance_types) > 1:
+        opts = {name: v for name, v in options.items() if name != "covariance_type"}
+        res = select_model(
+            X,
+            list(k_values),
+            list(covariance_types),
+            criterion=criterion,
+            validation_fraction=validation_fraction,
+            **opts,
+            verbose=verbose,
+        )
+        gm, table, best_k = res.best_model, [dict(r) for r in res.table], int(res.best_k)
+        best_type, at_edge = res.best_covariance_type, bool(res.at_range_edge)
+        runs = [r for pair in res.models for r in getattr(res.models[pair], "runs_", [])]
+    elif k_values is not None:
+        if covariance_types:
+            options = {**options, "covariance_type": covariance_types[0]}
         res = select_k(
             X, list(k_values), criterion=criterion, validation_fraction=validation_fraction, **options, verbose=verbose
         )
         gm, table, best_k = res.best_model, [dict(r) for r in res.table], int(res.best_k)
+        best_type, at_edge = str(gm.covariance_type), bool(res.at_range_edge)
         models = getattr(res, "models", None) or {best_k: gm}
         runs = [r for k in sorted(models) for r in getattr(models[k], "runs_", [])]
     else:
@@ -135,9 +189,25 @@ def fit_and_report(
             best_k=best_k,
             criterion=criterion if table is not None else None,
             runs=runs,
+            best_covariance_type=best_type,
+            at_range_edge=at_edge,
             extra={"fit_seconds": seconds, "n_samples": int(X.shape[0]), **(extra or {})},
         )
+        if table is not None:
+            write_table_csv(tmp / "select_k.csv", table)
     return summary
+
+
+def write_table_csv(path: str | os.PathLike, table: Sequence[dict]) -> None:
+    """The selection table as CSV: a header of its keys, one line per row (NaN as ``nan``)."""
+    import csv  # small; only where a table is written
+
+    keys = list(dict.fromkeys(key for row in table for key in row))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for row in table:
+            w.writerow({key: row.get(key, "") for key in keys})
 
 
 def _bad_rows(gm: GaussianMixture, X: da.Array) -> tuple[da.Array, str]:
@@ -253,8 +323,10 @@ __all__ = [
     "fit_and_report",
     "load_model_dir",
     "open_data",
+    "parse_covariance_types",
     "parse_k_values",
     "report_sample",
     "store_chunk_rows",
     "write_predictions",
+    "write_table_csv",
 ]

@@ -279,3 +279,99 @@ def test_local_clusters_run_without_the_worker_profiler(monkeypatch) -> None:
     assert list(flags.values()) == [False]
     monkeypatch.setenv("DASKEM_WORKER_PROFILE", "1")
     assert cli.local_cluster_config() == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# choosing the covariance model and K together
+
+
+@pytest.fixture(scope="module")
+def iris_npy(tmp_path_factory):
+    """R's iris (the mclust fixture's CSV) as a .npy file."""
+    from pathlib import Path
+
+    csv = Path(__file__).parent / "fixtures" / "mclust" / "iris.csv"
+    f = tmp_path_factory.mktemp("iris") / "iris.npy"
+    np.save(f, np.loadtxt(csv, delimiter=",", skiprows=1))
+    return f
+
+
+def test_select_k_chooses_model_and_k_cli(iris_npy, tmp_path):
+    """--covariance-type all: one row per (model, K) in summary.json and select_k.csv, mclust's choice on iris
+    (VEV, G=2; tests/test_mclust_fit.py), the printed table; a comma list whose range is too narrow says so."""
+    from daskem._covariance import MCLUST_MODELS
+
+    out = tmp_path / "all"
+    p = daskem(
+        "select-k", iris_npy, "--k", "1:3", "--covariance-type", "all", "--criterion", "bic",
+        "--random-state", 0, "--tol", "1e-6", "--max-iter", 1000, "--out", out, *LOCAL,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    table = summary["select_k"]["table"]
+    assert [(r["covariance_type"], r["k"]) for r in table] == [(t, k) for t in MCLUST_MODELS for k in (1, 2, 3)]
+    assert (summary["best_covariance_type"], summary["best_k"]) == ("VEV", 2)
+    assert summary["select_k"]["best_covariance_type"] == "VEV" and summary["at_range_edge"] is False
+    assert summary["model"]["covariance_type"] == "VEV" and summary["model"]["n_components"] == 2
+    assert set(table[0]) >= {"loglik", "df", "bic", "icl", "aic", "n_iter", "converged", "degenerate", "failed"}
+    chosen = next(r for r in table if (r["covariance_type"], r["k"]) == ("VEV", 2))
+    assert chosen["bic"] == min(r["bic"] for r in table if not r["failed"] and not r["degenerate"])
+    csv = (out / "select_k.csv").read_text().splitlines()
+    assert len(csv) == 1 + 14 * 3 and csv[0].startswith("covariance_type,k,loglik,")
+    assert "best model VEV, K = 2 (bic)" in p.stderr
+    printed = [line.split() for line in p.stderr.splitlines() if line.split()[:1] in ([t] for t in MCLUST_MODELS)]
+    assert [(w[0], int(w[1])) for w in printed] == [(t, k) for t in MCLUST_MODELS for k in (1, 2, 3)]
+    assert (out / "select_k.png").is_file() and (out / "model" / "model.json").is_file()
+
+    out2 = tmp_path / "list"
+    p = daskem(
+        "select-k", iris_npy, "--k", "1:2", "--covariance-type", "VVV,EEE,VII", "--criterion", "bic",
+        "--random-state", 0, "--out", out2, *LOCAL,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((out2 / "summary.json").read_text())
+    assert [(r["covariance_type"], r["k"]) for r in summary["select_k"]["table"]] == [
+        (t, k) for t in ("VVV", "EEE", "VII") for k in (1, 2)
+    ]
+    assert (summary["best_covariance_type"], summary["best_k"]) == ("VVV", 2) and summary["at_range_edge"] is True
+    assert "note: K = 2 is the largest of the range 1..2" in p.stderr
+
+
+def test_select_k_refuses_an_unknown_model_before_work(iris_npy, tmp_path):
+    out = tmp_path / "o"
+    p = daskem("select-k", iris_npy, "--k", "1:3", "--covariance-type", "VVV,XYZ", "--out", out, *LOCAL)
+    line = assert_one_line_error(p)
+    assert "--covariance-type" in line and "'XYZ'" in line and "all" in line
+    assert not out.exists()
+    line = assert_one_line_error(
+        daskem("select-k", iris_npy, "--k", "1:3", "--covariance-type", "all,VVV", "--out", out)
+    )
+    assert "--covariance-type" in line and not out.exists()
+
+
+def test_parse_covariance_types_and_the_table_lines():
+    from daskem._covariance import MCLUST_MODELS
+    from daskem.cli import selection_table_lines
+    from daskem.workflows import parse_covariance_types
+
+    assert parse_covariance_types("all") == list(MCLUST_MODELS)
+    assert parse_covariance_types(" VVV, EEE,VII ") == ["VVV", "EEE", "VII"]
+    assert parse_covariance_types(["full", "EII"]) == ["full", "EII"]
+    for bad in ["VVV,,XYZ", "", ["VVV", 3], "all,VVV"]:
+        with pytest.raises(InputError, match="--covariance-type"):
+            parse_covariance_types(bad)
+    nan = float("nan")
+    row = dict(loglik=-10.0, train_loglik=-1.0, validation_loglik=nan, bic=30.0, icl=31.0, aic=25.0, df=5)
+    table = [
+        {"covariance_type": "VVV", "k": 1, **row, "n_iter": 2, "converged": True, "degenerate": "", "failed": False},
+        {"covariance_type": "VVV", "k": 2, **row, "n_iter": 0, "converged": False, "degenerate": "", "failed": True},
+        {"covariance_type": "EII", "k": 2, **row, "n_iter": 9, "converged": True, "degenerate": "few rows"},
+    ]
+    lines = selection_table_lines(table)
+    assert lines[0].split() == ["model", "K", "loglik", "df", "BIC", "ICL", "AIC", "iter", "conv", "note"]
+    assert lines[1].split() == ["VVV", "1", "-10.000", "5", "30.00", "31.00", "25.00", "2", "yes"]
+    assert lines[2].endswith("failed") and lines[3].endswith("degenerate: few rows")
+    # a select_k table (no model, no total): the mean per row; a validation column when rows were held out
+    lines = selection_table_lines([{k: v for k, v in table[0].items() if k not in ("covariance_type", "loglik")}
+                                   | {"validation_loglik": -1.5}])  # fmt: skip
+    assert lines[0].split() == ["K", "train", "df", "BIC", "ICL", "AIC", "validation", "iter", "conv", "note"]

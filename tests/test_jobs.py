@@ -79,6 +79,51 @@ def test_load_job_resolves_paths_and_refuses_mistakes(tmp_path, store):
     }  # select_k then holds out 0.1 for validation, none for bic/icl/aic
 
 
+def test_job_covariance_type_all_or_a_list_chooses_the_model(tmp_path, store):
+    """[model] covariance_type = "all" or a list, with [select]: the model and K chosen together; names
+    checked when the file is read; several models without [select] refused."""
+    from daskem._covariance import MCLUST_MODELS
+
+    sel = "[select]\nk = '1:3'\ncriterion = 'bic'\n"
+    head = f"[input]\npath = '{store}'\n[output]\npath = 'o'\n"
+    f = tmp_path / "all.toml"
+    f.write_text(head + "[model]\ncovariance_type = 'all'\n" + sel)
+    job = load_job(f)
+    assert job["select"]["covariance_types"] == list(MCLUST_MODELS) and "covariance_type" not in job["model"]
+    f.write_text(head + "[model]\ncovariance_type = ['VVV', 'EEE']\n" + sel)
+    assert load_job(f)["select"]["covariance_types"] == ["VVV", "EEE"]
+    f.write_text(head + "[model]\ncovariance_type = ['VVV']\n" + sel)
+    job = load_job(f)
+    assert job["model"]["covariance_type"] == "VVV" and "covariance_types" not in job["select"]
+    bad = {
+        head + "[model]\ncovariance_type = ['VVV', 'XYZ']\n" + sel: r"\[model\] covariance_type: unknown .*'XYZ'",
+        head + "[model]\nn_components = 2\ncovariance_type = 'all'\n": "needs a \\[select\\] table",
+        head + "[model]\ncovariance_type = 3\n" + sel: "covariance_type",
+    }
+    for text, word in bad.items():
+        f.write_text(text)
+        with pytest.raises(InputError, match=word):
+            load_job(f)
+
+
+def test_run_job_choosing_model_and_k(tmp_path, store):
+    """A job with three models and K = 1..3 (BIC): the table has every pair, the summary and the result name
+    the chosen model and K (the generated data are three full-covariance components)."""
+    job = _job(tmp_path, store, extra="[select]\nk = '1:3'\ncriterion = 'bic'\n")
+    job.write_text(job.read_text().replace("n_components = 3", "covariance_type = ['VVV', 'EEE', 'VII']"))
+    p = daskem("run", job, *LOCAL, DASKEM_HOME=str(tmp_path / "home"))
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    table = summary["select_k"]["table"]
+    assert [(r["covariance_type"], r["k"]) for r in table] == [(t, k) for t in ("VVV", "EEE", "VII") for k in (1, 2, 3)]
+    best = min((r for r in table if not r["failed"] and not r["degenerate"]), key=lambda r: r["bic"])
+    assert (summary["best_covariance_type"], summary["best_k"]) == (best["covariance_type"], best["k"])
+    assert summary["best_k"] == 3 and summary["at_range_edge"] is True
+    assert res["best_covariance_type"] == summary["best_covariance_type"] and res["best_k"] == 3
+    assert (tmp_path / "out" / "select_k.csv").is_file() and (tmp_path / "out" / "labels.zarr").is_dir()
+
+
 def test_run_job_with_checkpoint_and_status(tmp_path, store):
     home = tmp_path / "home"
     job = _job(tmp_path, store)

@@ -437,6 +437,78 @@ def test_select_model_reports_failed_and_degenerate_pairs() -> None:
     assert set(rows[("EII", 2)]) == set(daskem.select.MODEL_TABLE_KEYS)
 
 
+def test_select_model_warnings_name_the_covariance_type() -> None:
+    """The failed restart's warning and the run tags in runs_ name the model as well as K and the restart."""
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(200, 2)), rng.normal(size=(200, 2)) + 8
+    B[:, 1] = 8.0
+    X = np.vstack([A, B])
+    with pytest.warns(
+        RuntimeWarning, match="run \\{'covariance_type': 'VVI', 'k': 2, 'init': 1\\} failed at iteration \\d+"
+    ):
+        res = daskem.select_model(X, [1, 2], ["EII", "VVI"], reg_covar=0.0, random_state=0, n_init=2)
+    tags = [r["tag"] for r in res.models[("EII", 2)].runs_]
+    assert tags == [{"covariance_type": "EII", "k": 2, "init": 0}, {"covariance_type": "EII", "k": 2, "init": 1}]
+
+
+def _collapsed_at_large_scale() -> np.ndarray:
+    """Three distinct points, each repeated 20 times, at a scale of 1e8: with K > 3 a k-means start has a
+    component of identical rows, whose full covariance (1e-6 added to a 1e16 scale) is singular."""
+    rng = np.random.default_rng(0)
+    return np.repeat(rng.normal(size=(3, 2)), 20, axis=0) * 1e8
+
+
+def test_an_initialisation_that_fails_fails_its_pairs_only() -> None:
+    """The shared start of VVV (full layout) fails for K = 2, 4 and 6; EII (starts of its own diagonal layout)
+    and K = 1 go on; the failed pairs are reported failed, with a warning that names them."""
+    X = _collapsed_at_large_scale()
+    with pytest.warns(RuntimeWarning, match="the initialisation of covariance_type='VVV', k=4 failed"):
+        res = daskem.select_model(X, [1, 2, 4], ["VVV", "EII"], reg_covar=0.0, random_state=0)
+    rows = {(r["covariance_type"], r["k"]): r for r in res.table}
+    assert [p for p, r in rows.items() if r["failed"]] == [("VVV", 2), ("VVV", 4), ("EII", 4)]
+    assert not rows[("EII", 2)]["failed"] and np.isfinite(rows[("EII", 2)]["bic"])
+    assert (res.best_covariance_type, res.best_k) == ("EII", 2)
+    assert ("VVV", 4) not in res.models and ("EII", 2) in res.models
+    # the pairs that started are the same as when fitted without the failing ones
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone = daskem.select_model(X, [1, 2], ["EII"], reg_covar=0.0, random_state=0)
+    assert alone.table[1]["bic"] == pytest.approx(rows[("EII", 2)]["bic"], rel=1e-9)
+
+
+def test_a_failed_initialisation_is_checkpointed_and_resumed(tmp_path) -> None:
+    """The runs that could not start are saved in the checkpoint (without parameters) and come back failed."""
+    X = _collapsed_at_large_scale()
+    opts = dict(reg_covar=0.0, random_state=0, checkpoint=str(tmp_path / "ck"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = daskem.select_model(X, [1, 2, 4], ["VVV", "EII"], **opts)
+        again = daskem.select_model(X, [1, 2, 4], ["VVV", "EII"], **opts)
+    assert [r["failed"] for r in again.table] == [r["failed"] for r in first.table] == [0, 1, 1, 0, 0, 1]
+    assert again.n_passes < first.n_passes  # resumed: no initialisation, no EM passes
+    np.testing.assert_allclose(
+        [r["bic"] for r in again.table], [r["bic"] for r in first.table], rtol=1e-12, equal_nan=True
+    )
+
+
+def test_select_k_reports_a_k_whose_initialisation_fails() -> None:
+    """One covariance model, several K: a K that cannot start is a failed row (NaN scores), not a failed fit."""
+    X = _collapsed_at_large_scale()
+    with pytest.warns(RuntimeWarning, match="the initialisation of k=4 failed"):
+        res = daskem.select_k(X, [1, 4], criterion="bic", covariance_type="VVV", reg_covar=0.0, random_state=0)
+    assert [(r["k"], r["failed"]) for r in res.table] == [(1, False), (4, True)]
+    assert np.isnan(res.table[1]["bic"]) and res.table[1]["df"] == 4 * 2 + 4 * 3 + 3
+    assert res.best_k == 1 and set(res.models) == {1} and tuple(res.table[0]) == daskem.select.TABLE_KEYS
+
+
+def test_an_initialisation_that_fails_everywhere_fails_the_fit() -> None:
+    X = _collapsed_at_large_scale()
+    with pytest.raises(ValueError, match="ill-defined"):
+        daskem.select_model(X, [4], ["VVV", "EEE"], reg_covar=0.0, random_state=0)
+    with pytest.raises(ValueError, match="ill-defined"):
+        daskem.GaussianMixture(4, covariance_type="VVV", reg_covar=0.0, random_state=0).fit(X)
+
+
 def test_select_model_refuses_bad_arguments() -> None:
     X, _ = load("faithful")
     with pytest.raises(daskem.InputError, match="covariance_types"):

@@ -57,7 +57,20 @@ def test_finds_five_components(results, stores, criterion):
     assert [row["k"] for row in res.table] == KS
     assert all(
         set(row)
-        == {"k", "train_loglik", "validation_loglik", "bic", "icl", "aic", "df", "n_iter", "converged", "degenerate"}
+        == {
+            "k",
+            "train_loglik",
+            "validation_loglik",
+            "bic",
+            "icl",
+            "aic",
+            "df",
+            "n_iter",
+            "converged",
+            "degenerate",
+            "failed",
+        }
+        and row["failed"] is False
         for row in res.table
     )
     assert not res.at_range_edge
