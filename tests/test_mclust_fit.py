@@ -214,9 +214,17 @@ def _em(X: np.ndarray, p0: GaussianParams, reg_covar: float = 0.0, quiet: bool =
 
 
 #: where daskem's EM from mclust's start ends at another optimum than mclust's
+# Cause (VVE): mclust's EM (Fortran mevve) keeps its warm-started MM M-step whatever it gives, and that MM
+# is not monotone in the M-step's objective (its orientation steps minimise sum_k tr(A_k^-1 D' W_k D), not
+# weighted by 1/scale_k as VVE's likelihood is): from mclust's own final parameters one M-step lowers it
+# (iris G=3: 456.0781 < 456.0850), and mclust's log-likelihood goes down on some steps (thyroid G=2, step 12:
+# -0.129; wreath G=5, steps 40-41: -0.31). daskem keeps the best of warm start, cold start and previous
+# covariances (_covariance._mclust_m_step) so that EM never goes down (SPEC), and so leaves mclust's path.
+# Taking the warm start alone for VVE reaches mclust's optimum on iris G=5 (-190.838) and diabetes G=2
+# (-2398.704) but lets EM go down (from mclust's parameters it ends below their E-step log-likelihood).
 KNOWN_DIFFERENT = {
-    # VVE's M-step is an inexact, warm-started MM: from the hc start daskem's EM ends ABOVE the optimum it
-    # reaches from mclust's final parameters (log-likelihoods: from the hc start, from mclust's parameters)
+    # VVE: from the hc start daskem's EM ends ABOVE the optimum it reaches from mclust's final parameters
+    # (log-likelihoods: from the hc start, from mclust's parameters)
     ("thyroid", "VVE", 2): "another optimum: -2498.4247 from the hc start, -2498.5358 from mclust's parameters",
     ("thyroid", "VVE", 3): "another optimum: -2613.9073 from the hc start, -2614.0066 from mclust's parameters",
     ("thyroid", "VVE", 4): "another optimum: -2596.9533 from the hc start, -2597.0250 from mclust's parameters",
