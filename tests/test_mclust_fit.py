@@ -201,6 +201,7 @@ def _em(X: np.ndarray, p0: GaussianParams, reg_covar: float = 0.0, quiet: bool =
         covariance_type=p0.covariance_type,
         reg_covar=reg_covar,
         tol=1e-10,
+        accelerate=None,
         max_iter=50_000,
         weights_init=p0.weights,
         means_init=p0.means,
