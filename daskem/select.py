@@ -295,21 +295,7 @@ def warn_if_at_range_edge(best_k: int, ks: list[int], criterion: str, what: str 
 # --------------------------------------------------------------------------
 
 #: table keys of :func:`select_model`, in order
-MODEL_TABLE_KEYS = (
-    "covariance_type",
-    "k",
-    "loglik",
-    "train_loglik",
-    "validation_loglik",
-    "bic",
-    "icl",
-    "aic",
-    "df",
-    "n_iter",
-    "converged",
-    "degenerate",
-    "failed",
-)
+MODEL_TABLE_KEYS = ("covariance_type", "k", "loglik", *TABLE_KEYS[1:])
 
 
 @dataclass
