@@ -199,6 +199,17 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_output_folder(p: argparse.ArgumentParser) -> None:
+    """``--out DIR`` (required) and ``--overwrite``, for the commands that write a model folder."""
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder (a previous one of the same kind is replaced atomically)",
+    )
+    _add_overwrite(p)
+
+
 # --------------------------------------------------------------------------
 # cluster
 # --------------------------------------------------------------------------
@@ -726,13 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(p)
     p.add_argument("--k", type=int, required=True, metavar="K", help="number of components (n_components)")
-    p.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR",
-        help="output folder (a previous one of the same kind is replaced atomically)",
-    )
-    _add_overwrite(p)
+    _add_output_folder(p)
     _add_model_options(p)
     _add_cluster_options(p)
     _add_common(p)
@@ -763,13 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="fraction of rows held out (default: 0.1 with --criterion validation, none with bic and aic)",
     )
-    p.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR",
-        help="output folder (a previous one of the same kind is replaced atomically)",
-    )
-    _add_overwrite(p)
+    _add_output_folder(p)
     _add_model_options(
         p,
         replace={
