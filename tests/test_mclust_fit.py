@@ -105,16 +105,22 @@ def test_one_em_step_equals_mclust(name: str, model: str, G: int) -> None:
         # the E-step's covariances. From mclust's start, the structure's M-step is mclust's:
         delta = stats.s1 / stats.nk[:, None]
         cold = cov_.structure(model).covariances(stats.s2, delta, stats.nk, 0.0, None)
-        np.testing.assert_allclose(cold, expected, rtol=1e-6, atol=1e-8 * scale)
-        # Warm-started, it does not lower the M-step's objective below the E-step's covariances' (EM stays
-        # monotone) and reaches mclust's optimum to ~1e-7. VVE's MM creeps: it stops ~1e-4 (relative) short,
-        # from either start, as mclust's own; its covariances agree to ~1e-2.
-        q_new = m_step_objective(X, p, new, model)
         q_ref = m_step_objective(X, p, _with_cov(new, expected), model)
+        if model == "VVE":
+            # not mclust's msvve, whose fixed point is not the maximiser (see daskem._mclust): at least its
+            # objective (from 1e-4 to 79 nats more on these fixtures)
+            q_cold = m_step_objective(X, p, _with_cov(new, cold), model)
+            assert q_cold >= q_ref - 1e-10 * abs(q_ref), (q_cold, q_ref)
+        else:
+            np.testing.assert_allclose(cold, expected, rtol=1e-6, atol=1e-8 * scale)
+        # Warm-started, it does not lower the M-step's objective below the E-step's covariances' (EM stays
+        # monotone) and reaches mclust's optimum to ~1e-7 (VVE: at least mclust's objective).
+        q_new = m_step_objective(X, p, new, model)
         q_old = m_step_objective(X, p, _with_cov(new, p.covariances), model)
         assert q_new >= q_old - 1e-12 * abs(q_old), (q_new, q_old)
-        assert q_new >= q_ref - (2e-4 if model == "VVE" else 1e-6) * abs(q_ref), (q_new, q_ref)
-        np.testing.assert_allclose(new.covariances, expected, rtol=3e-2, atol=3e-2 * scale)
+        assert q_new >= q_ref - 1e-6 * abs(q_ref), (q_new, q_ref)
+        if model != "VVE":
+            np.testing.assert_allclose(new.covariances, expected, rtol=3e-2, atol=3e-2 * scale)
     else:
         np.testing.assert_allclose(new.covariances, expected, rtol=1e-8, atol=1e-11 * scale)
 
@@ -214,31 +220,16 @@ def _em(X: np.ndarray, p0: GaussianParams, reg_covar: float = 0.0, quiet: bool =
         return gm.fit(X)
 
 
-#: where daskem's EM from mclust's start ends at another optimum than mclust's
-# Cause (VVE): mclust's EM (Fortran mevve) keeps its warm-started MM M-step whatever it gives, and that MM
-# is not monotone in the M-step's objective (its orientation steps minimise sum_k tr(A_k^-1 D' W_k D), not
-# weighted by 1/scale_k as VVE's likelihood is): from mclust's own final parameters one M-step lowers it
-# (iris G=3: 456.0781 < 456.0850), and mclust's log-likelihood goes down on some steps (thyroid G=2, step 12:
-# -0.129; wreath G=5, steps 40-41: -0.31). daskem keeps the best of warm start, cold start and previous
-# covariances (_covariance._mclust_m_step) so that EM never goes down (SPEC), and so leaves mclust's path.
-# Taking the warm start alone for VVE reaches mclust's optimum on iris G=5 (-190.838) and diabetes G=2
-# (-2398.704) but lets EM go down (from mclust's parameters it ends below their E-step log-likelihood).
+#: VVE: daskem's M-step maximises, mclust's Fortran MM (msvve) does not (its orientation steps weight
+#: sum_k tr(A_k^-1 D' W_k D) without 1/lambda_k; see daskem._mclust), so the two EM paths differ. From mclust's
+#: final parameters daskem's EM rises above mclust's log-likelihood in 31 of the 35 VVE cases (thyroid G=3..5:
+#: +320..342 nats); from mclust's hc start it ends at or above mclust's optimum except in these four, where
+#: the other path leads to a lower local optimum (daskem's from the hc start, mclust's):
 KNOWN_DIFFERENT = {
-    # VVE: from the hc start daskem's EM ends ABOVE the optimum it reaches from mclust's final parameters
-    # (log-likelihoods: from the hc start, from mclust's parameters)
-    ("thyroid", "VVE", 2): "another optimum: -2498.4247 from the hc start, -2498.5358 from mclust's parameters",
-    ("thyroid", "VVE", 3): "another optimum: -2613.9073 from the hc start, -2614.0066 from mclust's parameters",
-    ("thyroid", "VVE", 4): "another optimum: -2596.9533 from the hc start, -2597.0250 from mclust's parameters",
-    ("thyroid", "VVE", 5): "another optimum: -2565.1211 from the hc start, -2565.1418 from mclust's parameters",
-    ("wreath", "VVE", 5): "another optimum: -6837.0207 from the hc start, -6846.8130 from mclust's parameters",
-    ("diabetes", "VVE", 3): "daskem's EM from the hc start stops at -2362.7674, mclust stopped at -2362.7657 and "
-    "continues to -2362.7613: the two paths (VVE's M-step is an inexact MM, warm-started) reach nearby optima",
-    ("iris", "VVE", 4): "from the hc start daskem's EM ends at -217.753, mclust's at -217.136 (VVE's inexact MM "
-    "M-step, warm-started differently, takes EM to another optimum)",
-    ("iris", "VVE", 5): "from the hc start daskem's EM ends at -210.726, mclust's at -190.837 (as iris VVE G=4)",
-    ("diabetes", "VVE", 2): "from the hc start daskem's EM ends at -2413.509, mclust's at -2398.704 (as iris VVE G=4)",
-    ("diabetes", "VVE", 4): "from the hc start daskem's EM ends at -2321.549 (above mclust's -2321.653), mclust's "
-    "continues to -2321.475 (as iris VVE G=4)",
+    ("iris", "VVE", 5): "another optimum: daskem -17.2 below mclust from the hc start (+0.87 from mclust's end)",
+    ("banknote", "VVE", 5): "another optimum: daskem -0.35 below mclust from the hc start (+1.05 from mclust's end)",
+    ("thyroid", "VVE", 2): "another optimum: daskem -24.9 below mclust from the hc start (+11.0 from mclust's end)",
+    ("chevron", "VVE", 3): "another optimum: daskem -26.9 below mclust from the hc start (+1.11 from mclust's end)",
 }
 
 
@@ -248,7 +239,8 @@ def test_em_from_mclust_start_ends_at_mclusts_optimum(name: str, model: str, G: 
 
     Mclust stops at its default tolerance (a relative change of 1e-5 in the log-likelihood), up to a few
     units short of the optimum it is heading for on slow fits; that optimum is where daskem's EM goes from
-    mclust's final parameters. daskem from mclust's start ends within 1e-3 of it, never below mclust.
+    mclust's final parameters. daskem from mclust's start ends within 1e-3 of it, never below mclust (VVE:
+    never below mclust, see :data:`KNOWN_DIFFERENT`).
     """
     if (name, model, G) in KNOWN_DIFFERENT:
         pytest.xfail(KNOWN_DIFFERENT[(name, model, G)])
@@ -260,7 +252,8 @@ def test_em_from_mclust_start_ends_at_mclusts_optimum(name: str, model: str, G: 
     ll_start, ll_mclust = from_start.score(X) * n, from_mclust.score(X) * n
     assert from_start.converged_ and from_mclust.converged_
     assert ll_mclust >= fit["estep_loglik"] - 1e-6 * abs(fit["estep_loglik"])
-    assert abs(ll_start - ll_mclust) < 1e-3, (ll_start, ll_mclust, fit["loglik"])
+    if model != "VVE":  # VVE: another M-step, another path (see KNOWN_DIFFERENT)
+        assert abs(ll_start - ll_mclust) < 1e-3, (ll_start, ll_mclust, fit["loglik"])
     assert ll_start >= fit["loglik"] - 1e-3
 
 
@@ -422,7 +415,10 @@ def test_select_model_all_models_chooses_mclusts(name: str) -> None:
     chosen = next(r for r in res.table if (r["covariance_type"], r["k"]) == (res.best_covariance_type, res.best_k))
     assert -chosen["bic"] >= bic - 0.1
     if (res.best_covariance_type, res.best_k) == (model, g):
-        assert chosen["bic"] == pytest.approx(-bic, abs=0.1)
+        if model == "VVE":  # daskem's VVE M-step maximises, mclust's does not: banknote G=3 1.2 BIC units above
+            assert -chosen["bic"] > bic
+        else:
+            assert chosen["bic"] == pytest.approx(-bic, abs=0.1)
     else:
         # a better optimum of the same pair than mclust's own fit of it, by more than one BIC unit
         assert name == "banknote"
