@@ -386,6 +386,7 @@ class GaussianModel:
             weights_init=options.get("weights_init"),
             means_init=options.get("means_init"),
             precisions_init=options.get("precisions_init"),
+            run_layouts=options.get("run_layouts"),
         )
 
     def _initialize_types(
@@ -399,12 +400,17 @@ class GaussianModel:
         base = dataclasses.replace(
             self, run_types=(), covariance_type="full" if dense_types else "diag", reg_covar=max(self.reg_covar, 1e-6)
         )
+        # one start per (layout, K, restart): the structures of one layout share it, each layout draws and
+        # scores the candidates of its own (faithful, EEE G=3: from the full layout's start EM ends 28 below
+        # mclust, from the tied layout's at mclust's optimum); one hard pass for all
         keys, seen = [], {}
         for t, k in zip(self.run_types, components):
-            i = seen[(t, k)] = seen.get((t, k), -1) + 1
-            keys.append((k, i))
+            lay = cov_.layout(t)
+            i = seen[(lay, t, k)] = seen.get((lay, t, k), -1) + 1
+            keys.append((lay, k, i))
         unique = list(dict.fromkeys(keys))
-        inits = dict(zip(unique, base.initialize(passes, [k for k, _ in unique], rng, options)))
+        opts = {**options, "run_layouts": [lay for lay, _, _ in unique]}
+        inits = dict(zip(unique, base.initialize(passes, [k for _, k, _ in unique], rng, opts)))
         out = []
         for t, key in zip(self.run_types, keys):
             p = inits[key]

@@ -317,13 +317,20 @@ def lloyd(
     return passes.iterate(hard, start, tol=tol, max_iter=max_iter)
 
 
-def _restart_rngs(components: Sequence[int], base: int) -> list[np.random.Generator]:
-    """One independent stream per run, keyed by (K, index of the restart among that K's)."""
-    seen: dict[int, int] = {}
+def _restart_rngs(
+    components: Sequence[int], base: int, groups: Sequence[str] | None = None
+) -> list[np.random.Generator]:
+    """One independent stream per run, keyed by (K, index of the restart among that K's).
+
+    With ``groups`` (one per run: the layouts of a selection over several
+    covariance structures) the index counts within the run's group, so that
+    each group's runs draw the streams a fit of that group alone would.
+    """
+    seen: dict[tuple[str, int], int] = {}
     out = []
-    for k in components:
-        i = seen.get(k, 0)
-        seen[k] = i + 1
+    for g, k in zip(groups if groups is not None else [""] * len(components), components):
+        i = seen.get((g, k), 0)
+        seen[(g, k)] = i + 1
         out.append(np.random.default_rng(np.random.SeedSequence(base, spawn_key=(int(k), i))))
     return out
 
@@ -362,10 +369,14 @@ def _best_kmeans(
     scale: np.ndarray,
     components: Sequence[int],
     rngs: Sequence[np.random.Generator],
-    covariance_type: str,
+    covariance_type: str | Sequence[str],
     reg_covar: float,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per restart, the best of the :data:`KMEANS_CANDIDATES` on the sample.
+
+    ``covariance_type`` is the target of every run, or one per run (a
+    selection over several structures): each run's candidates are those of
+    its own layout, scored with its own M-step.
 
     Candidates are k-means solutions (k-means++ seeds and Lloyd), bare
     k-means++ seeds and random rows: Lloyd from different seeds mostly ends
@@ -386,8 +397,10 @@ def _best_kmeans(
     and the metric of each restart's hard pass.
     """
     variances = scale**2
-    kinds = _candidate_kinds(covariance_type, Z.shape[1])
-    white = _kmeans.whiten(Z) if any(sp == "white" for _, sp in kinds) else None
+    types = [covariance_type] * len(components) if isinstance(covariance_type, str) else list(covariance_type)
+    run_kinds = [_candidate_kinds(t, Z.shape[1]) for t in types]
+    all_kinds = [kind for kinds in run_kinds for kind in kinds]
+    white = _kmeans.whiten(Z) if any(sp == "white" for _, sp in all_kinds) else None
     # one common scale: the root mean column variance
     iso = float(np.sqrt(np.mean(variances)))
     scored = rows
@@ -401,10 +414,10 @@ def _best_kmeans(
     if white is not None:
         W, L = white
         spaces["white"] = (W, lambda c: centre + scale * (c @ L.T), scale[:, None] * (L @ L.T) * scale)
-    if any(sp == "iso" for _, sp in kinds):
+    if any(sp == "iso" for _, sp in all_kinds):
         spaces["iso"] = ((rows - centre) / iso, lambda c: centre + iso * c, np.full(Z.shape[1], iso**2))
     centres, metrics = [], []
-    for k, r in zip(components, rngs):
+    for k, r, kinds, run_type in zip(components, rngs, run_kinds, types):
 
         def draw(kind: str, space: str) -> tuple[np.ndarray, np.ndarray]:
             seed = {"kmeans": _kmeans.kmeans, "k-means++": kmeans_plusplus, "random_from_data": _random_rows}[kind]
@@ -414,8 +427,8 @@ def _best_kmeans(
         cands = [draw(kind, space) for kind, space in kinds]
         best_i = 0
         if len(cands) > 1:
-            n_iter = _score_iterations(scored.shape[0], k, Z.shape[1], covariance_type, len(cands))
-            scores = [_sample_score(scored, c, covariance_type, m, reg_covar, n_iter) for c, m in cands]
+            n_iter = _score_iterations(scored.shape[0], k, Z.shape[1], run_type, len(cands))
+            scores = [_sample_score(scored, c, run_type, m, reg_covar, n_iter) for c, m in cands]
             # no candidate gave a well-defined model on the sample (a component with too
             # few distinct rows for its covariance: rounded data, small clusters in many
             # dimensions): draw more, up to :data:`EXTRA_CANDIDATES`
@@ -423,7 +436,7 @@ def _best_kmeans(
                 if max(scores) > -np.inf:
                     break
                 cands.append(draw(*kinds[j % len(kinds)]))
-                scores.append(_sample_score(scored, cands[-1][0], covariance_type, cands[-1][1], reg_covar, n_iter))
+                scores.append(_sample_score(scored, cands[-1][0], run_type, cands[-1][1], reg_covar, n_iter))
             # the first of the best: candidates that found one partition (in another
             # order) tie up to round-off, and round-off must not decide
             best = max(scores)
@@ -463,6 +476,7 @@ def initialize(
     weights_init: np.ndarray | None = None,
     means_init: np.ndarray | None = None,
     precisions_init: np.ndarray | None = None,
+    run_layouts: Sequence[str] | None = None,
 ) -> list[GaussianParams]:
     """Initial parameters for every run, in the order of ``components``.
 
@@ -470,7 +484,11 @@ def initialize(
     ``[2, 2, 3, 3]``): all runs share the sample and the hard pass (and, for
     ``kmeans-full``, the Lloyd passes). ``seeding_rows()`` gives the rows to
     seed on (the fit's sample, NaN filled); it is only called when a method
-    needs it.
+    needs it. ``run_layouts`` (one per run, for a selection over several
+    covariance structures) are the layouts the runs will be fitted with:
+    each ``kmeans`` run draws and scores its layout's candidates (with its
+    own random stream, as a fit of that layout alone), while the hard pass
+    is to ``covariance_type`` for all.
 
     Returns
     -------
@@ -487,7 +505,7 @@ def initialize(
     elif init_params == "kmeans-full":
         runs_params = _kmeans_full(passes, components, covariance_type, rng, seeding_rows, model, tol)
     else:
-        rngs = _restart_rngs(components, int(rng.integers(2**63 - 1)))
+        rngs = _restart_rngs(components, int(rng.integers(2**63 - 1)), run_layouts)
         rows = np.asarray(seeding_rows(), dtype=np.float64)
         if rows.shape[0] == 0:
             raise InputError("no training rows to fit on")
@@ -499,7 +517,7 @@ def initialize(
             Z, centre, scale = _kmeans.standardize(rows)
             if init_params == "kmeans":
                 centres, metrics = _best_kmeans(
-                    rows, Z, centre, scale, components, rngs, covariance_type, model.reg_covar
+                    rows, Z, centre, scale, components, rngs, run_layouts or covariance_type, model.reg_covar
                 )
             else:
                 centres = [centre + scale * c for c in _sample_centres(init_params, Z, components, rngs)]
