@@ -289,6 +289,13 @@ def job_status(job_id: str) -> dict:
             return {**reg, "state": "superseded", "note": f"output folder now holds job {state.get('id')}"}
         return {**reg, "state": "queued"}
     out = {**reg, **state}
+    if out.get("state") == "running" and not _lock_holder_alive(state):
+        # killed (SIGKILL, out of memory, the machine restarted): it could not record its end
+        out["state"] = "failed"
+        out["error"] = (
+            f"its process (pid {state.get('pid')} on {state.get('host')}) ended without recording a result "
+            "(killed?); run the job again to resume from its checkpoint"
+        )
     progress = _read_json(Path(reg["output"]) / PROGRESS_FILE)
     if progress is not None and progress.get("id") == job_id:
         out["progress"] = {k: v for k, v in progress.items() if k != "id"}
@@ -548,7 +555,16 @@ def run_job(
 
 
 def _run_locked(job: dict, job_id: str, out: Path, *, verbose: int, fresh: bool, say: Callable[[str], None]) -> dict:
-    write_state(job, job_id, "running", started=_now(), host=socket.gethostname(), pid=os.getpid(), error=None)
+    write_state(
+        job,
+        job_id,
+        "running",
+        started=_now(),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        process_created=_process_created(os.getpid()),
+        error=None,
+    )
     t0 = time.perf_counter()
     try:
         options = dict(job["model"])

@@ -160,8 +160,10 @@ def test_run_job_with_checkpoint_and_status(tmp_path, store):
     assert lines[2].split("\t")[2] == f"{progress['iteration']}/100"
 
 
-def test_status_of_a_running_job(tmp_path):
-    """`daskem status` while a job runs: its iteration out of max_iter, log-likelihood and update time."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL"])
+def test_status_of_a_running_job(tmp_path, stop):
+    """`daskem status` while a job runs: its iteration out of max_iter, log-likelihood and update time; after it
+    is stopped, failed (Ctrl-C: recorded by the job; SIGKILL: found by status, the process being gone)."""
     generate_zarr(tmp_path / "data.zarr", 20_000, 4, 6, seed=3, chunk_rows=2_000, separation=1.5)
     home = tmp_path / "home"
     # tol 0: it runs until stopped (max_iter 1,000,000), one pass every few milliseconds
@@ -198,7 +200,7 @@ def test_status_of_a_running_job(tmp_path):
         assert f"job {job_id}: running; iteration " in p.stderr and "/1000000 of run k=3 init=" in p.stderr
         assert "ETA" in p.stderr and "updated 20" in p.stderr
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the job stops and records it
+        os.killpg(proc.pid, getattr(signal, stop))  # Ctrl-C: the job stops and records it; SIGKILL: it cannot
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -207,6 +209,9 @@ def test_status_of_a_running_job(tmp_path):
         log.close()
     s = json.loads(daskem("status", job_id, DASKEM_HOME=str(home)).stdout)
     assert s["state"] == "failed" and s["progress"]["iteration"] >= i  # the last recorded progress stays
+    assert ("ended without recording a result" in s["error"]) == (stop == "SIGKILL"), s["error"]
+    header, row = daskem("status", DASKEM_HOME=str(home)).stdout.strip().splitlines()
+    assert row.split("\t")[1] == "failed"
 
 
 def test_submit_needs_a_cluster(tmp_path, store):
