@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections import Counter
 
 import numpy as np
@@ -13,6 +14,12 @@ from zarr.storage import LocalStore, WrapperStore
 # one BLAS thread per process: the test machine has 2 cores and Dask runs threads
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# The Ctrl-C tests send SIGINT to daskem processes they start. A test run started in the background of a
+# non-interactive shell (`pytest &`) ignores SIGINT, and its children would inherit that and never stop;
+# a Python handler here is reset to the default in every child instead.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 
