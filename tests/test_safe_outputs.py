@@ -5,6 +5,7 @@ Real files, real Zarr stores, the CLI as real subprocesses (issue 10, parts 1 an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,6 +43,18 @@ def tree_hash(path: Path) -> str:
         if f.is_file():
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _group_killed_at_exit(proc: subprocess.Popen):
+    """The test's daskem process group (started with start_new_session) is SIGKILLed when the block ends, so a
+    failed test leaves no fit running on (they run with tol 0 and max_iter 100,000)."""
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -400,12 +413,13 @@ def test_ctrl_c_during_fit(world, tmp_path):
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job
     )
-    deadline = time.monotonic() + 180
-    while not (ck / "checkpoint.json").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert (ck / "checkpoint.json").exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint"
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole group, workers included
-    _, err = proc.communicate(timeout=120)
+    with _group_killed_at_exit(proc):
+        deadline = time.monotonic() + 180
+        while not (ck / "checkpoint.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (ck / "checkpoint.json").exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint"
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole group, workers included
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == [f"daskem: interrupted; the checkpoint at {ck} is intact; rerun the same command to resume"], err
@@ -435,28 +449,29 @@ def test_second_run_of_a_running_job_is_refused(tmp_path):
         text=True,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 120
-    while not (out / LOCK_FILE).exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert (out / LOCK_FILE).exists()
-    holder = json.loads((out / LOCK_FILE).read_text())
-    assert holder["pid"] == first.pid and holder["host"]
-    line = assert_one_line_error(daskem("run", job, *QUIET, DASKEM_HOME=home))
-    assert "is in use by another daskem" in line and f"pid {first.pid}" in line
-    line = assert_one_line_error(
-        daskem("submit", job, "--scheduler", "tcp://127.0.0.1:1", DASKEM_HOME=home, DASKEM_CONNECT_TIMEOUT="2s")
-    )
-    assert "is in use by another daskem" in line
-    # Ctrl-C on the job: exit 130, one line, the lock released
-    while not (out / "checkpoint" / "checkpoint.json").exists() and time.monotonic() < deadline + 60:
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGINT)
-    _, err = first.communicate(timeout=120)
-    assert first.returncode == 130, err
-    assert [ln for ln in err.splitlines() if ln.strip()] == [
-        f"daskem: interrupted; the checkpoint at {out / 'checkpoint'} is intact; rerun the same command to resume"
-    ]
-    assert not (out / LOCK_FILE).exists()
+    with _group_killed_at_exit(first):
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_FILE).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / LOCK_FILE).exists()
+        holder = json.loads((out / LOCK_FILE).read_text())
+        assert holder["pid"] == first.pid and holder["host"]
+        line = assert_one_line_error(daskem("run", job, *QUIET, DASKEM_HOME=home))
+        assert "is in use by another daskem" in line and f"pid {first.pid}" in line
+        line = assert_one_line_error(
+            daskem("submit", job, "--scheduler", "tcp://127.0.0.1:1", DASKEM_HOME=home, DASKEM_CONNECT_TIMEOUT="2s")
+        )
+        assert "is in use by another daskem" in line
+        # Ctrl-C on the job: exit 130, one line, the lock released
+        while not (out / "checkpoint" / "checkpoint.json").exists() and time.monotonic() < deadline + 60:
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 130, err
+        assert [ln for ln in err.splitlines() if ln.strip()] == [
+            f"daskem: interrupted; the checkpoint at {out / 'checkpoint'} is intact; rerun the same command to resume"
+        ]
+        assert not (out / LOCK_FILE).exists()
 
 
 def test_stale_lock_is_taken_over(tmp_path):
