@@ -38,7 +38,7 @@ from . import __version__, _outputs, jobs
 from ._covariance import COVARIANCE_TYPES
 from ._fitloop import format_seconds
 from .datasets import check_generate_target, generate_zarr, sample_chunk, truth_path
-from .errors import InputError
+from .errors import InputError, InputNotFoundError
 from .mixture import GaussianMixture
 from .report import write_summary
 from .security import find_security
@@ -254,7 +254,7 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
         if scheduler or scheduler_file:
             target = scheduler or f"scheduler file {scheduler_file}"
             if scheduler_file and not Path(scheduler_file).exists():
-                raise InputError(f"no such scheduler file: {scheduler_file}")
+                raise InputNotFoundError(f"no such scheduler file: {scheduler_file}")
             security = find_security(scheduler, scheduler_file, getattr(args, "security", None))
             try:
                 client = Client(

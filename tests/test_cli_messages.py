@@ -199,3 +199,20 @@ def test_model_options_keep_their_flags_in_every_command():
     predict = cli.command_flags(_commands()["predict"])
     msg = "3 of 1,000 rows hold NaN; nothing was written (refit with missing='marginalize' to use the observed entries)"
     assert cli.cli_message(msg, predict).endswith("(refit with --missing marginalize to use the observed entries)")
+
+
+def test_missing_scheduler_file_is_an_input_not_found_error(tmp_path) -> None:
+    """A scheduler file that does not exist is refused before connecting, as a missing input (a FileNotFoundError
+    for library callers; exit status 2 and one line on the command line)."""
+    from daskem.errors import InputNotFoundError
+
+    missing = tmp_path / "scheduler.json"
+    args = argparse.Namespace(scheduler=None, scheduler_file=str(missing), quiet=True)
+    with pytest.raises(InputNotFoundError, match="no such scheduler file"):
+        with cli.cluster_client(args):
+            pass
+    # from a job file's [cluster] table too
+    args = argparse.Namespace(scheduler=None, scheduler_file=None, quiet=True)
+    with pytest.raises(FileNotFoundError, match="no such scheduler file"):
+        with cli.cluster_client(args, {"scheduler_file": str(missing)}):
+            pass
