@@ -473,7 +473,7 @@ def _orientation_jacobi(name, W, nk, Dt, tol, max_sweeps):
     return V.T, sweep, err
 
 
-#: EVE: mclust's MM iterations at most before Jacobi rotations take over (see :func:`_m_mm`);
+#: EVE: mclust's MM iterations at most before Jacobi rotations take over (see :func:`_eve_mm`);
 #: from mclust's ``mstep()`` starting point the fixtures need at most 432
 MM_ITER = 500
 #: Jacobi sweeps at most (each rotates every pair of directions once). Each sweep raises the M-step's
@@ -485,12 +485,12 @@ JACOBI_MAX_SWEEPS = 100
 MM_CHECK = 50
 
 
-def _m_mm(name, W, nk, n_tot, tol, max_iter, previous):
-    # mclust mseve / msvve: Browne & McNicholas' MM 1 and MM 2 for the common orientation D. MM's steps
-    # scale with the ratio of the W_k's smallest to largest eigenvalues: on badly scaled data (wdbc) it
-    # crawls (10,000 iterations leave a relative change of 1e-5 per step). When it would not converge
-    # within MM_ITER iterations at its current rate, Jacobi rotations on the same target finish from
-    # where it is (_orientation_jacobi): same maximiser, far fewer steps.
+def _m_common_orientation(name, W, nk, n_tot, tol, max_iter, previous):
+    # EVE, VVE: Sigma_k = lambda_k D A_k D^T with one orientation D. Both start as mclust's mseve / msvve do,
+    # from D = I and A_k = I or from the previous covariances; EVE then runs mclust's MM (_eve_mm), VVE
+    # Jacobi rotations on its own objective (mclust's msvve weights the orientation's terms by A_k^{-1}
+    # without lambda_k^{-1}: its fixed point is not the M-step's maximiser, thyroid G=3 79 nats below it in
+    # the expected complete-data log-likelihood, and mclust's EM goes down on some steps).
     K, D, _ = W.shape
     W = 0.5 * (W + W.transpose(0, 2, 1))
     eig = np.linalg.eigvalsh(W)
@@ -500,7 +500,6 @@ def _m_mm(name, W, nk, n_tot, tol, max_iter, previous):
         # mclust's answer, ~1e-4 from the MLE) hangs on LAPACK's choice of sign for the null singular
         # vectors. The iterations' limit is the MLE, W / n: return it.
         return W / (n_tot if name == "EVE" else nk[0]), MStepInfo(0, True, 0.0)
-    omega = eig[:, -1]
     if previous is None:
         Dt = np.eye(D)  # mclust's O: the transpose of D (rows are the directions)
         shape = np.ones((K, D))
@@ -511,15 +510,29 @@ def _m_mm(name, W, nk, n_tot, tol, max_iter, previous):
         shape = np.einsum("ij,kjl,il->ki", Dt, prev, Dt)
         _need_positive(name, shape, "previous covariances' eigenvalues")
         shape = shape / _geomean(shape)[:, None]
+    if name == "EVE":
+        Dt, it, err = _eve_mm(W, nk, eig[:, -1], Dt, shape, tol, max_iter)
+    else:
+        Dt, it, err = _orientation_jacobi(name, W, nk, Dt, tol, min(max_iter, JACOBI_MAX_SWEEPS))
+    shape, trgt = _eve_vve_shapes(name, Dt, W, nk)
+    diag = np.einsum("ij,kjl,il->ki", Dt, W, Dt)
+    lam = np.full(K, trgt / (n_tot * D)) if name == "EVE" else _geomean(diag / nk[:, None])
+    cov = np.einsum("ji,kj,jl->kil", Dt, lam[:, None] * shape, Dt)
+    return cov, MStepInfo(it, err <= tol, err)
+
+
+def _eve_mm(W, nk, omega, Dt, shape, tol, max_iter):
+    """EVE's orientation by mclust's mseve: Browne & McNicholas' MM 1 and MM 2, from ``Dt`` and ``shape``.
+
+    MM's steps scale with the ratio of the W_k's smallest to largest eigenvalues (``omega``: the largest):
+    on badly scaled data (wdbc) it crawls, 10,000 iterations leaving a relative change of 1e-5 per step.
+    When it would not converge within :data:`MM_ITER` iterations at its current rate, Jacobi rotations on
+    the same objective finish from where it is (:func:`_orientation_jacobi`). Returns the orientation, the
+    inner iterations (MM iterations plus sweeps) and the last relative change.
+    """
     trgt_prev = np.finfo(np.float64).max / 2
     err, it, checked = np.inf, 0, np.inf
-    if name == "VVE":
-        # mclust's msvve weights the orientation's terms by A_k^{-1} without lambda_k^{-1}: its fixed point is not
-        # the M-step's maximiser (thyroid G=3: 79 nats below it in the expected complete-data log-likelihood, and
-        # mclust's EM goes down on some steps). Jacobi rotations on the VVE objective itself, from the same start.
-        Dt, it, err = _orientation_jacobi(name, W, nk, Dt, tol, min(max_iter, JACOBI_MAX_SWEEPS))
-        shape, trgt = _eve_vve_shapes(name, Dt, W, nk)
-    while name == "EVE":
+    while True:
         it += 1
         # MM 1: F = sum_k A_k^{-1} D^T W_k - omega_k A_k^{-1} D^T;  D = R P^T where F = P B R^T
         inv_shape = 1.0 / shape
@@ -531,28 +544,19 @@ def _m_mm(name, W, nk, n_tot, tol, max_iter, previous):
         F = np.einsum("kij,kj->ij", WD, inv_shape) - np.einsum("k,kij->ij", inv_shape.max(axis=1), WD)
         P, _, Rt = scipy.linalg.svd(F, lapack_driver="gesvd")
         Dt = (P @ Rt).T
-        shape, trgt = _eve_vve_shapes(name, Dt, W, nk)
+        shape, trgt = _eve_vve_shapes("EVE", Dt, W, nk)
         err = abs(trgt - trgt_prev) / (1 + abs(trgt))
         trgt_prev = trgt
         if not (err > tol and it < max_iter):
-            break
+            return Dt, it, err
         if it % MM_CHECK == 0:
             # linear rate over the last MM_CHECK iterations: iterations still needed to reach tol
             rate = err / checked  # 0 at the first check
             need = np.inf if rate >= 1 else np.log(tol / err) / np.log(max(rate, 1e-300)) * MM_CHECK
             checked = err
             if it + need > min(MM_ITER, max_iter):
-                Dt, sweeps, err = _orientation_jacobi(name, W, nk, Dt, tol, min(max_iter, JACOBI_MAX_SWEEPS))
-                it += sweeps
-                shape, trgt = _eve_vve_shapes(name, Dt, W, nk)
-                break
-    diag = np.einsum("ij,kjl,il->ki", Dt, W, Dt)
-    if name == "EVE":
-        lam = np.full(K, trgt / (n_tot * D))
-    else:
-        lam = _geomean(diag / nk[:, None])
-    cov = np.einsum("ji,kj,jl->kil", Dt, lam[:, None] * shape, Dt)
-    return cov, MStepInfo(it, err <= tol, err)
+                Dt, sweeps, err = _orientation_jacobi("EVE", W, nk, Dt, tol, min(max_iter, JACOBI_MAX_SWEEPS))
+                return Dt, it + sweeps, err
 
 
 def _eve_vve_shapes(name, Dt, W, nk):
@@ -664,7 +668,7 @@ def m_step_covariance(
     elif name == "VEE":
         cov, info = _m_vee(W, nk, n_tot, tol, max_iter)
     else:  # EVE, VVE
-        cov, info = _m_mm(name, W, nk, n_tot, tol, max_iter, previous)
+        cov, info = _m_common_orientation(name, W, nk, n_tot, tol, max_iter, previous)
 
     cov = np.array(cov, dtype=np.float64)
     if cov.ndim == 3:
