@@ -95,7 +95,8 @@ def per_iteration(n: int, rounds: int, iters: int) -> None:
                     assert engine.in_process_blocks(local) is not None
                 samples: dict[str, list[float]] = {"in process": [], "LocalCluster 2x1": []}
                 for r in range(rounds + 1):  # the first round warms up
-                    with dask.config.set(scheduler="threads"):
+                    # as ``fit`` runs them: the passes in forked worker processes
+                    with dask.config.set(scheduler="threads"), engine.local_workers(local):
                         s = iterations(local, model, params, iters)
                     if r:
                         samples["in process"] += s

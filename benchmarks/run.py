@@ -582,8 +582,9 @@ def in_process_data(X: np.ndarray, ctype: str) -> da.Array:
 
 
 def in_process_iterations(local: da.Array, params: list[g.GaussianParams], iters: int) -> dict:
-    """:func:`em_iterations` in process (Dask's local scheduler setting: no graphs, the engine's thread pool)."""
-    with dask.config.set(scheduler="threads"), _blas.single_threaded_blas():
+    """:func:`em_iterations` in process, as ``fit`` runs them (Dask's local scheduler setting: no graphs,
+    the passes in the engine's forked worker processes, :func:`daskem._engine.local_workers`)."""
+    with dask.config.set(scheduler="threads"), _blas.single_threaded_blas(), engine.local_workers(local):
         return em_iterations(local, params, iters)
 
 

@@ -549,6 +549,9 @@ class Passes:
         runs = [Run(p, tag={"lloyd": i}) for i, p in enumerate(params_list)]
         return iterate(self, model, runs, tol=tol, max_iter=max_iter)
 
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        return engine.local_map(fn, items)
+
 
 def iterate(
     passes: Passes,
@@ -916,8 +919,8 @@ def fit(
     # the client's small products (M-steps, Cholesky factors) with one BLAS
     # thread: a multi-threaded BLAS spins on them (iris: 250 ms a fit on a busy
     # 2-core machine against 31 ms), and in-process passes use the cores already
-    with single_threaded_blas():
-        return _fit(X, model, candidates, settings, in_memory=in_memory, split=split, start=start)
+    with single_threaded_blas(), contextlib.ExitStack() as scope:
+        return _fit(X, model, candidates, settings, in_memory=in_memory, split=split, start=start, scope=scope)
 
 
 def _fit(
@@ -929,6 +932,7 @@ def _fit(
     in_memory: bool,
     split: engine.RowSplit | None,
     start: tuple[Any, float] | None,
+    scope: contextlib.ExitStack,
 ) -> FitResult:
     seed = seed_from(settings.random_state)
     counter = engine.PassCounter()
@@ -944,6 +948,8 @@ def _fit(
         checkpoint = Checkpoint(settings.checkpoint, fingerprint, model, settings.run_class)
 
     Xw, _ = engine.prepare_data(X, settings.cache, in_memory=in_memory, dtype=settings.dtype, order=settings.order)
+    # in-process data: the fit's passes in worker processes that share its memory
+    scope.enter_context(engine.local_workers(Xw))
     verbose = settings.verbose
     passes = Passes(
         Xw,

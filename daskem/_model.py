@@ -45,7 +45,7 @@ Gaussian one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -70,6 +70,12 @@ class DataPasses(Protocol):
     def iterate(self, model: MixtureModel, params_list: Sequence[Any], *, tol: float, max_iter: int) -> list[Any]:
         """Run ``model``'s EM from each parameter set, in shared passes; returns the runs
         (:class:`daskem._fitloop.Run`: ``params``, ``n_iter``, ``history``, ``converged``)."""
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``fn(item)`` for every item, in item order: in-memory work between passes
+        (e.g. scoring candidate starts on :meth:`sample`), on the threads an
+        in-process pass uses, BLAS single-threaded in each. Reads no data.
+        ``fn`` must not depend on the order in which the items run."""
 
 
 class MixtureModel(Protocol[Params, Stats]):

@@ -3,13 +3,20 @@ and a pass over many chunks is a number of tasks bounded by the worker threads, 
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
+import subprocess
+import sys
+import time
 import warnings
 
 import dask
 import dask.array as da
 import numpy as np
+import psutil
 import pytest
 import zarr
+from _cli_helpers import env
 from conftest import COVARIANCE_TYPES, make_blobs, write_zarr
 from distributed import Client, LocalCluster, wait
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -263,3 +270,96 @@ def test_in_process_pass_sums_in_block_order_whatever_the_threads() -> None:
     with dask.config.set(scheduler="synchronous"):
         (c,) = engine.reduce_statistics(local, GaussianModel(), [p])
     np.testing.assert_allclose(c.pack(), a.pack(), rtol=1e-12)
+
+
+def _pass_workers() -> list:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("daskem-pass-")]
+
+
+@pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")
+def test_forked_workers_give_the_threads_bits_and_stop_with_their_scope() -> None:
+    """Passes in forked worker processes sum the same groups in the same order as threads."""
+    X = make_blobs(n=40_000, d=5, k=3, seed=29)
+    local = engine.local_array(X, chunks=(5000,) * 8)
+    model = GaussianModel()
+    ps = [
+        g.GaussianParams.from_covariances(np.full(3, 1 / 3), X[i : i + 3].copy(), np.ones((3, 5)), "diag")
+        for i in (0, 7)
+    ]
+    with dask.config.set(num_workers=2):
+        threaded = engine.reduce_statistics(local, model, ps)
+        with engine.local_workers(local):
+            assert local.name in engine._forked
+            assert len(_pass_workers()) == 2
+            forked = engine.reduce_statistics(local, model, ps)
+            # an error in a worker reaches the caller, and the next pass is not confused by it
+            bad = g.GaussianParams.from_covariances(np.full(3, 1 / 3), X[:3, :4].copy(), np.ones((3, 4)), "diag")
+            with pytest.raises(ValueError):
+                engine.reduce_statistics(local, model, [bad])
+            again = engine.reduce_statistics(local, model, ps)
+        assert local.name not in engine._forked
+    assert not _pass_workers()
+    for a, b, c in zip(threaded, forked, again):
+        np.testing.assert_array_equal(a.pack(), b.pack())
+        np.testing.assert_array_equal(a.pack(), c.pack())
+
+
+@pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")
+def test_forked_workers_stop_when_the_fit_is_interrupted() -> None:
+    X = make_blobs(n=20_000, d=3, k=2, seed=30)
+    local = engine.local_array(X, chunks=(5000,) * 4)
+    with dask.config.set(num_workers=2), pytest.raises(KeyboardInterrupt), engine.local_workers(local):
+        assert len(_pass_workers()) == 2
+        raise KeyboardInterrupt
+    assert not _pass_workers()
+
+
+@pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")
+def test_a_fit_of_numpy_input_runs_its_passes_in_forked_workers(monkeypatch) -> None:
+    """Same fit with and without the workers (DASKEM_FORK=0), bit for bit; none left after."""
+    X = make_blobs(n=30_000, d=4, k=3, seed=31)
+    runs = []
+    original = engine._ForkedWorkers.run
+
+    def counted(self, *args, **kwargs):
+        runs.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine._ForkedWorkers, "run", counted)
+    with dask.config.set(num_workers=2):
+        forked = daskem.GaussianMixture(3, n_init=2, random_state=0).fit(X)
+        assert len(runs) == forked.n_passes_ - 1  # the sample is read in this process
+        monkeypatch.setenv(engine.FORK_ENV, "0")
+        threaded = daskem.GaussianMixture(3, n_init=2, random_state=0).fit(X)
+    assert len(runs) == forked.n_passes_ - 1
+    assert not _pass_workers()
+    for attr in ATTRS:
+        np.testing.assert_array_equal(getattr(forked, attr), getattr(threaded, attr), err_msg=attr)
+
+
+@pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")
+def test_forked_workers_exit_when_their_parent_is_killed(tmp_path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, signal, dask, numpy as np\n"
+        "from daskem import _engine as engine\n"
+        "local = engine.local_array(np.ones((20000, 3)), chunks=(5000,) * 4)\n"
+        "with dask.config.set(num_workers=2), engine.local_workers(local):\n"
+        "    print(' '.join(str(p.pid) for p in engine._forked[local.name].procs), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env())
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids)

@@ -321,3 +321,27 @@ def test_a_restart_with_an_ill_defined_start_is_dropped_not_the_fit() -> None:
     assert len(kept) == 1 and kept[0].weights.min() > 0.2  # the good restart
     with pytest.raises(ValueError, match="ill-defined"):
         _hard_pass_params(passes, [bad, bad], "full", model)
+
+
+def test_candidates_scored_side_by_side_give_the_same_start() -> None:
+    """Heavy candidates (D >= 32) are scored on the fit's threads: same scores, same choice."""
+    import concurrent.futures
+
+    from daskem import _init, _kmeans
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(3000, 40)) + 4.0 * rng.integers(0, 4, size=(3000, 1))
+    Z, centre, scale = _kmeans.standardize(X)
+    calls = []
+
+    def threaded(fn, items):
+        calls.append(len(items))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            return list(pool.map(fn, items))
+
+    args = (X, Z, centre, scale, [4], None, "full", 1e-6)
+    seq = _init._best_kmeans(*args[:5], _init._restart_rngs([4], 9), *args[6:])
+    par = _init._best_kmeans(*args[:5], _init._restart_rngs([4], 9), *args[6:], map_items=threaded)
+    assert calls == [len(_init.KMEANS_CANDIDATES["full"])]
+    for a, b in zip(seq, par):
+        np.testing.assert_array_equal(a[0], b[0])

@@ -381,3 +381,29 @@ def test_parity_with_sklearn_through_the_wide_full_kernel(d: int, monkeypatch: p
         # agree to ~1e-10 of the matrix's scale (so does daskem's stacked kernel, measured)
         want = getattr(ref, name)
         np.testing.assert_allclose(getattr(ours, name), want, rtol=1e-6, atol=1e-9 * np.abs(want).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("k,d", [(3, 1), (3, 4), (10, 64), (2, 30)])
+def test_lapack_factors_equal_scipy_linalg_bit_for_bit(k: int, d: int) -> None:
+    """The Cholesky factors come from LAPACK directly, the same routines scipy.linalg calls."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(k * d)
+    a = rng.normal(size=(k, d, d))
+    cov = a @ a.transpose(0, 2, 1) + 1e-6 * np.eye(d)
+    eye = np.eye(d)
+    ref = np.stack([linalg.solve_triangular(linalg.cholesky(c, lower=True), eye, lower=True).T for c in cov])
+    u = g.precision_cholesky_from_covariances(cov, "full")
+    np.testing.assert_array_equal(u, ref)
+    np.testing.assert_array_equal(g.precision_cholesky_from_covariances(cov[0], "tied"), ref[0])
+    back = np.stack([(lambda w: w.T @ w)(linalg.solve_triangular(x, eye, lower=False)) for x in u])
+    np.testing.assert_array_equal(g.covariances_from_precision_cholesky(u, "full"), back)
+    prec = np.einsum("kij,klj->kil", u, u)
+    flip = np.stack([linalg.cholesky(p[::-1, ::-1], lower=True)[::-1, ::-1] for p in prec])
+    np.testing.assert_array_equal(g.precision_cholesky_from_precisions(prec, "full"), flip)
+
+
+def test_lapack_factors_refuse_what_scipy_refused() -> None:
+    for bad in (np.array([[[1.0, 2.0], [2.0, 1.0]]]), np.array([[[np.nan, 0.0], [0.0, 1.0]]])):
+        with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+            g.precision_cholesky_from_covariances(bad, "full")
