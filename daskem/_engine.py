@@ -180,7 +180,11 @@ def pass_parts(
     size = sum(model.packed_size(p) for p in params_list)
     task = _PassTask(model, tuple(params_list), split)
     states = [model.params_state(p) for p in params_list]
-    key = "daskem-pass-params-" + dask.base.tokenize(model, split, states)
+    # every pass its own keys: a pass with the same parameters as the last one
+    # (a rejected extrapolation, a re-scored fit) must not ask the scheduler for
+    # keys whose futures the last pass is releasing (it logs "Couldn't gather"
+    # and recomputes)
+    key = "daskem-pass-params-" + dask.base.tokenize(model, split, states, uuid.uuid4().hex)
     nbytes = sum(np.asarray(a).nbytes for arrays, _ in states for a in arrays.values())
     source = _row_source(X)
     groups = None

@@ -363,3 +363,17 @@ def test_forked_workers_exit_when_their_parent_is_killed(tmp_path) -> None:
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(alive(p) for p in pids)
+
+
+def test_identical_passes_in_a_row_do_not_race_on_their_keys(cluster, caplog) -> None:
+    """Two passes with the same parameters are other tasks: the second must not ask the
+    scheduler for keys the first one's futures are releasing ("Couldn't gather")."""
+    X = make_blobs(n=4000, d=3, k=2, seed=32)
+    p = g.GaussianParams.from_covariances(np.full(2, 0.5), X[:2].copy(), np.ones((2, 3)), "diag")
+    model = GaussianModel()
+    with Client(cluster), caplog.at_level("WARNING", logger="distributed"):
+        Xd, _ = engine.prepare_data(_dask_graph(X, 1000), True)
+        first = engine.reduce_statistics(Xd, model, [p])[0].pack()
+        for _ in range(30):
+            np.testing.assert_array_equal(engine.reduce_statistics(Xd, model, [p])[0].pack(), first)
+    assert not [r for r in caplog.records if "gather" in r.getMessage()], [r.getMessage() for r in caplog.records]
