@@ -57,6 +57,7 @@ import psutil
 from dask.diagnostics import ProgressBar
 from dask.highlevelgraph import HighLevelGraph
 from distributed.diagnostics.progressbar import TextProgressBar
+from scipy.linalg import blas as _scipy_blas
 
 from ._blas import single_threaded_blas
 from ._model import MixtureModel
@@ -823,10 +824,14 @@ def _forked_main(
 ) -> None:
     for c in others:
         c.close()
+    # numpy's and scipy's OpenBLAS start their thread servers in a new process
+    # on the first BLAS call, whatever the thread count, and those threads spin
+    # for a while (measured here: ~100 ms of a first pass, every worker 2 - 4x
+    # slower): start them now, while the parent initialises the fit
+    a = np.ones((32, 32))
+    a @ a
+    _scipy_blas.dgemm(1.0, a, a)
     with single_threaded_blas():
-        # first touch of the inherited pages here, while the parent initialises
-        for b in blocks:
-            np.add.reduce(b, axis=None)
         _worker_loop(conn, blocks, parent)
 
 
