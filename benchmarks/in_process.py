@@ -9,8 +9,10 @@
    it with ``OPENBLAS_NUM_THREADS=1`` too (scikit-learn's small products
    with several BLAS threads are slow on a busy machine).
 2. Seconds per EM iteration on (a) N=1e6 D=16 K=8, full and diag, from the
-   same parameters: in process (numpy input, the engine's thread pool) and on
+   same parameters: in process (numpy input, the engine's forked pass workers) and on
    a 2-worker LocalCluster (the data persisted there), in turn.
+   Then whole default fits of that data in process, with the forked pass
+   workers and with threads (``DASKEM_FORK=0``), in turn.
 3. The per-pass overhead of the cluster: a pass over 1,000 rows in process and
    on the cluster (what sets ``engine.IN_PROCESS_BYTES``).
 """
