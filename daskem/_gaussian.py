@@ -365,8 +365,12 @@ class _Plan:
 #: rank-k update (``syrk`` of ``sqrt(q) z``, one triangle), the way oneDAL
 #: computes them. The stacked kernel's ``(K*D, rows)`` buffer (268 MB at
 #: D=256, K=64) left the cache on every block. Measured single-threaded,
-#: 4,000 rows, D=256 K=64: 6.5 -> 3.5 s (1.7-1.9x); D=64 K=16: level (not used).
-_WIDE_MIN_D = 128
+#: 4,000 rows, D=256 K=64: 6.5 -> 3.5 s (1.7-1.9x). On a quiet machine
+#: (``chunk_statistics``, one thread, best of 3, us a row, stacked -> wide):
+#: D=64 K=2 1.01 -> 0.90, K=8 3.55 -> 3.11, K=16 7.8 -> 5.96, K=32 16.2 -> 11.7;
+#: D=80 K=16 11.4 -> 8.0; D=96 K=16 16.0 -> 10.5; D=48 and D=40: level.
+#: (On a loaded machine with threads sharing the GIL D=64 had measured level.)
+_WIDE_MIN_D = 64
 
 
 @dataclass(frozen=True, eq=False)

@@ -302,7 +302,7 @@ def test_wide_full_kernel_equals_reference(dtype: str, hard: bool, monkeypatch: 
 
 
 def test_wide_full_kernel_at_its_threshold_equals_stacked_kernel() -> None:
-    """At the real threshold (D=128) the wide kernel gives the stacked kernel's statistics."""
+    """At the real threshold (D=64) the wide kernel gives the stacked kernel's statistics."""
     d = g._WIDE_MIN_D
     X = _data(n=1500, d=d, k=3, offset=5.0)
     p = _params(X, "full", k=3)
