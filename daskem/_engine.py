@@ -752,7 +752,7 @@ class _ForkedWorkers:
             # the child keeps only its own end: a worker must see EOF when we go
             proc = ctx.Process(
                 target=_forked_main,
-                args=(b, blocks, parent, [c for j, p in enumerate(pipes) for c in p if c is not b]),
+                args=(b, blocks, parent, [c for pair in pipes for c in pair if c is not b]),
                 name=f"daskem-pass-{i}",
                 daemon=True,
             )
