@@ -128,7 +128,7 @@ def open_array(
             if not _is_url(path) and not Path(path).exists():
                 raise InputNotFoundError(f"no such file: {path}")
             try:
-                X = np.load(path, mmap_mode="r", allow_pickle=False)
+                X = NpyFile(path)
             except Exception as exc:
                 raise InputError(f"not a readable .npy file: {path} ({exc})") from exc
         else:
@@ -158,6 +158,46 @@ def open_array(
     if max(row_chunks) > 4 * target or (len(row_chunks) > 1 and np.median(row_chunks) < target / 8):
         arr = arr.rechunk({0: target})
     return _as_float(arr)
+
+
+class NpyFile:
+    """A ``.npy`` file read by row slices, memory-mapped where it is read.
+
+    What :func:`open_array` wraps a ``.npy`` path in. A dask array made from a
+    ``numpy.memmap`` carries the memmap in its graph, and a memmap pickles as
+    its whole data: on a distributed cluster every task of a pass (or the
+    graph, once) held the file's bytes ("Sending large graph of size ..."; a
+    file larger than the client's memory could not be sent at all). This
+    object pickles as its path, shape and dtype, and opens the file again on
+    the worker that reads it (which must see the same path, as for a local
+    Zarr store).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        mm = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        self.shape: tuple[int, ...] = tuple(mm.shape)
+        self.dtype = mm.dtype
+        self.ndim = mm.ndim
+        self._mm: np.ndarray | None = mm
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if self._mm is None:
+            self._mm = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        return np.asarray(self._mm[key])
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "shape": self.shape, "dtype": self.dtype, "ndim": self.ndim, "_mm": None}
+
+    def __dask_tokenize__(self) -> tuple:
+        st = os.stat(self.path)
+        return ("daskem.io.NpyFile", self.path, st.st_size, st.st_mtime_ns, self.shape, str(self.dtype))
+
+    def __repr__(self) -> str:
+        return f"NpyFile({self.path!r}, shape={self.shape}, dtype={self.dtype})"
 
 
 def _check_dtype_shape(shape: tuple, dtype: np.dtype) -> None:

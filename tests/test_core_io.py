@@ -202,3 +202,30 @@ def test_predict_outputs_score_each_chunk_once(fitted) -> None:
     np.testing.assert_allclose(logd, gm.score_samples(X), rtol=1e-12)
     np_out = gm.predict_outputs(X, proba=True, log_density=True)
     np.testing.assert_array_equal(np_out["labels"], labels)
+
+
+def test_a_npy_file_travels_as_its_path_not_its_bytes(tmp_path) -> None:
+    """A dask array over a memmap pickles the file's bytes into its tasks: on a cluster
+    every pass (or the graph) held the whole file. The .npy reader pickles as its path."""
+    import cloudpickle
+    from distributed import Client, LocalCluster
+
+    from daskem import _engine as engine
+
+    X = make_blobs(n=40_000, d=4, k=3, seed=33)
+    path = tmp_path / "x.npy"
+    np.save(path, X)
+    A = daskem.open_array(str(path), chunk_bytes=10_000 * 4 * 8)
+    assert len(cloudpickle.dumps(dict(A.__dask_graph__()))) < 20_000  # the file is 1.28 MB
+    assert engine._row_source(A) is not None  # streamed passes read its rows in groups
+    reader = pickle.loads(pickle.dumps(engine._row_source(A)[0]))
+    np.testing.assert_array_equal(reader[1234:5678], X[1234:5678])
+    ref = daskem.GaussianMixture(3, random_state=0).fit(X)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
+        for cache in (False, True):
+            fit = daskem.GaussianMixture(3, random_state=0, cache=cache).fit(daskem.open_array(str(path)))
+            np.testing.assert_allclose(fit.means_, ref.means_, rtol=1e-9)
+            np.testing.assert_allclose(fit.covariances_, ref.covariances_, rtol=1e-9)
