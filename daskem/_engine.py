@@ -712,12 +712,24 @@ def local_workers(X: da.Array) -> Iterator[None]:
         workers.close()
 
 
-def _worker_loop(conn: multiprocessing.connection.Connection, blocks: Sequence[np.ndarray], parent: int) -> None:
+def _forked_main(
+    conn: multiprocessing.connection.Connection, blocks: Sequence[np.ndarray], parent: int, others: list
+) -> None:
     """A forked worker: run the groups it is sent over the inherited blocks until told to stop."""
+    # keep only our own pipe end: a worker must see EOF when the parent goes
+    for c in others:
+        c.close()
     # Ctrl-C reaches the whole process group: the parent handles it and stops us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # numpy's and scipy's OpenBLAS start their thread servers in a new process
+    # on the first BLAS call, whatever the thread count, and those threads spin
+    # for a while (measured here: ~100 ms of a first pass, every worker 2 - 4x
+    # slower): start them now, while the parent initialises the fit
+    a = np.ones((32, 32))
+    a @ a
+    _scipy_blas.dgemm(1.0, a, a)
     while True:
-        # a parent killed outright leaves the pipe open in the other workers: look
+        # a parent killed outright may leave the pipe open elsewhere: look
         while not conn.poll(1.0):
             if os.getppid() != parent:
                 return
@@ -729,6 +741,7 @@ def _worker_loop(conn: multiprocessing.connection.Connection, blocks: Sequence[n
             return
         cuts, task, index = msg
         try:
+            # one BLAS thread in each group (:func:`_local_group`)
             out = [("ok", _local_group(blocks, cuts, task, idx)) for idx in index]
         except Exception as exc:  # noqa: BLE001 - sent to the parent, raised there
             out = [("error", exc)]
@@ -749,7 +762,6 @@ class _ForkedWorkers:
         self.procs = []
         parent = os.getpid()
         for i, (_, b) in enumerate(pipes):
-            # the child keeps only its own end: a worker must see EOF when we go
             proc = ctx.Process(
                 target=_forked_main,
                 args=(b, blocks, parent, [c for pair in pipes for c in pair if c is not b]),
@@ -775,8 +787,7 @@ class _ForkedWorkers:
             conn.send((cuts, task, [index[g] for g in groups]))
         results: dict[int, np.ndarray] = {}
         errors: list[BaseException] = []
-        t0 = time.perf_counter()
-        shown = False
+        bar = _LocalBar() if progress else None
         pending = dict(zip(self.conns, mine))
         while pending:
             ready = multiprocessing.connection.wait(list(pending), timeout=0.1)
@@ -791,14 +802,10 @@ class _ForkedWorkers:
                 errors += [value for tag, value in out if tag == "error"]
                 if not errors:
                     results.update((g, value) for g, (_, value) in zip(groups, out))
-            elapsed = time.perf_counter() - t0
-            if progress and (shown or elapsed >= 1.0):
-                frac = len(results) / len(index)
-                sys.stderr.write(f"\r[{'#' * int(40 * frac):<40}] | {100 * frac:3.0f}% Completed | {elapsed:4.1f}s")
-                shown = True
-        if shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            if bar is not None:
+                bar.update(len(results) / len(index))
+        if bar is not None:
+            bar.close()
         if errors:
             raise errors[0]
         vec = None
@@ -819,39 +826,35 @@ class _ForkedWorkers:
             conn.close()
 
 
-def _forked_main(
-    conn: multiprocessing.connection.Connection, blocks: Sequence[np.ndarray], parent: int, others: list
-) -> None:
-    for c in others:
-        c.close()
-    # numpy's and scipy's OpenBLAS start their thread servers in a new process
-    # on the first BLAS call, whatever the thread count, and those threads spin
-    # for a while (measured here: ~100 ms of a first pass, every worker 2 - 4x
-    # slower): start them now, while the parent initialises the fit
-    a = np.ones((32, 32))
-    a @ a
-    _scipy_blas.dgemm(1.0, a, a)
-    with single_threaded_blas():
-        _worker_loop(conn, blocks, parent)
+class _LocalBar:
+    """A progress bar on stderr for an in-process pass, shown once the pass takes more than ``minimum`` seconds."""
+
+    def __init__(self, minimum: float = 1.0) -> None:
+        self.t0 = time.perf_counter()
+        self.minimum = minimum
+        self.shown = False
+
+    def update(self, frac: float) -> None:
+        elapsed = time.perf_counter() - self.t0
+        if self.shown or elapsed >= self.minimum:
+            sys.stderr.write(f"\r[{'#' * int(40 * frac):<40}] | {100 * frac:3.0f}% Completed | {elapsed:4.1f}s")
+            self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
-def _local_progress(futures: list, minimum: float = 1.0) -> None:
-    """A progress bar on stderr for an in-process pass that takes more than ``minimum`` seconds."""
-    t0 = time.perf_counter()
-    shown = False
+def _local_progress(futures: list) -> None:
+    """:class:`_LocalBar` over the futures of a threaded in-process pass."""
+    bar = _LocalBar()
     while True:
         done, _ = concurrent.futures.wait(futures, timeout=0.1)
-        elapsed = time.perf_counter() - t0
-        if elapsed >= minimum or (shown and len(done) == len(futures)):
-            frac = len(done) / len(futures)
-            bar = "#" * int(40 * frac)
-            sys.stderr.write(f"\r[{bar:<40}] | {100 * frac:3.0f}% Completed | {elapsed:4.1f}s")
-            shown = True
+        bar.update(len(done) / len(futures))
         if len(done) == len(futures):
             break
-    if shown:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+    bar.close()
 
 
 def _local_rows(blocks: Sequence[np.ndarray], idx: np.ndarray) -> np.ndarray:

@@ -178,8 +178,11 @@ class NpyFile:
         mm = np.load(self.path, mmap_mode="r", allow_pickle=False)
         self.shape: tuple[int, ...] = tuple(mm.shape)
         self.dtype = mm.dtype
-        self.ndim = mm.ndim
         self._mm: np.ndarray | None = mm
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -190,7 +193,7 @@ class NpyFile:
         return np.asarray(self._mm[key])
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "shape": self.shape, "dtype": self.dtype, "ndim": self.ndim, "_mm": None}
+        return {"path": self.path, "shape": self.shape, "dtype": self.dtype, "_mm": None}
 
     def __dask_tokenize__(self) -> tuple:
         st = os.stat(self.path)
