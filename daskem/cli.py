@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -992,7 +993,19 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:
-    """Ctrl-C: silence the logs of the closing cluster, then unwind (outputs are discarded)."""
+    """Ctrl-C: silence the logs of the closing cluster, then unwind (outputs are discarded).
+
+    Python ignores an exception raised in a ``__del__`` (it prints "Exception
+    ignored in ..."): a Ctrl-C that lands while a finalizer runs (a Dask
+    ``Future`` released between passes) would be lost and the command would
+    go on. It is then delivered again a moment later, outside the finalizer.
+    """
+    f = frame
+    while f is not None:
+        if f.f_code.co_name == "__del__":
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
+        f = f.f_back
     logging.disable(logging.CRITICAL)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C still stops the cleanup
     raise KeyboardInterrupt

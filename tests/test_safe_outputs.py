@@ -517,3 +517,25 @@ def test_edited_job_starts_afresh_with_the_old_checkpoint_aside(world, tmp_path)
     p = daskem("run", job, "--fresh", *QUIET, DASKEM_HOME=home)
     assert p.returncode == 0 and "--fresh: moved the checkpoint" in p.stderr, p.stderr
     assert len([f for f in (tmp_path / "out").iterdir() if f.name.startswith("checkpoint.old-")]) == 2
+
+
+def test_ctrl_c_landing_in_a_finalizer_is_not_lost():
+    """Python ignores an exception raised in ``__del__``: a Ctrl-C that lands while a finalizer
+    runs (a Dask Future released between passes) must still stop the command."""
+    script = (
+        "import os, signal, time\n"
+        "from daskem import cli\n"
+        "signal.signal(signal.SIGINT, cli._on_interrupt)\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.01)\n"
+        "try:\n"
+        "    Finalized()\n"
+        "    time.sleep(2.0)\n"
+        "    print('not interrupted')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env())
+    assert p.stdout.strip() == "interrupted", p.stderr
