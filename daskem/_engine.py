@@ -528,11 +528,19 @@ def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
         return pool
 
 
-def local_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-    """``fn(item)`` for every item, in item order, on the in-process pass's thread
-    pool (:func:`_local_threads` threads, BLAS single-threaded in each); in the
-    calling thread when there is one thread or one item."""
+def local_map(fn: Callable[[Any], Any], items: Sequence[Any], name: str | None = None) -> list[Any]:
+    """``fn(item)`` for every item, in item order, BLAS single-threaded in each.
+
+    In the worker processes of :func:`local_workers` when the array ``name``
+    has them (``fn`` and the items are pickled to them: a module-level
+    function or a :func:`functools.partial` of one), else on the in-process
+    pass's thread pool (:func:`_local_threads` threads); in the calling
+    thread when there is one thread or one item.
+    """
     threads = _local_threads()
+    workers = _forked.get(name) if name is not None else None
+    if workers is not None and len(items) > 1:
+        return workers.map(fn, items)
     if threads == 1 or len(items) <= 1:
         with single_threaded_blas():
             return [fn(x) for x in items]
@@ -694,16 +702,23 @@ def local_workers(X: da.Array) -> Iterator[None]:
 
     Used by a fit: ``X``'s blocks (:func:`in_process_blocks`) are shared with
     :func:`_local_threads` processes forked on entry and stopped on exit
-    (also on an error or Ctrl-C). Nothing happens for data that are not held
-    in this process, or are one block, or with one thread, or where
-    :func:`_fork_available` says no.
+    (also on an error or Ctrl-C); :func:`local_map` with ``X.name`` runs
+    there too. For data of one block the processes are forked at the first
+    :func:`local_map`, not before. Nothing happens for data that are not held
+    in this process, or with one thread, or where :func:`_fork_available`
+    says no.
     """
     blocks = in_process_blocks(X)
     threads = _local_threads()
-    if blocks is None or len(blocks) < 2 or threads < 2 or X.name in _forked or not _fork_available():
+    if blocks is None or threads < 2 or X.name in _forked or not _fork_available():
         yield
         return
     workers = _ForkedWorkers(blocks, threads)
+    if len(blocks) > 1:
+        # forked now: their start overlaps the fit's initialisation
+        workers.start()
+    # else forked at the first :func:`local_map` (one block: the passes run in
+    # this process)
     _forked[X.name] = workers
     try:
         yield
@@ -715,7 +730,8 @@ def local_workers(X: da.Array) -> Iterator[None]:
 def _forked_main(
     conn: multiprocessing.connection.Connection, blocks: Sequence[np.ndarray], parent: int, others: list
 ) -> None:
-    """A forked worker: run the groups it is sent over the inherited blocks until told to stop."""
+    """A forked worker: run the groups it is sent over the inherited blocks (or the
+    function and items of a :func:`local_map`) until told to stop."""
     # keep only our own pipe end: a worker must see EOF when the parent goes
     for c in others:
         c.close()
@@ -739,10 +755,15 @@ def _forked_main(
             return
         if msg is None:
             return
-        cuts, task, index = msg
         try:
-            # one BLAS thread in each group (:func:`_local_group`)
-            out = [("ok", _local_group(blocks, cuts, task, idx)) for idx in index]
+            if msg[0] == "map":
+                _, fn, items = msg
+                with single_threaded_blas():
+                    out = [("ok", fn(x)) for x in items]
+            else:
+                _, cuts, task, index = msg
+                # one BLAS thread in each group (:func:`_local_group`)
+                out = [("ok", _local_group(blocks, cuts, task, idx)) for idx in index]
         except Exception as exc:  # noqa: BLE001 - sent to the parent, raised there
             out = [("error", exc)]
         try:
@@ -752,19 +773,29 @@ def _forked_main(
 
 
 class _ForkedWorkers:
-    """Worker processes forked from this one, each seeing the blocks in shared memory."""
+    """Worker processes forked from this one, each seeing the blocks in shared memory.
+
+    Forked by :meth:`start` (or the first :meth:`run` or :meth:`map`).
+    """
 
     def __init__(self, blocks: Sequence[np.ndarray], n: int) -> None:
+        self.blocks = blocks
+        self.n = n
         self.n_blocks = len(blocks)
+        self.conns: list = []
+        self.procs: list = []
+
+    def start(self) -> None:
+        if self.procs:
+            return
         ctx = multiprocessing.get_context("fork")
-        pipes = [ctx.Pipe() for _ in range(n)]
+        pipes = [ctx.Pipe() for _ in range(self.n)]
         self.conns = [a for a, _ in pipes]
-        self.procs = []
         parent = os.getpid()
         for i, (_, b) in enumerate(pipes):
             proc = ctx.Process(
                 target=_forked_main,
-                args=(b, blocks, parent, [c for pair in pipes for c in pair if c is not b]),
+                args=(b, self.blocks, parent, [c for pair in pipes for c in pair if c is not b]),
                 name=f"daskem-pass-{i}",
                 daemon=True,
             )
@@ -779,39 +810,55 @@ class _ForkedWorkers:
         for _, b in pipes:
             b.close()
 
-    def run(self, cuts: list, task: _PassTask, index: list[range], progress: bool) -> np.ndarray:
-        """The groups ``index`` (consecutive, a few per worker), summed in group order."""
-        n = len(self.conns)
-        mine = [list(range(w, len(index), n)) for w in range(n)]
-        for conn, groups in zip(self.conns, mine):
-            conn.send((cuts, task, [index[g] for g in groups]))
-        results: dict[int, np.ndarray] = {}
+    def _gather(self, messages: list, n_items: int, bar: _LocalBar | None) -> list:
+        """Send each worker its message (``None``: nothing for it); every worker's
+        answers, in worker order, once all have answered."""
+        self.start()
+        pending = {}
+        for conn, msg in zip(self.conns, messages):
+            if msg is not None:
+                conn.send(msg)
+                pending[conn] = len(pending)
+        answers: dict[int, list] = {}
         errors: list[BaseException] = []
-        bar = _LocalBar() if progress else None
-        pending = dict(zip(self.conns, mine))
         while pending:
             ready = multiprocessing.connection.wait(list(pending), timeout=0.1)
             for conn in ready:
-                groups = pending.pop(conn)
+                w = pending.pop(conn)
                 try:
                     out = conn.recv()
                 except EOFError:
                     raise RuntimeError("a daskem pass worker process died (out of memory?)") from None
                 # every worker's answer is read before an error is raised: the
-                # next pass must not read this one's
+                # next call must not read this one's
                 errors += [value for tag, value in out if tag == "error"]
-                if not errors:
-                    results.update((g, value) for g, (_, value) in zip(groups, out))
+                answers[w] = [value for _, value in out]
             if bar is not None:
-                bar.update(len(results) / len(index))
+                bar.update(sum(map(len, answers.values())) / n_items)
         if bar is not None:
             bar.close()
         if errors:
             raise errors[0]
+        return [answers[w] for w in range(len(answers))]
+
+    def run(self, cuts: list, task: _PassTask, index: list[range], progress: bool) -> np.ndarray:
+        """The groups ``index`` (consecutive, a few per worker), summed in group order."""
+        mine = [list(range(w, len(index), self.n)) for w in range(self.n)]
+        msgs = [("pass", cuts, task, [index[g] for g in groups]) if groups else None for groups in mine]
+        answers = self._gather(msgs, len(index), _LocalBar() if progress else None)
+        results = {g: v for groups, out in zip([m for m in mine if m], answers) for g, v in zip(groups, out)}
         vec = None
         for g in range(len(index)):
             vec = results[g] if vec is None else vec + results[g]
         return vec
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``fn(item)`` for every item (round-robin over the workers), in item order."""
+        mine = [list(range(w, len(items), self.n)) for w in range(self.n)]
+        msgs = [("map", fn, [items[i] for i in idx]) if idx else None for idx in mine]
+        answers = self._gather(msgs, len(items), None)
+        results = {i: v for idx, out in zip([m for m in mine if m], answers) for i, v in zip(idx, out)}
+        return [results[i] for i in range(len(items))]
 
     def close(self) -> None:
         for conn in self.conns:

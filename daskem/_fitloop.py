@@ -550,7 +550,7 @@ class Passes:
         return iterate(self, model, runs, tol=tol, max_iter=max_iter)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        return engine.local_map(fn, items)
+        return engine.local_map(fn, items, name=self.X.name)
 
 
 def iterate(

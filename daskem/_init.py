@@ -47,6 +47,7 @@ The passes go through the fit loop's :class:`daskem._model.DataPasses`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -320,6 +321,14 @@ def _sample_score(
     return float(logsumexp_rows(estimate_weighted_log_prob(rows, p)).sum())
 
 
+def _score_candidate(
+    rows: np.ndarray, covariance_type: str, reg_covar: float, n_iter: int, cand: tuple[np.ndarray, np.ndarray]
+) -> float:
+    """:func:`_sample_score` of the candidate ``(centres, metric)``: a picklable
+    function for :meth:`~daskem._model.DataPasses.map`."""
+    return _sample_score(rows, cand[0], covariance_type, cand[1], reg_covar, n_iter)
+
+
 def lloyd(
     passes: DataPasses, centers_list: Sequence[np.ndarray], *, max_iter: int, tol: float, model: MixtureModel
 ) -> list:
@@ -446,9 +455,7 @@ def _best_kmeans(
             d = Z.shape[1]
             n_iter = _score_iterations(scored.shape[0], k, d, run_type, len(cands))
 
-            def score(cand: tuple[np.ndarray, np.ndarray]) -> float:
-                return _sample_score(scored, cand[0], run_type, cand[1], reg_covar, n_iter)  # noqa: B023
-
+            score = functools.partial(_score_candidate, scored, run_type, reg_covar, n_iter)
             work = n_iter * scored.shape[0] * _row_work(k, d, run_type)
             if map_items is not None and d >= PARALLEL_SCORE_MIN_D and work >= PARALLEL_SCORE_WORK:
                 scores = map_items(score, cands)
@@ -461,7 +468,7 @@ def _best_kmeans(
                 if max(scores) > -np.inf:
                     break
                 cands.append(draw(*kinds[j % len(kinds)]))
-                scores.append(_sample_score(scored, cands[-1][0], run_type, cands[-1][1], reg_covar, n_iter))
+                scores.append(score(cands[-1]))
             # the first of the best: candidates that found one partition (in another
             # order) tie up to round-off, and round-off must not decide
             best = max(scores)

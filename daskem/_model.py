@@ -73,9 +73,11 @@ class DataPasses(Protocol):
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """``fn(item)`` for every item, in item order: in-memory work between passes
-        (e.g. scoring candidate starts on :meth:`sample`), on the threads an
-        in-process pass uses, BLAS single-threaded in each. Reads no data.
-        ``fn`` must not depend on the order in which the items run."""
+        (e.g. scoring candidate starts on :meth:`sample`), on the threads or
+        forked processes an in-process pass uses, BLAS single-threaded in each.
+        Reads no data. ``fn`` must not depend on the order in which the items
+        run, and ``fn`` and the items must pickle (a module-level function or
+        a :func:`functools.partial` of one)."""
 
 
 class MixtureModel(Protocol[Params, Stats]):

@@ -4,6 +4,7 @@ and a pass over many chunks is a number of tasks bounded by the worker threads, 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import subprocess
 import sys
@@ -302,6 +303,62 @@ def test_forked_workers_give_the_threads_bits_and_stop_with_their_scope() -> Non
     for a, b, c in zip(threaded, forked, again):
         np.testing.assert_array_equal(a.pack(), b.pack())
         np.testing.assert_array_equal(a.pack(), c.pack())
+
+
+def _square_or_fail(x: float) -> float:
+    if x < 0:
+        raise ValueError("negative item")
+    return x * x
+
+
+@pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")
+def test_local_map_runs_in_the_fits_workers_forked_when_first_asked() -> None:
+    """One block: no worker until a map; the map's results in item order, errors raised here."""
+    X = make_blobs(n=2_000, d=3, k=2, seed=32)
+    local = engine.local_array(X)
+    assert local.numblocks[0] == 1
+    items = [float(i) for i in range(7)]
+    with dask.config.set(num_workers=2), engine.local_workers(local):
+        assert local.name in engine._forked and not _pass_workers()
+        out = engine.local_map(_square_or_fail, items, name=local.name)
+        workers = _pass_workers()
+        assert len(workers) == 2 and all(p.pid != os.getpid() for p in workers)
+        with pytest.raises(ValueError, match="negative item"):
+            engine.local_map(_square_or_fail, [1.0, -1.0, 2.0], name=local.name)
+        # the pids each item ran in: both workers took some
+        pids = engine.local_map(_pid_of, list(range(6)), name=local.name)
+        assert set(pids) == {p.pid for p in workers}
+        assert engine.local_map(_square_or_fail, items, name=local.name) == out
+    assert out == [x * x for x in items]
+    assert not _pass_workers()
+
+
+def _pid_of(_: int) -> int:
+    return os.getpid()
+
+
+@pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")
+def test_heavy_candidates_of_a_one_block_fit_are_scored_in_forked_workers(monkeypatch) -> None:
+    """digits-like: the candidates' scoring (D >= 32) in the workers, same fit as with threads."""
+    rng = np.random.default_rng(33)
+    X = rng.normal(size=(1500, 40)) + 3.0 * rng.integers(0, 4, size=(1500, 1))
+    maps = []
+    original = engine._ForkedWorkers.map
+
+    def counted(self, fn, items):
+        maps.append(len(items))
+        return original(self, fn, items)
+
+    monkeypatch.setattr(engine._ForkedWorkers, "map", counted)
+    with dask.config.set(num_workers=2):
+        forked = daskem.GaussianMixture(4, random_state=0).fit(X)
+        assert maps and not _pass_workers()
+        monkeypatch.setenv(engine.FORK_ENV, "0")
+        n_maps = len(maps)
+        threaded = daskem.GaussianMixture(4, random_state=0).fit(X)
+        assert len(maps) == n_maps
+    np.testing.assert_array_equal(forked.means_, threaded.means_)
+    assert forked.lower_bound_ == threaded.lower_bound_
 
 
 @pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")
