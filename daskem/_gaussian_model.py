@@ -383,6 +383,8 @@ class GaussianModel:
             model=self,
             tol=float(options.get("tol", 1e-3)),
             seeding_rows=seeding_rows,
+            # the seeding rows are the training rows themselves: every row, none NaN filled
+            rows_are_data=lambda: not self.hard and passes.sample_is_data() and not np.isnan(passes.sample()).any(),
             weights_init=options.get("weights_init"),
             means_init=options.get("means_init"),
             precisions_init=options.get("precisions_init"),
@@ -402,7 +404,8 @@ class GaussianModel:
         )
         # one start per (layout, K, restart): the structures of one layout share it, each layout draws and
         # scores the candidates of its own (faithful, EEE G=3: from the full layout's start EM ends 28 below
-        # mclust, from the tied layout's at mclust's optimum); one hard pass for all
+        # mclust, from the tied layout's at mclust's optimum); one hard pass for all (none when the sample is
+        # the data: each run starts where its candidate's EM in its own layout ended)
         keys, seen = [], {}
         for t, k in zip(self.run_types, components):
             lay = cov_.layout(t)

@@ -295,35 +295,37 @@ def _sample_score(
     metric: np.ndarray,
     reg_covar: float,
     n_iter: int = SCORE_EM_ITER,
-) -> float:
+) -> tuple[float, GaussianParams | None]:
     """Log-likelihood on the sample of the model the hard pass would give from ``centres``.
 
     The sample rows are assigned to their nearest centre (``metric``, as in
-    :func:`_assign_params`), the M-step is to ``covariance_type``; ``-inf`` when a
-    component is empty or ill-defined. Pure numpy: no pass over the data.
+    :func:`_assign_params`), the M-step is to ``covariance_type``, then
+    ``n_iter`` EM iterations. Returns the log-likelihood of the last
+    parameters and those parameters; ``(-inf, None)`` when a component is
+    empty or ill-defined. Pure numpy: no pass over the data.
     """
     p0 = _assign_params(centres, covariance_type, metric)
     s = chunk_statistics(rows, [p0], hard=True)[0]
     try:
         p, empty = m_step(s, _as_type(p0, covariance_type), reg_covar)
     except ValueError:
-        return -np.inf
+        return -np.inf, None
     if empty.any():
-        return -np.inf
+        return -np.inf, None
     for _ in range(n_iter):
         s = chunk_statistics(rows, [p])[0]
         try:
             p, empty = m_step(s, p, reg_covar)
         except ValueError:
-            return -np.inf
+            return -np.inf, None
         if empty.any():
-            return -np.inf
-    return float(logsumexp_rows(estimate_weighted_log_prob(rows, p)).sum())
+            return -np.inf, None
+    return float(logsumexp_rows(estimate_weighted_log_prob(rows, p)).sum()), p
 
 
 def _score_candidate(
     rows: np.ndarray, covariance_type: str, reg_covar: float, n_iter: int, cand: tuple[np.ndarray, np.ndarray]
-) -> float:
+) -> tuple[float, GaussianParams | None]:
     """:func:`_sample_score` of the candidate ``(centres, metric)``: a picklable
     function for :meth:`~daskem._model.DataPasses.map`."""
     return _sample_score(rows, cand[0], covariance_type, cand[1], reg_covar, n_iter)
@@ -394,7 +396,7 @@ def _best_kmeans(
     covariance_type: str | Sequence[str],
     reg_covar: float,
     map_items: Callable[[Callable, Sequence], list] | None = None,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+) -> tuple[list[np.ndarray], list[np.ndarray], list[GaussianParams | None]]:
     """Per restart, the best of the :data:`KMEANS_CANDIDATES` on the sample.
 
     ``covariance_type`` is the target of every run, or one per run (a
@@ -419,7 +421,10 @@ def _best_kmeans(
     :data:`EXTRA_CANDIDATES` more are drawn. ``map_items`` (the fit's
     :meth:`~daskem._model.DataPasses.map`) scores a restart's candidates side
     by side when they are heavy (:data:`PARALLEL_SCORE_WORK`). Returns the
-    centres (data units) and the metric of each restart's hard pass.
+    centres (data units) and the metric of each restart's hard pass, and
+    the parameters the chosen candidate's EM on the sample ended at (None
+    when the candidates were scored on a subset of ``rows``, or none was
+    well-defined).
     """
     variances = scale**2
     types = [covariance_type] * len(components) if isinstance(covariance_type, str) else list(covariance_type)
@@ -441,8 +446,9 @@ def _best_kmeans(
         spaces["white"] = (W, lambda c: centre + scale * (c @ L.T), scale[:, None] * (L @ L.T) * scale)
     if any(sp == "iso" for _, sp in all_kinds):
         spaces["iso"] = ((rows - centre) / iso, lambda c: centre + iso * c, np.full(Z.shape[1], iso**2))
-    centres, metrics = [], []
+    centres, metrics, fitted = [], [], []
     for k, r, kinds, run_type in zip(components, rngs, run_kinds, types):
+        fitted.append(None)
 
         def draw(kind: str, space: str) -> tuple[np.ndarray, np.ndarray]:
             seed = {"kmeans": _kmeans.kmeans, "k-means++": kmeans_plusplus, "random_from_data": _random_rows}[kind]
@@ -458,9 +464,10 @@ def _best_kmeans(
             score = functools.partial(_score_candidate, scored, run_type, reg_covar, n_iter)
             work = n_iter * scored.shape[0] * _row_work(k, d, run_type)
             if map_items is not None and d >= PARALLEL_SCORE_MIN_D and work >= PARALLEL_SCORE_WORK:
-                scores = map_items(score, cands)
+                scored_ = map_items(score, cands)
             else:
-                scores = [score(c) for c in cands]
+                scored_ = [score(c) for c in cands]
+            scores = [v for v, _ in scored_]
             # no candidate gave a well-defined model on the sample (a component with too
             # few distinct rows for its covariance: rounded data, small clusters in many
             # dimensions): draw more, up to :data:`EXTRA_CANDIDATES`
@@ -468,15 +475,18 @@ def _best_kmeans(
                 if max(scores) > -np.inf:
                     break
                 cands.append(draw(*kinds[j % len(kinds)]))
-                scores.append(score(cands[-1]))
+                scored_.append(score(cands[-1]))
+                scores.append(scored_[-1][0])
             # the first of the best: candidates that found one partition (in another
             # order) tie up to round-off, and round-off must not decide
             best = max(scores)
             if best > -np.inf:
                 best_i = next(i for i, v in enumerate(scores) if v >= best - 1e-9 * abs(best))
+                if scored is rows:
+                    fitted[-1] = scored_[best_i][1]
         centres.append(cands[best_i][0])
         metrics.append(cands[best_i][1])
-    return centres, metrics
+    return centres, metrics, fitted
 
 
 def _kmeans_full(
@@ -505,6 +515,7 @@ def initialize(
     model: MixtureModel,
     tol: float,
     seeding_rows: Callable[[], np.ndarray],
+    rows_are_data: Callable[[], bool] = lambda: False,
     weights_init: np.ndarray | None = None,
     means_init: np.ndarray | None = None,
     precisions_init: np.ndarray | None = None,
@@ -521,6 +532,14 @@ def initialize(
     each ``kmeans`` run draws and scores its layout's candidates (with its
     own random stream, as a fit of that layout alone), while the hard pass
     is to ``covariance_type`` for all.
+
+    ``rows_are_data()`` says whether the seeding rows are every training row
+    (small data, no NaN filled). Then the ``kmeans`` candidates' EM on them
+    was EM on the data, and each run starts where its chosen candidate's EM
+    ended, without a hard pass (unless ``weights_init`` or
+    ``precisions_init`` is given): the fit does not repeat those
+    :data:`SCORE_EM_ITER` iterations. With ``run_layouts`` those parameters
+    are in each run's layout.
 
     Returns
     -------
@@ -547,8 +566,9 @@ def initialize(
             ]
         else:
             Z, centre, scale = _kmeans.standardize(rows)
+            fitted: list[GaussianParams | None] = [None]
             if init_params == "kmeans":
-                centres, metrics = _best_kmeans(
+                centres, metrics, fitted = _best_kmeans(
                     rows,
                     Z,
                     centre,
@@ -562,7 +582,16 @@ def initialize(
             else:
                 centres = [centre + scale * c for c in _sample_centres(init_params, Z, components, rngs)]
                 metrics = [scale**2] * len(centres)
-            runs_params = _hard_pass_params(passes, centres, covariance_type, model, metrics=metrics)
+            reuse = (
+                all(p is not None for p in fitted)
+                and weights_init is None
+                and precisions_init is None
+                and rows_are_data()
+            )
+            if reuse:
+                runs_params = fitted
+            else:
+                runs_params = _hard_pass_params(passes, centres, covariance_type, model, metrics=metrics)
     out = []
     for p in runs_params:
         weights = p.weights if weights_init is None else np.asarray(weights_init, float)
@@ -570,5 +599,6 @@ def initialize(
         if precisions_init is not None:
             out.append(GaussianParams.from_precisions(weights, means, precisions_init, covariance_type))
         else:
-            out.append(GaussianParams(weights, means, p.covariances, p.precisions_cholesky, covariance_type))
+            # (the type of each run's own layout when its candidate's EM is kept for ``run_layouts``)
+            out.append(GaussianParams(weights, means, p.covariances, p.precisions_cholesky, p.covariance_type))
     return out

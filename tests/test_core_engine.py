@@ -52,9 +52,14 @@ def test_restarts_share_every_pass(tmp_path, init_params: str) -> None:
     # 4 restarts cost exactly the reads of 1 restart
     assert counts[4] == counts[1]
     assert len(fits[4].runs_) == 4 and all(r["n_iter"] == 6 for r in fits[4].runs_)
-    if init_params in ("k-means++", "kmeans"):
-        # sample + one hard assignment pass + 6 EM iterations (kmeans: Lloyd on the sample)
+    if init_params == "k-means++":
+        # sample + one hard assignment pass + 6 EM iterations
         assert counts[1] == 1 + 1 + 6
+        assert fits[1].n_passes_ == fits[4].n_passes_ == counts[1]
+    elif init_params == "kmeans":
+        # the sample is all 8,000 rows: each run starts where its candidate's EM on
+        # them ended, without a hard pass; then 6 EM iterations
+        assert counts[1] == 1 + 6
         assert fits[1].n_passes_ == fits[4].n_passes_ == counts[1]
     else:
         # Lloyd passes stop when every restart converged; still shared

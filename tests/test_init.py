@@ -56,10 +56,18 @@ def _init_only(X, ks, *, n_init: int = 1, split=None, **init) -> _fitloop.FitRes
     return _fitloop.fit(X, GaussianModel(), candidates, settings, split=split)
 
 
+@pytest.mark.parametrize("sample", ["all rows", "2,000 rows"])
 @pytest.mark.parametrize("init_params", NEW_METHODS)
-def test_init_reads_the_data_at_most_twice_for_restarts_and_ks(tmp_path, passes, init_params) -> None:
+def test_init_reads_the_data_at_most_twice_for_restarts_and_ks(
+    tmp_path, passes, init_params, sample, monkeypatch
+) -> None:
     """n_init=3 and 3 candidate Ks: one sample and (except ``random``) one hard pass,
-    counted as calls of the engine, by the fit's pass counter and as reads of every chunk of a real store."""
+    counted as calls of the engine, by the fit's pass counter and as reads of every chunk of a real store.
+
+    ``kmeans`` on data no larger than the sample makes no hard pass: its candidates' EM was on all the rows.
+    """
+    if sample == "2,000 rows":
+        monkeypatch.setattr(_kmeans, "MIN_SAMPLE_ROWS", 2000)
     X = make_blobs(n=8000, d=3, k=3, seed=3)
     path = write_zarr(tmp_path / "x.zarr", X, chunk_rows=1000)
     store = CountingStore(LocalStore(path, read_only=True))
@@ -68,8 +76,8 @@ def test_init_reads_the_data_at_most_twice_for_restarts_and_ks(tmp_path, passes,
     with dask.config.set(scheduler="threads"):
         res = _init_only(Xd, (2, 3, 4), n_init=3, init_params=init_params)
     assert [r.tag["k"] for r in res.runs] == [2, 2, 2, 3, 3, 3, 4, 4, 4]
-    expected = 1 if init_params == "random" else 2
-    assert passes["sample_rows"] == 1
+    expected = 1 if init_params == "random" or (init_params == "kmeans" and sample == "all rows") else 2
+    assert passes["sample_rows"] == 1 and passes["sample_sizes"] == [8000 if sample == "all rows" else 2000]
     assert _total(passes) == expected
     assert res.n_passes == expected
     reads = {k: v for k, v in store.reads.items() if k.startswith("c/")}
@@ -83,7 +91,8 @@ def test_estimator_counts_init_passes(passes, init_params) -> None:
     gm = daskem.GaussianMixture(3, init_params=init_params, n_init=3, tol=0.0, max_iter=2, random_state=0)
     with pytest.warns(daskem.ConvergenceWarning):
         gm.fit(da.from_array(X, chunks=1000))
-    init = 1 if init_params == "random" else 2
+    # kmeans: 6,000 rows are all in the sample, no hard pass
+    init = 1 if init_params in ("random", "kmeans") else 2
     assert gm.n_passes_ == init + 2 == _total(passes)
 
 
@@ -343,5 +352,6 @@ def test_candidates_scored_side_by_side_give_the_same_start() -> None:
     seq = _init._best_kmeans(*args[:5], _init._restart_rngs([4], 9), *args[6:])
     par = _init._best_kmeans(*args[:5], _init._restart_rngs([4], 9), *args[6:], map_items=threaded)
     assert calls == [len(_init.KMEANS_CANDIDATES["full"])]
-    for a, b in zip(seq, par):
+    for a, b in zip(seq[:2], par[:2]):
         np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(seq[2][0].precisions_cholesky, par[2][0].precisions_cholesky)

@@ -33,8 +33,11 @@ def iris() -> np.ndarray:
 
 def test_verbose_lines_go_to_the_daskem_logger_at_info(iris, caplog, capsys):
     caplog.set_level(logging.INFO, logger="daskem")
-    # plain EM: one accepted point per pass, so the lines match lower_bounds_ one to one
-    gm = daskem.GaussianMixture(3, verbose=2, random_state=0, tol=1e-6, max_iter=300, accelerate=None).fit(iris)
+    # plain EM: one accepted point per pass, so the lines match lower_bounds_ one to one; from k-means++
+    # seeds (the default's start on iris is its candidates' EM, a few iterations from the end)
+    gm = daskem.GaussianMixture(
+        3, verbose=2, random_state=0, tol=1e-6, max_iter=300, accelerate=None, init_params="k-means++"
+    ).fit(iris)
     records = [r for r in caplog.records if r.name == "daskem.fit"]
     assert records and all(r.levelno == logging.INFO for r in records)
     lines = _lines("\n".join(r.getMessage() for r in records))
@@ -78,7 +81,8 @@ def test_verbose_zero_says_nothing(iris, caplog, capsys):
 def test_select_k_follows_one_named_run_until_it_stops(capsys):
     """With many runs the column never follows whichever run leads: one named run until it stops."""
     X = make_blobs(3000, 3, 4, seed=3)
-    daskem.select_k(X, [2, 3, 4, 5], n_init=2, random_state=0, verbose=1, max_iter=200)
+    # k-means++ seeds: runs that stop at different iterations
+    daskem.select_k(X, [2, 3, 4, 5], n_init=2, random_state=0, verbose=1, max_iter=200, init_params="k-means++")
     err = capsys.readouterr().err
     lines = _lines(err)
     assert {m["runs"] for m in lines} == {"8"}
