@@ -384,13 +384,15 @@ def test_the_default_fit_is_accelerated_and_n_passes_counts_every_read():
         gm = daskem.GaussianMixture(3, random_state=0, cache=False).fit(Xd)
     (run,) = gm.runs_
     assert run["accelerate"] == "squarem" and run["n_extrapolations"] > 0
-    # initialisation (a sample and a hard pass) + EM: every chunk read once per pass
+    # initialisation (a sample: the 6,000 rows are all in it, so the run starts where its candidate's EM on
+    # them ended, without a hard pass) + EM: every chunk read once per pass
     assert sorted(reader.reads) == list(range(8))
     assert set(reader.reads.values()) == {gm.n_passes_}
-    assert gm.n_passes_ == 2 + gm.n_iter_
-    # hard EM stays plain whatever the default says
+    assert gm.n_passes_ == 1 + gm.n_iter_
+    # hard EM stays plain whatever the default says, and starts from the hard pass (its candidates' EM was soft)
     hard = daskem.GaussianMixture(3, random_state=0, algorithm="hard").fit(X)
     assert "accelerate" not in hard.runs_[0]
+    assert hard.n_passes_ == 2 + hard.n_iter_
 
 
 @pytest.mark.parametrize("ctype", ["full", "diag"])
