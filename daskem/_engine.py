@@ -57,9 +57,8 @@ import psutil
 from dask.diagnostics import ProgressBar
 from dask.highlevelgraph import HighLevelGraph
 from distributed.diagnostics.progressbar import TextProgressBar
-from scipy.linalg import blas as _scipy_blas
 
-from ._blas import single_threaded_blas
+from ._blas import keep_forked_thread_count, single_threaded_blas
 from ._model import MixtureModel
 
 DEFAULT_SPLIT_EVERY = 8
@@ -737,13 +736,9 @@ def _forked_main(
         c.close()
     # Ctrl-C reaches the whole process group: the parent handles it and stops us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # numpy's and scipy's OpenBLAS start their thread servers in a new process
-    # on the first BLAS call, whatever the thread count, and those threads spin
-    # for a while (measured here: ~100 ms of a first pass, every worker 2 - 4x
-    # slower): start them now, while the parent initialises the fit
-    a = np.ones((32, 32))
-    a @ a
-    _scipy_blas.dgemm(1.0, a, a)
+    # forked with one BLAS thread (:meth:`_ForkedWorkers.start`): keep it without
+    # starting OpenBLAS's thread pool, whose threads would spin
+    keep_forked_thread_count()
     while True:
         # a parent killed outright may leave the pipe open elsewhere: look
         while not conn.poll(1.0):
@@ -799,7 +794,8 @@ class _ForkedWorkers:
                 name=f"daskem-pass-{i}",
                 daemon=True,
             )
-            with warnings.catch_warnings():
+            # the child inherits this thread's one BLAS thread (:func:`keep_forked_thread_count`)
+            with warnings.catch_warnings(), single_threaded_blas():
                 # Python >= 3.12 warns on any fork of a process with threads; the
                 # workers run only numpy on the inherited blocks and pipe I/O
                 warnings.filterwarnings(

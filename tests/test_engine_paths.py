@@ -25,6 +25,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 import daskem
 from daskem import _engine as engine
 from daskem import _gaussian as g
+from daskem._blas import blas_limit_available, single_threaded_blas
 from daskem._gaussian_model import GaussianModel
 
 ATTRS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "history_")
@@ -359,6 +360,22 @@ def test_heavy_candidates_of_a_one_block_fit_are_scored_in_forked_workers(monkey
         assert len(maps) == n_maps
     np.testing.assert_array_equal(forked.means_, threaded.means_)
     assert forked.lower_bound_ == threaded.lower_bound_
+
+
+@pytest.mark.skipif(
+    not (engine._fork_available() and blas_limit_available()), reason="forked workers, OpenBLAS's thread-local limit"
+)
+def test_forked_workers_run_blas_without_starting_its_thread_pool() -> None:
+    """The workers keep the one BLAS thread they were forked with: no OpenBLAS pool (whose threads spin)."""
+    X = make_blobs(n=40_000, d=24, k=3, seed=34)
+    local = engine.local_array(X, chunks=(5000,) * 8)
+    p = g.GaussianParams.from_covariances(np.full(3, 1 / 3), X[:3].copy(), np.stack([np.eye(24)] * 3), "full")
+    with dask.config.set(num_workers=2), single_threaded_blas(), engine.local_workers(local):
+        engine.reduce_statistics(local, GaussianModel(), [p])
+        engine.local_map(_square_or_fail, [1.0, 2.0, 3.0], name=local.name)
+        workers = _pass_workers()
+        assert len(workers) == 2
+        assert [psutil.Process(w.pid).num_threads() for w in workers] == [1, 1]
 
 
 @pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")
