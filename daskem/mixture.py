@@ -100,10 +100,10 @@ class GaussianMixture(BaseMixture):
           whitened rows for full and tied), each scored after a few EM
           iterations on the sample, the best kept; then one hard pass
           assigning every row to its nearest centre: 2 passes. When the
-          data are no larger than the sample (and no NaN was filled in),
-          those iterations were EM on every training row: each run starts
-          where its chosen candidate's ended, with no hard pass (1 pass;
-          ``n_iter_`` counts the iterations after that start).
+          sample holds every training row and they are at most 10,000 (and
+          no NaN was filled in), those iterations were EM on the data:
+          each run starts where its chosen candidate's ended, with no hard
+          pass (1 pass; ``n_iter_`` counts the iterations after that start).
         * ``'k-means++'``: k-means++ seeds on the sample, then the hard
           pass: 2 passes.
         * ``'random_from_data'``: random sample rows as centres, then the
