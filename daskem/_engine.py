@@ -38,6 +38,7 @@ import inspect
 import math
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.reduction
 import os
 import signal
 import sys
@@ -810,10 +811,13 @@ class _ForkedWorkers:
         """Send each worker its message (``None``: nothing for it); every worker's
         answers, in worker order, once all have answered."""
         self.start()
+        # pickled before any is sent: a message that does not pickle (a lambda
+        # given to :func:`local_map`) must not leave answers to the others unread
+        payloads = [None if msg is None else multiprocessing.reduction.ForkingPickler.dumps(msg) for msg in messages]
         pending = {}
-        for conn, msg in zip(self.conns, messages):
-            if msg is not None:
-                conn.send(msg)
+        for conn, payload in zip(self.conns, payloads):
+            if payload is not None:
+                conn.send_bytes(payload)
                 pending[conn] = len(pending)
         answers: dict[int, list] = {}
         errors: list[BaseException] = []

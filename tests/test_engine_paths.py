@@ -326,6 +326,10 @@ def test_local_map_runs_in_the_fits_workers_forked_when_first_asked() -> None:
         assert len(workers) == 2 and all(p.pid != os.getpid() for p in workers)
         with pytest.raises(ValueError, match="negative item"):
             engine.local_map(_square_or_fail, [1.0, -1.0, 2.0], name=local.name)
+        # an item that does not pickle (the second worker's) fails here, before any worker is sent work: the
+        # first worker's answer is not left in its pipe for the next map to read
+        with pytest.raises(Exception, match="pickle|attribute lookup"):
+            engine.local_map(_square_or_fail, [2.0, lambda x: x], name=local.name)
         # the pids each item ran in: both workers took some
         pids = engine.local_map(_pid_of, list(range(6)), name=local.name)
         assert set(pids) == {p.pid for p in workers}
