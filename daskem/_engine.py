@@ -752,13 +752,12 @@ def _forked_main(
         if msg is None:
             return
         try:
+            # one BLAS thread: the one inherited (:func:`keep_forked_thread_count`)
             if msg[0] == "map":
                 _, fn, items = msg
-                with single_threaded_blas():
-                    out = [("ok", fn(x)) for x in items]
+                out = [("ok", fn(x)) for x in items]
             else:
                 _, cuts, task, index = msg
-                # one BLAS thread in each group (:func:`_local_group`)
                 out = [("ok", _local_group(blocks, cuts, task, idx)) for idx in index]
         except Exception as exc:  # noqa: BLE001 - sent to the parent, raised there
             out = [("error", exc)]
