@@ -751,14 +751,14 @@ def _forked_main(
             return
         if msg is None:
             return
+        kind, payload, share = msg
         try:
             # one BLAS thread: the one inherited (:func:`keep_forked_thread_count`)
-            if msg[0] == "map":
-                _, fn, items = msg
-                out = [("ok", fn(x)) for x in items]
+            if kind == "map":
+                out = [("ok", payload(x)) for x in share]
             else:
-                _, cuts, task, index = msg
-                out = [("ok", _local_group(blocks, cuts, task, idx)) for idx in index]
+                cuts, task = payload
+                out = [("ok", _local_group(blocks, cuts, task, idx)) for idx in share]
         except Exception as exc:  # noqa: BLE001 - sent to the parent, raised there
             out = [("error", exc)]
         try:
@@ -806,18 +806,22 @@ class _ForkedWorkers:
         for _, b in pipes:
             b.close()
 
-    def _gather(self, messages: list, n_items: int, bar: _LocalBar | None) -> list:
-        """Send each worker its message (``None``: nothing for it); every worker's
-        answers, in worker order, once all have answered."""
+    def _round_robin(self, kind: str, payload: Any, items: Sequence[Any], bar: _LocalBar | None) -> list:
+        """Every item's answer, in item order: the items dealt round-robin over the
+        workers, each sent ``(kind, payload, its items)``; every worker's answer is
+        read before a worker's exception is raised here."""
         self.start()
+        shares = [list(range(w, len(items), self.n)) for w in range(self.n)]
+        shares = [idx for idx in shares if idx]
         # pickled before any is sent: a message that does not pickle (a lambda
         # given to :func:`local_map`) must not leave answers to the others unread
-        payloads = [None if msg is None else multiprocessing.reduction.ForkingPickler.dumps(msg) for msg in messages]
+        payloads = [
+            multiprocessing.reduction.ForkingPickler.dumps((kind, payload, [items[i] for i in idx])) for idx in shares
+        ]
         pending = {}
-        for conn, payload in zip(self.conns, payloads):
-            if payload is not None:
-                conn.send_bytes(payload)
-                pending[conn] = len(pending)
+        for conn, data in zip(self.conns, payloads):
+            conn.send_bytes(data)
+            pending[conn] = len(pending)
         answers: dict[int, list] = {}
         errors: list[BaseException] = []
         while pending:
@@ -828,36 +832,28 @@ class _ForkedWorkers:
                     out = conn.recv()
                 except EOFError:
                     raise RuntimeError("a daskem pass worker process died (out of memory?)") from None
-                # every worker's answer is read before an error is raised: the
-                # next call must not read this one's
+                # the next call must not read this one's answers
                 errors += [value for tag, value in out if tag == "error"]
                 answers[w] = [value for _, value in out]
             if bar is not None:
-                bar.update(sum(map(len, answers.values())) / n_items)
+                bar.update(sum(map(len, answers.values())) / len(items))
         if bar is not None:
             bar.close()
         if errors:
             raise errors[0]
-        return [answers[w] for w in range(len(answers))]
+        results = {i: v for w, idx in enumerate(shares) for i, v in zip(idx, answers[w])}
+        return [results[i] for i in range(len(items))]
 
     def run(self, cuts: list, task: _PassTask, index: list[range], progress: bool) -> np.ndarray:
         """The groups ``index`` (consecutive, a few per worker), summed in group order."""
-        mine = [list(range(w, len(index), self.n)) for w in range(self.n)]
-        msgs = [("pass", cuts, task, [index[g] for g in groups]) if groups else None for groups in mine]
-        answers = self._gather(msgs, len(index), _LocalBar() if progress else None)
-        results = {g: v for groups, out in zip([m for m in mine if m], answers) for g, v in zip(groups, out)}
         vec = None
-        for g in range(len(index)):
-            vec = results[g] if vec is None else vec + results[g]
+        for v in self._round_robin("pass", (cuts, task), index, _LocalBar() if progress else None):
+            vec = v if vec is None else vec + v
         return vec
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """``fn(item)`` for every item (round-robin over the workers), in item order."""
-        mine = [list(range(w, len(items), self.n)) for w in range(self.n)]
-        msgs = [("map", fn, [items[i] for i in idx]) if idx else None for idx in mine]
-        answers = self._gather(msgs, len(items), None)
-        results = {i: v for idx, out in zip([m for m in mine if m], answers) for i, v in zip(idx, out)}
-        return [results[i] for i in range(len(items))]
+        return self._round_robin("map", fn, items, None)
 
     def close(self) -> None:
         for conn in self.conns:

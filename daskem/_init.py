@@ -290,20 +290,23 @@ def _score_iterations(n_rows: int, k: int, d: int, covariance_type: str, n_candi
 
 def _sample_score(
     rows: np.ndarray,
-    centres: np.ndarray,
     covariance_type: str,
-    metric: np.ndarray,
     reg_covar: float,
-    n_iter: int = SCORE_EM_ITER,
+    n_iter: int,
+    cand: tuple[np.ndarray, np.ndarray],
 ) -> tuple[float, GaussianParams | None]:
-    """Log-likelihood on the sample of the model the hard pass would give from ``centres``.
+    """Log-likelihood on the sample of the model the hard pass would give from a candidate.
 
-    The sample rows are assigned to their nearest centre (``metric``, as in
-    :func:`_assign_params`), the M-step is to ``covariance_type``, then
-    ``n_iter`` EM iterations. Returns the log-likelihood of the last
-    parameters and those parameters; ``(-inf, None)`` when a component is
-    empty or ill-defined. Pure numpy: no pass over the data.
+    ``cand`` is ``(centres, metric)``: the sample rows are assigned to their
+    nearest centre (``metric``, as in :func:`_assign_params`), the M-step is
+    to ``covariance_type``, then ``n_iter`` EM iterations. Returns the
+    log-likelihood of the last parameters and those parameters;
+    ``(-inf, None)`` when a component is empty or ill-defined. Pure numpy:
+    no pass over the data. The candidate comes last, so that a
+    :func:`functools.partial` of the rest is the picklable function
+    :meth:`~daskem._model.DataPasses.map` wants.
     """
+    centres, metric = cand
     p0 = _assign_params(centres, covariance_type, metric)
     s = chunk_statistics(rows, [p0], hard=True)[0]
     try:
@@ -321,14 +324,6 @@ def _sample_score(
         if empty.any():
             return -np.inf, None
     return float(logsumexp_rows(estimate_weighted_log_prob(rows, p)).sum()), p
-
-
-def _score_candidate(
-    rows: np.ndarray, covariance_type: str, reg_covar: float, n_iter: int, cand: tuple[np.ndarray, np.ndarray]
-) -> tuple[float, GaussianParams | None]:
-    """:func:`_sample_score` of the candidate ``(centres, metric)``: a picklable
-    function for :meth:`~daskem._model.DataPasses.map`."""
-    return _sample_score(rows, cand[0], covariance_type, cand[1], reg_covar, n_iter)
 
 
 def lloyd(
@@ -461,29 +456,27 @@ def _best_kmeans(
             d = Z.shape[1]
             n_iter = _score_iterations(scored.shape[0], k, d, run_type, len(cands))
 
-            score = functools.partial(_score_candidate, scored, run_type, reg_covar, n_iter)
+            score = functools.partial(_sample_score, scored, run_type, reg_covar, n_iter)
             work = n_iter * scored.shape[0] * _row_work(k, d, run_type)
             if map_items is not None and d >= PARALLEL_SCORE_MIN_D and work >= PARALLEL_SCORE_WORK:
-                scored_ = map_items(score, cands)
+                results = map_items(score, cands)
             else:
-                scored_ = [score(c) for c in cands]
-            scores = [v for v, _ in scored_]
+                results = [score(c) for c in cands]
             # no candidate gave a well-defined model on the sample (a component with too
             # few distinct rows for its covariance: rounded data, small clusters in many
             # dimensions): draw more, up to :data:`EXTRA_CANDIDATES`
             for j in range(EXTRA_CANDIDATES):
-                if max(scores) > -np.inf:
+                if max(v for v, _ in results) > -np.inf:
                     break
                 cands.append(draw(*kinds[j % len(kinds)]))
-                scored_.append(score(cands[-1]))
-                scores.append(scored_[-1][0])
+                results.append(score(cands[-1]))
             # the first of the best: candidates that found one partition (in another
             # order) tie up to round-off, and round-off must not decide
-            best = max(scores)
+            best = max(v for v, _ in results)
             if best > -np.inf:
-                best_i = next(i for i, v in enumerate(scores) if v >= best - 1e-9 * abs(best))
+                best_i = next(i for i, (v, _) in enumerate(results) if v >= best - 1e-9 * abs(best))
                 if scored is rows:
-                    fitted[-1] = scored_[best_i][1]
+                    fitted[-1] = results[best_i][1]
         centres.append(cands[best_i][0])
         metrics.append(cands[best_i][1])
     return centres, metrics, fitted
