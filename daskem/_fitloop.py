@@ -44,6 +44,7 @@ from . import _engine as engine
 from . import _kmeans
 from ._blas import single_threaded_blas
 from ._model import MixtureModel
+from ._numeric import logsumexp_rows
 from ._squarem import EMAccelerator
 from .errors import ConvergenceWarning, InputError
 from .io import atomic_savez, atomic_write_text
@@ -1084,6 +1085,69 @@ def initialize(
     return out
 
 
+@dataclass(frozen=True)
+class PairedHeldout:
+    """A scoring model that also sums, over the held-out rows, the products of every two
+    parameter sets' per-row log-likelihoods: what the standard error of the difference
+    between two sets' held-out means needs (the rows are the same, so the difference is
+    paired and its noise far below either mean's).
+
+    It wraps any :class:`~daskem._model.MixtureModel` through its seam (``statistics``,
+    ``log_prob``, ``pack``): ``cross`` of set ``i`` is ``(rows, sum_r d_ri, sum_r d_ri d_rj
+    for every j)`` with ``d_ri = log p_i(x_r) - log p_0(x_r)``, centred on the first set so
+    that the sums stay small. ``n_sets`` is the number of parameter sets of the pass.
+    """
+
+    inner: Any
+    n_sets: int
+
+    def statistics(
+        self, x: np.ndarray, params_list: Sequence[Any], train_mask: np.ndarray | None
+    ) -> list[tuple[Any, np.ndarray]]:
+        stats = self.inner.statistics(x, params_list, train_mask)
+        m = len(params_list)
+        cross = np.zeros((m, m + 2))
+        if train_mask is not None and not train_mask.all():
+            held = x[~train_mask]
+            held = held[~np.isnan(held).all(axis=1)]  # a row with no value: no model scores it
+            logp = np.column_stack([logsumexp_rows(self.inner.log_prob(held, p)) for p in params_list])
+            logp = logp[np.isfinite(logp).all(axis=1)]  # the rows the model scores (as its held-out sums)
+            d = logp - logp[:, :1]
+            cross[:, 0] = d.shape[0]
+            cross[:, 1] = d.sum(axis=0)
+            cross[:, 2:] = d.T @ d
+        return list(zip(stats, cross))
+
+    def packed_size(self, params: Any) -> int:
+        return self.inner.packed_size(params) + self.n_sets + 2
+
+    def pack(self, stats: tuple[Any, np.ndarray]) -> np.ndarray:
+        return np.concatenate([self.inner.pack(stats[0]), stats[1]])
+
+    def unpack(self, vec: np.ndarray, params: Any) -> tuple[Any, np.ndarray]:
+        cut = vec.shape[0] - self.n_sets - 2
+        return self.inner.unpack(vec[:cut], params), vec[cut:]
+
+    def check_statistics(self, stats: tuple[Any, np.ndarray]) -> None:
+        self.inner.check_statistics(stats[0])
+
+    def params_state(self, params: Any) -> tuple[dict[str, np.ndarray], dict]:
+        return self.inner.params_state(params)
+
+
+def paired_se(cross: Sequence[np.ndarray], i: int, j: int) -> float:
+    """Standard error of the difference between the held-out mean log-likelihoods of
+    parameter sets ``i`` and ``j``, from :class:`PairedHeldout`'s sums (NaN without
+    held-out rows)."""
+    n = float(cross[i][0])
+    if n < 2:
+        return math.nan
+    mean = (cross[i][1] - cross[j][1]) / n
+    sq = cross[i][2 + i] - 2.0 * cross[i][2 + j] + cross[j][2 + j]
+    var = max(sq / n - mean * mean, 0.0) * n / (n - 1.0)
+    return math.sqrt(var / n)
+
+
 def score(
     X: da.Array,
     model: MixtureModel,
@@ -1092,15 +1156,27 @@ def score(
     split: engine.RowSplit | None = None,
     split_every: int = engine.DEFAULT_SPLIT_EVERY,
     counter: engine.PassCounter | None = None,
-) -> list[dict[str, float]]:
-    """One pass scoring fitted parameters: training and held-out ``(sum log p, rows)`` of each."""
+) -> list[dict[str, Any]]:
+    """One pass scoring fitted parameters: training and held-out ``(sum log p, rows)`` of each.
+
+    With held-out rows (``split``), each result also has ``heldout_se``: the list, over
+    every parameter set ``j``, of the standard error of this set's held-out mean
+    log-likelihood minus set ``j``'s (paired over the same rows, :class:`PairedHeldout`).
+    """
     scorer = model.scoring_model()
-    stats = engine.reduce_statistics(X, scorer, params_list, split=split, split_every=split_every, counter=counter)
+    paired = split is not None and len(params_list) > 1
+    pass_model = PairedHeldout(scorer, len(params_list)) if paired else scorer
+    stats = engine.reduce_statistics(X, pass_model, params_list, split=split, split_every=split_every, counter=counter)
+    cross = [c for _, c in stats] if paired else None
     out = []
-    for s in stats:
+    for i, s in enumerate(stats):
+        if paired:
+            s = s[0]
         total, n = scorer.loglik(s)
         ho_total, ho_n = scorer.heldout_loglik(s)
         out.append({"loglik": float(total), "n": float(n), "heldout_loglik": float(ho_total), "heldout_n": float(ho_n)})
+        if cross is not None:
+            out[-1]["heldout_se"] = [paired_se(cross, i, j) for j in range(len(stats))]
         if hasattr(scorer, "log_map"):  # ICL's term (sum of log max responsibility), when the model has one
             out[-1]["log_map"] = float(scorer.log_map(s))
     return out

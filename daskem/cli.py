@@ -416,7 +416,8 @@ def selection_table_lines(table: Sequence[dict]) -> list[str]:
 
     Columns: the model (when the rows have one), K, the log-likelihood
     (total when the rows have it, else the mean per row), df, BIC, ICL, AIC,
-    the validation mean log-likelihood (when rows were held out),
+    the validation mean log-likelihood and the standard error of its
+    difference from the highest (when rows were held out),
     iterations, converged, and what is wrong with the row (degenerate, failed).
     """
 
@@ -442,6 +443,7 @@ def selection_table_lines(table: Sequence[dict]) -> list[str]:
     ]
     if validation:
         cols.append(("validation", 12, lambda r: num(r.get("validation_loglik"), ".5f")))
+        cols.append(("se", 9, lambda r: num(r.get("validation_se"), ".5f")))
     cols += [
         ("iter", 5, lambda r: str(r.get("n_iter", ""))),
         ("conv", 5, lambda r: "yes" if r.get("converged") else "no"),
@@ -759,8 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--criterion",
         choices=["validation", "bic", "icl", "aic"],
         default="validation",
-        help="how K is chosen: 'validation' the highest mean log-likelihood on held-out rows; 'bic', 'icl' or "
-        "'aic' the lowest criterion on every row (default: validation)",
+        help="how K is chosen: 'validation' the smallest K whose mean log-likelihood on held-out rows is within "
+        "one standard error of the highest; 'bic', 'icl' or 'aic' the lowest criterion on every row "
+        "(default: validation)",
     )
     p.add_argument(
         "--validation-fraction",

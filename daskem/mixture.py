@@ -295,7 +295,10 @@ class GaussianMixture(BaseMixture):
         -------
         scores : list of dict or None
             Per estimator, from one more pass: ``loglik`` and ``n`` (training
-            rows), ``heldout_loglik``, ``heldout_n`` and ``log_map``; None for
+            rows), ``heldout_loglik``, ``heldout_n`` and ``log_map``, and with
+            held-out rows ``heldout_se``: for every other scored estimator (by
+            index), the standard error of the difference of the two held-out
+            means, paired over the same rows; None for
             an estimator whose restarts all failed (it stays unfitted, with a
             warning).
         n_passes : int
@@ -347,6 +350,8 @@ class GaussianMixture(BaseMixture):
         )
         out: list[dict | None] = [None] * len(estimators)
         for i, s in zip(ok, scored):
+            if "heldout_se" in s:  # by the estimators' indices, not the scored list's
+                s["heldout_se"] = dict(zip(ok, s["heldout_se"]))
             est = estimators[i]
             est.n_features_in_ = first.n_features_in_
             if hasattr(first, "feature_names_in_"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ TABLE_KEYS = (
     "k",
     "train_loglik",
     "validation_loglik",
+    "validation_se",
     "bic",
     "icl",
     "aic",
@@ -62,7 +63,9 @@ class SelectKResult:
     table : list of dict
         One row per K (ascending) with the keys ``k``, ``train_loglik`` and
         ``validation_loglik`` (mean log-likelihood per row of the chosen run's
-        final parameters; NaN without a validation split), ``bic``, ``icl``
+        final parameters; NaN without a validation split), ``validation_se``
+        (standard error of that mean minus the highest one's, paired over the
+        same held-out rows; see :func:`choose`), ``bic``, ``icl``
         and ``aic`` (on the training rows; lower is better: ``bic`` and
         ``icl`` are minus mclust's), ``df`` (free parameters), ``n_iter``,
         ``converged`` and ``degenerate`` (why the chosen run is degenerate, or
@@ -125,8 +128,10 @@ def select_k(
     k_values : iterable of int
         Candidate numbers of components.
     criterion : {'validation', 'bic', 'icl', 'aic'}, default='validation'
-        ``'validation'`` picks the highest mean log-likelihood on the held-out
-        rows; ``'bic'``, ``'icl'`` and ``'aic'`` the lowest criterion on the
+        ``'validation'`` picks, of the Ks whose mean log-likelihood on the
+        held-out rows is within one standard error of the highest (paired
+        over the same rows), the smallest (the one-standard-error rule);
+        ``'bic'``, ``'icl'`` and ``'aic'`` the lowest criterion on the
         training rows.
     validation_fraction : float, optional
         Fraction of rows held out of training, in [0, 1). Default: 0.1 for
@@ -184,6 +189,7 @@ def select_k(
         {"k": k, **score_row(models[k], s), "failed": False} if s is not None else failed_row(cov_type, k, d)
         for k, s in zip(ks, scores)
     ]
+    add_validation_se(table, scores)
     table = [{key: row[key] for key in TABLE_KEYS} for row in table]
     best = choose(table, criterion)
     best_k = table[best]["k"]
@@ -216,6 +222,7 @@ def failed_row(covariance_type: str, k: int, n_features: int) -> dict:
         "loglik": nan,
         "train_loglik": nan,
         "validation_loglik": nan,
+        "validation_se": nan,
         "bic": nan,
         "icl": nan,
         "aic": nan,
@@ -261,18 +268,54 @@ def score_row(gm: GaussianMixture, s: dict) -> dict:
     }
 
 
-def choose(table: list[dict], criterion: str) -> int:
-    """Index of the row the criterion prefers (the first of equals), never a degenerate or failed row
-    when another is left."""
+def _usable(table: list[dict]) -> list[int]:
+    """Rows a criterion may choose: not failed, and not degenerate when another is left."""
     usable = [i for i, row in enumerate(table) if not row.get("failed")]
     if not usable:
         raise InputError("every candidate failed")
-    usable = [i for i in usable if not table[i].get("degenerate")] or usable
+    return [i for i in usable if not table[i].get("degenerate")] or usable
+
+
+def add_validation_se(table: list[dict], scores: Sequence[dict | None]) -> None:
+    """Set every row's ``validation_se``: the standard error of its held-out mean
+    log-likelihood minus that of the usable row with the highest one, paired over the
+    same held-out rows (0 for that row; NaN without held-out rows or for a failed row).
+    ``scores`` are :meth:`GaussianMixture.fit_models`' results, in the table's order."""
+    for row in table:
+        row["validation_se"] = math.nan
+    values = [(table[i]["validation_loglik"], i) for i in _usable(table)]
+    if not values or not all(math.isfinite(v) for v, _ in values):
+        return
+    highest = max(v for v, _ in values)
+    top = next(i for v, i in values if v == highest)
+    for i, (row, s) in enumerate(zip(table, scores)):
+        if s is not None and "heldout_se" in s:
+            row["validation_se"] = 0.0 if i == top else float(s["heldout_se"].get(top, math.nan))
+
+
+def choose(table: list[dict], criterion: str) -> int:
+    """Index of the row the criterion prefers (the first of equals), never a degenerate or failed row
+    when another is left.
+
+    ``'validation'`` follows the one-standard-error rule (Breiman et al. 1984; Hastie,
+    Tibshirani & Friedman, *The Elements of Statistical Learning*, 7.10): of the rows
+    whose held-out mean log-likelihood is within ``validation_se`` of the highest, the
+    one with the fewest parameters. A difference smaller than its own noise does not
+    buy a more complex model. Without a ``validation_se`` (NaN), the highest wins.
+    """
+    usable = _usable(table)
     if criterion == "validation":
         values = [table[i]["validation_loglik"] for i in usable]
         if not all(math.isfinite(v) for v in values):
             raise InputError("no rows were held out for validation; use more data or a larger validation_fraction")
-        return usable[int(np.argmax(values))]
+        best = max(values)
+        near = [
+            i
+            for i, v in zip(usable, values)
+            if v == best
+            or (math.isfinite(table[i].get("validation_se", math.nan)) and v >= best - table[i]["validation_se"])
+        ]
+        return min(near, key=lambda i: (table[i]["df"], near.index(i)))
     return usable[int(np.argmin([table[i][criterion] for i in usable]))]
 
 
@@ -421,11 +464,13 @@ def select_model(
         row = {"covariance_type": p[0], "k": p[1]}
         if p not in scores:
             row.update(failed_row(p[0], p[1], d))
-            table.append({key: row[key] for key in MODEL_TABLE_KEYS})
+            table.append(row)
             continue
         s = scores[p]
         row.update(loglik=float(s["loglik"]), **score_row(models[p], s), failed=False)
-        table.append({key: row[key] for key in MODEL_TABLE_KEYS})
+        table.append(row)
+    add_validation_se(table, [scores.get(p) for p in pairs])
+    table = [{key: row[key] for key in MODEL_TABLE_KEYS} for row in table]
     best = choose(table, criterion)
     best_type, best_k = table[best]["covariance_type"], table[best]["k"]
     at_edge = warn_if_at_range_edge(best_k, ks, criterion, what=f" (covariance_type={best_type!r})")

@@ -374,4 +374,4 @@ def test_parse_covariance_types_and_the_table_lines():
     # a select_k table (no model, no total): the mean per row; a validation column when rows were held out
     lines = selection_table_lines([{k: v for k, v in table[0].items() if k not in ("covariance_type", "loglik")}
                                    | {"validation_loglik": -1.5}])  # fmt: skip
-    assert lines[0].split() == ["K", "train", "df", "BIC", "ICL", "AIC", "validation", "iter", "conv", "note"]
+    assert lines[0].split() == ["K", "train", "df", "BIC", "ICL", "AIC", "validation", "se", "iter", "conv", "note"]

@@ -61,7 +61,11 @@ def test_generate_options_are_explained_and_select_k_criterion_too(capsys):
     with pytest.raises(SystemExit):
         cli.main(["select-k", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "'validation' the highest mean" in out and "'bic', 'icl' or 'aic' the lowest" in out
+    assert (
+        "'validation' the smallest K whose mean" in out
+        and "one standard error" in out
+        and "'bic', 'icl' or 'aic' the lowest" in out
+    )
     with pytest.raises(SystemExit):
         cli.main(["status", "--help"])
     out = " ".join(capsys.readouterr().out.split())

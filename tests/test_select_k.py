@@ -11,11 +11,12 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import daskem
 from daskem._engine import RowSplit
+from daskem.select import choose
 
 N, D, K = 20_000, 3, 5
 KS = [3, 4, 5, 6, 7]
-# plain EM: converged fits of K=6, 7 score within 2e-4 per row of K=5 on the held-out rows (noise), and the
-# accelerated default, which does not stop early, lets validation choose K=7
+# plain EM: converged fits of K=6, 7 score within 2e-4 per row of K=5 on the held-out rows (noise, within
+# one standard error: the one-standard-error rule keeps K=5; test_validation_keeps_five_when_accelerated)
 OPTS = dict(covariance_type="full", n_init=2, random_state=1, chunk_bytes=80_000, accelerate=None)
 
 
@@ -61,6 +62,7 @@ def test_finds_five_components(results, stores, criterion):
             "k",
             "train_loglik",
             "validation_loglik",
+            "validation_se",
             "bic",
             "icl",
             "aic",
@@ -85,6 +87,36 @@ def test_finds_five_components(results, stores, criterion):
     np.testing.assert_allclose(gm.weights_, 0.2, atol=0.02)
 
 
+def test_validation_keeps_five_when_accelerated(stores):
+    """The accelerated default fits K=6 and 7 to their optima, which score 4e-4 and 6e-4 per
+    held-out row above K=5: less than one standard error of the difference (about 1e-3),
+    so the one-standard-error rule keeps K=5 (the highest mean alone would choose K=7)."""
+    opts = {k: v for k, v in OPTS.items() if k != "accelerate"}
+    res = daskem.select_k(stores[0], KS, criterion="validation", validation_fraction=0.1, **opts)
+    table = {row["k"]: row for row in res.table}
+    top = max(res.table, key=lambda r: r["validation_loglik"])
+    assert top["k"] > 5 and top["validation_se"] == 0.0
+    assert table[5]["validation_loglik"] >= top["validation_loglik"] - table[5]["validation_se"]
+    assert table[4]["validation_loglik"] < top["validation_loglik"] - table[4]["validation_se"]
+    assert res.best_k == 5
+
+
+def test_choose_by_validation_takes_the_fewest_parameters_within_one_standard_error():
+    nan = float("nan")
+
+    def row(k, v, se, df, degenerate=""):
+        return {"k": k, "validation_loglik": v, "validation_se": se, "df": df, "degenerate": degenerate}
+
+    table = [row(2, -3.0, 0.1, 5), row(3, -2.0, 0.05, 8), row(4, -1.97, 0.04, 11), row(5, -1.96, 0.0, 14)]
+    assert choose(table, "validation") == 1  # K=3 is 0.04 below the top, within its 0.05: the simplest within
+    table[1]["validation_se"] = 0.01
+    assert choose(table, "validation") == 2  # K=3 is now outside; K=4 (0.01 below, se 0.04) is the simplest within
+    table[2]["validation_se"] = nan
+    assert choose(table, "validation") == 3  # no standard error: only the highest qualifies
+    table = [row(2, -2.0, 0.5, 5, degenerate="few rows"), row(3, -1.9, 0.0, 8)]
+    assert choose(table, "validation") == 1  # never a degenerate row while another is left
+
+
 def test_table_matches_sklearn_on_the_split_rows(results, stores):
     """Train/validation log-likelihoods, BIC and AIC of every K, recomputed by sklearn on
     the rows the split assigns (the split depends only on the row index and the seed)."""
@@ -102,6 +134,16 @@ def test_table_matches_sklearn_on_the_split_rows(results, stores):
         assert row["icl"] == pytest.approx(res.models[row["k"]].icl(X[train]), rel=1e-10)
         assert row["icl"] >= row["bic"]
         assert row["n_iter"] == res.models[row["k"]].n_iter_ >= 1
+    # the standard error of each K's held-out mean minus the highest one's, paired over the
+    # same rows, recomputed from sklearn's per-row log-likelihoods
+    per_row = {row["k"]: _sk_from(res.models[row["k"]]).score_samples(X[~train]) for row in res.table}
+    top = max(res.table, key=lambda r: r["validation_loglik"])["k"]
+    for row in res.table:
+        diff = per_row[row["k"]] - per_row[top]
+        se = diff.std(ddof=1) / np.sqrt(diff.size)
+        assert row["validation_se"] == pytest.approx(se, rel=1e-6, abs=1e-12), row["k"]
+    assert [r["validation_se"] for r in res.table if r["k"] == top] == [0.0]
+    assert all(r["validation_se"] > 0 for r in res.table if r["k"] != top)
     # held-out rows were not trained on: the fit on them is worse than on the training rows
     best = res.table[KS.index(5)]
     assert best["validation_loglik"] < best["train_loglik"] + 0.1
@@ -117,6 +159,7 @@ def test_same_seed_same_table_and_chunking_does_not_matter(results):
         assert (a["k"], a["n_iter"], a["converged"]) == (b["k"], b["n_iter"], b["converged"])
         for key in ("train_loglik", "validation_loglik", "bic", "aic"):
             assert b[key] == pytest.approx(a[key], rel=1e-9), (a["k"], key)
+        assert b["validation_se"] == pytest.approx(a["validation_se"], rel=1e-6, abs=1e-12), a["k"]
     np.testing.assert_allclose(
         results["rechunked"].best_model.means_, results["validation"].best_model.means_, rtol=1e-9
     )
