@@ -546,9 +546,6 @@ class Passes:
             self._sample = rows
         return self._sample
 
-    def sample_is_data(self) -> bool:
-        return self.sample_rows >= self.X.shape[0]
-
     def iterate(self, model: MixtureModel, params_list: Sequence[Any], *, tol: float, max_iter: int) -> list[Run]:
         runs = [Run(p, tag={"lloyd": i}) for i, p in enumerate(params_list)]
         return iterate(self, model, runs, tol=tol, max_iter=max_iter)

@@ -383,8 +383,8 @@ class GaussianModel:
             model=self,
             tol=float(options.get("tol", 1e-3)),
             seeding_rows=seeding_rows,
-            # the seeding rows are the training rows themselves: every row, none NaN filled
-            rows_are_data=lambda: not self.hard and passes.sample_is_data() and not np.isnan(passes.sample()).any(),
+            # soft EM, and the seeding rows are training rows as they are (none NaN filled)
+            keep_sample_em=lambda: not self.hard and not np.isnan(passes.sample()).any(),
             weights_init=options.get("weights_init"),
             means_init=options.get("means_init"),
             precisions_init=options.get("precisions_init"),
@@ -404,8 +404,8 @@ class GaussianModel:
         )
         # one start per (layout, K, restart): the structures of one layout share it, each layout draws and
         # scores the candidates of its own (faithful, EEE G=3: from the full layout's start EM ends 28 below
-        # mclust, from the tied layout's at mclust's optimum); one hard pass for all (none when the sample is
-        # the data: each run starts where its candidate's EM in its own layout ended)
+        # mclust, from the tied layout's at mclust's optimum); no hard pass (each run starts where its
+        # candidate's EM on the sample in its own layout ended; one hard pass for all with NaN filled in)
         keys, seen = [], {}
         for t, k in zip(self.run_types, components):
             lay = cov_.layout(t)

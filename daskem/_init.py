@@ -13,7 +13,9 @@ statistics of the target covariance type.
   convergence), bare k-means++ seeds and random rows, some on whitened rows;
   the one whose model (hard M-step to the target type, then
   :data:`SCORE_EM_ITER` EM iterations on the sample) explains the sample best
-  is kept; then the hard pass;
+  is kept, and each run starts where that EM ended (no hard pass: 1 pass in
+  all; with hard EM, explicit weights or precisions, or NaN filled in, the
+  hard pass from its centres instead);
 * ``k-means++``: k-means++ seeds on the sample, then the hard pass;
 * ``random_from_data``: random sample rows as centres, then the hard pass;
 * ``random``: random responsibilities on the sample (no hard pass);
@@ -417,9 +419,8 @@ def _best_kmeans(
     :meth:`~daskem._model.DataPasses.map`) scores a restart's candidates side
     by side when they are heavy (:data:`PARALLEL_SCORE_WORK`). Returns the
     centres (data units) and the metric of each restart's hard pass, and
-    the parameters the chosen candidate's EM on the sample ended at (None
-    when the candidates were scored on a subset of ``rows``, or none was
-    well-defined).
+    the parameters the chosen candidate's EM on the (scored) sample rows
+    ended at (None when no candidate was well-defined).
     """
     variances = scale**2
     types = [covariance_type] * len(components) if isinstance(covariance_type, str) else list(covariance_type)
@@ -475,8 +476,7 @@ def _best_kmeans(
             best = max(v for v, _ in results)
             if best > -np.inf:
                 best_i = next(i for i, (v, _) in enumerate(results) if v >= best - 1e-9 * abs(best))
-                if scored is rows:
-                    fitted[-1] = results[best_i][1]
+                fitted[-1] = results[best_i][1]
         centres.append(cands[best_i][0])
         metrics.append(cands[best_i][1])
     return centres, metrics, fitted
@@ -508,7 +508,7 @@ def initialize(
     model: MixtureModel,
     tol: float,
     seeding_rows: Callable[[], np.ndarray],
-    rows_are_data: Callable[[], bool] = lambda: False,
+    keep_sample_em: Callable[[], bool] = lambda: False,
     weights_init: np.ndarray | None = None,
     means_init: np.ndarray | None = None,
     precisions_init: np.ndarray | None = None,
@@ -526,13 +526,14 @@ def initialize(
     own random stream, as a fit of that layout alone), while the hard pass
     is to ``covariance_type`` for all.
 
-    ``rows_are_data()`` says whether the seeding rows are every training row
-    (small data, no NaN filled). Then the ``kmeans`` candidates' EM on them
-    was EM on the data, and each run starts where its chosen candidate's EM
+    ``keep_sample_em()`` says whether the ``kmeans`` candidates' EM on the
+    sample may stand as the start (soft EM; the seeding rows are training
+    rows as they are, none NaN filled). Then each run starts where its chosen
+    candidate's EM on the (at most :data:`SCORE_ROWS`) scored sample rows
     ended, without a hard pass (unless ``weights_init`` or
-    ``precisions_init`` is given): the fit does not repeat those
-    :data:`SCORE_EM_ITER` iterations. With ``run_layouts`` those parameters
-    are in each run's layout.
+    ``precisions_init`` is given): 1 pass, and for data no larger than the
+    sample the fit does not repeat those iterations. With ``run_layouts``
+    those parameters are in each run's layout.
 
     Returns
     -------
@@ -579,7 +580,7 @@ def initialize(
                 all(p is not None for p in fitted)
                 and weights_init is None
                 and precisions_init is None
-                and rows_are_data()
+                and keep_sample_em()
             )
             if reuse:
                 runs_params = fitted

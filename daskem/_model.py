@@ -67,10 +67,6 @@ class DataPasses(Protocol):
         the model's NaN policy allows.
         """
 
-    def sample_is_data(self) -> bool:
-        """Whether :meth:`sample` is every training row, in row order: the data
-        are no larger than the sample. Reads nothing."""
-
     def iterate(self, model: MixtureModel, params_list: Sequence[Any], *, tol: float, max_iter: int) -> list[Any]:
         """Run ``model``'s EM from each parameter set, in shared passes; returns the runs
         (:class:`daskem._fitloop.Run`: ``params``, ``n_iter``, ``history``, ``converged``)."""

@@ -137,6 +137,10 @@ _ROUNDOFF = 64 * np.finfo(np.float64).eps
 #: Cycles whose residual ratio (EM's rate) the stopping rule takes the largest of.
 _RATE_WINDOW = 3
 
+#: Before three cycle starts (Aitken's estimate) SQUAREM stops only when a cycle's
+#: EM gain is below ``tol * REMAINING_FRACTION * _EARLY_GAIN``.
+_EARLY_GAIN = 1e-2
+
 #: SQUAREM stops when the estimated remaining gain is below ``tol * REMAINING_FRACTION``. The estimates
 #: are local and see EM's fastest modes best: on ``benchmarks/passes.py`` (6 data sets x full, diag x 5
 #: seeds) the true gap when they first fell below ``x`` was up to 600 ``x`` (a tiny component's slow mode,
@@ -529,8 +533,17 @@ class EMAccelerator:
         """Estimated ``L_inf - L`` at the last accepted point (SQUAREM; see the module docstring)."""
         # the mean log-likelihood's round-off: changes below it say nothing
         floor = _ROUNDOFF * max(1.0, abs(self.lower_bound))
-        aitken = aitken_remaining(self.starts, floor) if len(self.starts) == 3 else 0.0
-        em = em_remaining(self.l1 - self.l0, max(self.rates), floor) if self.rates else math.inf
+        gain = self.l1 - self.l0
+        if len(self.starts) == 3:
+            aitken = aitken_remaining(self.starts, floor)
+        else:
+            # too few cycles for Aitken's estimate: a start near the optimum (the
+            # candidates' EM on the sample) makes EM's first steps look converged
+            # along its fast modes while a slow one is left; only a gain far below
+            # the tolerance ends it (well above round-off, which the order of
+            # summation decides)
+            aitken = 0.0 if gain <= max(floor, self.tol * REMAINING_FRACTION * _EARLY_GAIN) else math.inf
+        em = em_remaining(gain, max(self.rates), floor) if self.rates else math.inf
         return max(aitken, em)
 
     # -- checkpoints --------------------------------------------------------

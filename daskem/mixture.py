@@ -98,12 +98,12 @@ class GaussianMixture(BaseMixture):
         * ``'kmeans'``: per restart, 6 candidate starts on the sample
           (k-means solutions, bare k-means++ seeds and random rows; also on
           whitened rows for full and tied), each scored after a few EM
-          iterations on the sample, the best kept; then one hard pass
-          assigning every row to its nearest centre: 2 passes. When the
-          sample holds every training row and they are at most 10,000 (and
-          no NaN was filled in), those iterations were EM on the data:
-          each run starts where its chosen candidate's ended, with no hard
-          pass (1 pass; ``n_iter_`` counts the iterations after that start).
+          iterations on the sample (on at most 10,000 of its rows), the
+          best kept; each run starts where its chosen candidate's EM ended:
+          1 pass (``n_iter_`` counts the iterations after that start). With
+          hard EM, ``weights_init`` or ``precisions_init``, or NaN filled in
+          (``missing='marginalize'``), one hard pass assigning every row to
+          the chosen candidate's nearest centre follows instead: 2 passes.
         * ``'k-means++'``: k-means++ seeds on the sample, then the hard
           pass: 2 passes.
         * ``'random_from_data'``: random sample rows as centres, then the

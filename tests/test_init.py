@@ -61,10 +61,11 @@ def _init_only(X, ks, *, n_init: int = 1, split=None, **init) -> _fitloop.FitRes
 def test_init_reads_the_data_at_most_twice_for_restarts_and_ks(
     tmp_path, passes, init_params, sample, monkeypatch
 ) -> None:
-    """n_init=3 and 3 candidate Ks: one sample and (except ``random``) one hard pass,
+    """n_init=3 and 3 candidate Ks: one sample and (except ``random`` and ``kmeans``) one hard pass,
     counted as calls of the engine, by the fit's pass counter and as reads of every chunk of a real store.
 
-    ``kmeans`` on data no larger than the sample makes no hard pass: its candidates' EM was on all the rows.
+    ``kmeans`` makes no hard pass: every run starts where its chosen candidate's EM on the sample ended
+    (on all the rows or on a 2,000-row sample of them).
     """
     if sample == "2,000 rows":
         monkeypatch.setattr(_kmeans, "MIN_SAMPLE_ROWS", 2000)
@@ -76,7 +77,7 @@ def test_init_reads_the_data_at_most_twice_for_restarts_and_ks(
     with dask.config.set(scheduler="threads"):
         res = _init_only(Xd, (2, 3, 4), n_init=3, init_params=init_params)
     assert [r.tag["k"] for r in res.runs] == [2, 2, 2, 3, 3, 3, 4, 4, 4]
-    expected = 1 if init_params == "random" or (init_params == "kmeans" and sample == "all rows") else 2
+    expected = 1 if init_params in ("random", "kmeans") else 2
     assert passes["sample_rows"] == 1 and passes["sample_sizes"] == [8000 if sample == "all rows" else 2000]
     assert _total(passes) == expected
     assert res.n_passes == expected
@@ -94,6 +95,23 @@ def test_estimator_counts_init_passes(passes, init_params) -> None:
     # kmeans: 6,000 rows are all in the sample, no hard pass
     init = 1 if init_params in ("random", "kmeans") else 2
     assert gm.n_passes_ == init + 2 == _total(passes)
+
+
+def test_kmeans_makes_the_hard_pass_when_nan_were_filled_in(passes) -> None:
+    """With ``missing='marginalize'`` the seeding rows have their NaN filled with column means: the
+    candidates' EM was not on the rows as they are, so the runs start from the hard pass (2 passes),
+    not where that EM ended (1 pass, as without NaN)."""
+    X = make_blobs(n=6000, d=3, k=3, seed=3)
+    counts = []
+    for nan in (False, True):
+        Y = X.copy()
+        if nan:
+            Y[::50, 1] = np.nan
+        before = _total(passes)
+        gm = daskem.GaussianMixture(3, missing="marginalize", n_init=2, max_iter=0, random_state=0)
+        gm.fit(da.from_array(Y, chunks=1000))
+        counts.append((gm.n_passes_, _total(passes) - before))
+    assert counts == [(1, 1), (2, 2)]
 
 
 def test_kmeans_full_keeps_the_distributed_lloyd(passes) -> None:
