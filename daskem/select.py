@@ -315,7 +315,7 @@ def choose(table: list[dict], criterion: str) -> int:
             if v == best
             or (math.isfinite(table[i].get("validation_se", math.nan)) and v >= best - table[i]["validation_se"])
         ]
-        return min(near, key=lambda i: (table[i]["df"], near.index(i)))
+        return min(near, key=lambda i: table[i]["df"])  # the first of equals
     return usable[int(np.argmin([table[i][criterion] for i in usable]))]
 
 
