@@ -85,13 +85,15 @@ What ``tol`` means
   component, a plateau), and on ``benchmarks/passes.py`` the true gap when
   an estimate first fell below ``x`` was up to several hundred ``x``; with
   ``tol / 100`` the default ``tol=1e-3`` ended within 1e-4 per row of the
-  optimum in 45 of 60 cases there, 55 with ``max_iter=300`` (see
-  ``README.md``, "Passes"), where plain EM
+  optimum in 53 of 60 cases there (4 of the 7 others reach ``max_iter``;
+  see ``README.md``, "Passes"), where plain EM
   at ``tol=1e-3`` stops up to 0.2 short. Two estimates, and the larger one
   counts: Aitken's estimate
   of the limit (as R's ``mixture`` package uses for plain EM) from the last
-  three cycle starts' log-likelihoods (not used before there are three),
-  and that of the cycle's own EM step: gain ``g = L(x1) - L(x0)`` and EM's
+  three cycle starts' log-likelihoods (before there are three, a run stops
+  only when a cycle's EM gain is below ``tol / 10,000``: from a start as
+  close as the initialisation's, EM's fast modes look converged after one
+  cycle while a slow one is left), and that of the cycle's own EM step: gain ``g = L(x1) - L(x0)`` and EM's
   rate ``c``, the largest residual ratio ``||x2 - x1|| / ||x1 - x0||`` of
   the last three cycles, give ``g c^2 / (1 - c^2)``. Each estimate is
   infinite when its rate is negative, not below 1 or divides by (nearly)
