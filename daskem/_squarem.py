@@ -91,9 +91,9 @@ What ``tol`` means
   counts: Aitken's estimate
   of the limit (as R's ``mixture`` package uses for plain EM) from the last
   three cycle starts' log-likelihoods (before there are three, a run stops
-  only when a cycle's EM gain is below ``tol / 10,000``: from a start as
-  close as the initialisation's, EM's fast modes look converged after one
-  cycle while a slow one is left), and that of the cycle's own EM step: gain ``g = L(x1) - L(x0)`` and EM's
+  only when an EM step, a cycle's first or the one to its start, gains less
+  than ``tol / 10,000``: from a start as close as the initialisation's,
+  EM's fast modes look converged after one cycle while a slow one is left), and that of the cycle's own EM step: gain ``g = L(x1) - L(x0)`` and EM's
   rate ``c``, the largest residual ratio ``||x2 - x1|| / ||x1 - x0||`` of
   the last three cycles, give ``g c^2 / (1 - c^2)``. Each estimate is
   infinite when its rate is negative, not below 1 or divides by (nearly)
@@ -139,8 +139,9 @@ _ROUNDOFF = 64 * np.finfo(np.float64).eps
 #: Cycles whose residual ratio (EM's rate) the stopping rule takes the largest of.
 _RATE_WINDOW = 3
 
-#: Before three cycle starts (Aitken's estimate) SQUAREM stops only when a cycle's
-#: EM gain is below ``tol * REMAINING_FRACTION * _EARLY_GAIN``.
+#: Before three cycle starts (Aitken's estimate) SQUAREM stops only when an EM step
+#: (a cycle's first, or the one to a cycle's start) gains less than
+#: ``tol * REMAINING_FRACTION * _EARLY_GAIN``.
 _EARLY_GAIN = 1e-2
 
 #: SQUAREM stops when the estimated remaining gain is below ``tol * REMAINING_FRACTION``. The estimates
@@ -421,9 +422,21 @@ class EMAccelerator:
         self.alpha = self.l0 = self.l1 = math.nan
 
     def _receive_a(self, stats: Stats, ll: float) -> None:
+        before = self.lower_bound  # the last accepted point's: x0 is its EM image
         x1, perturbed = self._em_point(stats, self.points["x0"], ll)
-        if not self._accept_em(ll, x1):
-            self._after_a(ll, x1, perturbed)
+        if self._accept_em(ll, x1):
+            return
+        if (
+            not perturbed
+            and len(self.starts) < 2
+            and self._remaining(ll - before, False) < self.tol * REMAINING_FRACTION
+        ):
+            # too few cycles for Aitken's estimate, and the EM step to this cycle's start
+            # gained next to nothing: the rule of a cycle's second pass (:meth:`remaining`),
+            # one pass sooner
+            self.converged = self.done = True
+            return
+        self._after_a(ll, x1, perturbed)
 
     def _after_a(self, ll: float, x1: Params, perturbed: bool) -> None:
         self.l0 = ll
@@ -533,10 +546,13 @@ class EMAccelerator:
 
     def remaining(self) -> float:
         """Estimated ``L_inf - L`` at the last accepted point (SQUAREM; see the module docstring)."""
+        return self._remaining(self.l1 - self.l0, len(self.starts) == 3)
+
+    def _remaining(self, gain: float, aitken_ready: bool) -> float:
+        """The estimate from an EM step's ``gain``, with Aitken's from the cycle starts when ready."""
         # the mean log-likelihood's round-off: changes below it say nothing
         floor = _ROUNDOFF * max(1.0, abs(self.lower_bound))
-        gain = self.l1 - self.l0
-        if len(self.starts) == 3:
+        if aitken_ready:
             aitken = aitken_remaining(self.starts, floor)
         else:
             # too few cycles for Aitken's estimate: a start near the optimum (the

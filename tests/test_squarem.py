@@ -231,6 +231,20 @@ def test_a_perturbed_m_step_restarts_the_cycle_and_rejects_an_extrapolation():
     assert m.n_perturbed == 1
 
 
+def test_before_aitken_a_negligible_em_step_to_a_cycle_start_ends_the_run_there():
+    # x -> t + 1e-5 (x - t) from 0: the first cycle gains 14 (no stop; alpha ~ 1, so no extrapolation) and
+    # the next cycle's start x2 gains 1.4e-9 over x1, below tol / 10,000 = 1e-7: the run stops at that
+    # pass (3 passes), not after the cycle's second one (4), with x2's EM image as its result
+    m, target = toy_machine(1e-5, tol=1e-3)
+    stages, _ = run_toy(m)
+    assert stages == ["A", "B", "A"] and m.converged and m.n_iter == 3
+    assert np.allclose(m.params, target, atol=1e-12)
+    # a gain above that threshold goes on to the cycle's second pass (rate 1e-3: x2 gains 1.4e-5)
+    m, _ = toy_machine(1e-3, tol=1e-3)
+    stages, _ = run_toy(m)
+    assert stages[:4] == ["A", "B", "A", "B"] and m.converged
+
+
 def test_max_iter_counts_every_pass_in_both_modes():
     for method in (None, "squarem"):
         m, _ = toy_machine(0.999, method=method, max_iter=7)
