@@ -439,6 +439,19 @@ def plot_select_k(
                 ax_ll.plot(
                     k, col(sub, "validation_loglik"), "s--", color=_PALETTE[3], lw=1.5, ms=4.5, label="held-out rows"
                 )
+                se = col(sub, "validation_se")
+                if np.isfinite(se).any():
+                    # validation's one-standard-error rule: the smallest K whose bar reaches the highest
+                    ax_ll.errorbar(
+                        k,
+                        col(sub, "validation_loglik"),
+                        yerr=np.where(np.isfinite(se), se, 0.0),
+                        fmt="none",
+                        ecolor=_PALETTE[3],
+                        elinewidth=1.0,
+                        capsize=3,
+                        label="± 1 s.e. (paired) from the highest",
+                    )
     ax_ll.set_ylabel("mean log-likelihood per row")
     ax_ll.set_title(
         "Likelihood (higher is better)" + ("\nheld out: solid, train: dotted" if has_models and has_val else "")
@@ -494,9 +507,12 @@ def plot_select_k(
         if pick:
             y = _finite_or(pick[0].get(field), np.nan)
             target.plot([best_k], [y], "o", ms=13, mfc="none", mec="0.1", mew=1.6, zorder=6)
-        what = {"validation": "held-out log-likelihood", "bic": "BIC", "aic": "AIC", "icl": "ICL"}.get(
-            criterion, criterion
-        )
+        what = {
+            "validation": "held-out log-likelihood, the fewest parameters within 1 s.e. of the highest",
+            "bic": "BIC",
+            "aic": "AIC",
+            "icl": "ICL",
+        }.get(criterion, criterion)
         fig.suptitle(
             f"chosen: K = {best_k}" + (f", {chosen_model}" if chosen_model else "") + f" (by {what}; ring)",
             fontsize=10,

@@ -242,6 +242,22 @@ def test_bic_and_aic_differences_show(tmp_path):
     assert abs(spans["train"][0] - spans["held out"][0]) < 20
 
 
+def test_held_out_standard_errors_show_as_bars(tmp_path):
+    """Validation's one-standard-error rule made visible: a bar of +-validation_se on each held-out point."""
+    from daskem.report import _PALETTE
+
+    plain = _table(None)
+    bars = [dict(r, validation_se=0.0 if r["k"] == 4 else 0.08) for r in plain]
+    heights = []
+    for table, name in ((plain, "plain.png"), (bars, "bars.png")):
+        img = _pixels(plot_select_k(table, tmp_path / name, best_k=4, criterion="validation"))
+        rows, _ = np.nonzero(_mask(img, _PALETTE[3]))
+        heights.append((rows.size, rows.max() - rows.min()))
+    # the bars add held-out-coloured pixels and stretch the curve's vertical extent (0.16 in a ~0.4 range)
+    assert heights[1][0] > heights[0][0] + 100
+    assert heights[1][1] > 1.2 * heights[0][1]
+
+
 def test_no_held_out_curve_without_validation(tmp_path):
     from daskem.report import _PALETTE
 
