@@ -1020,6 +1020,29 @@ def persist_row_chunks(chunks: Sequence[int], threads: int) -> tuple[int, ...] |
     return rows
 
 
+#: Byte boundary the persisted blocks start on (a cache line; AVX-512's vector width).
+ALIGN_BYTES = 64
+
+
+def aligned(x: np.ndarray, boundary: int = ALIGN_BYTES) -> np.ndarray:
+    """``x`` itself when its data start on a ``boundary``-byte boundary, else a copy that does
+    (same shape, dtype and memory order).
+
+    A numpy array sent to a worker inside a task is rebuilt as a view of the received
+    bytes, wherever its data fell in them: measured on a persisted 250,000 x 16 float64
+    block at an offset of 39 bytes (not even a multiple of 8), the full kernel took 100 ms
+    against 77 ms on an aligned copy of the same rows.
+    """
+    if x.ctypes.data % boundary == 0:
+        return x
+    buf = np.empty(x.nbytes + boundary, dtype=np.uint8)
+    start = -buf.ctypes.data % boundary
+    order = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
+    out = buf[start : start + x.nbytes].view(x.dtype).reshape(x.shape, order=order)
+    out[...] = x
+    return out
+
+
 def _read_blocks(X: da.Array, rows: Sequence[int], source: tuple[Any, Any], order: str) -> da.Array:
     """``X`` in row chunks ``rows``, each read from ``X``'s store by one task (one chunk
     of memory beyond the block), cast and laid out as the persisted copy wants."""
@@ -1081,6 +1104,9 @@ def _persist(X: da.Array, order: str = "C", narrow: Any = None) -> da.Array:
             X = X.rechunk({0: rows, 1: X.shape[1]})
         if order == "F":
             X = X.map_blocks(np.asfortranarray, dtype=X.dtype)
+    if client is not None:
+        # blocks that crossed the wire are views of the received frames, at any offset
+        X = X.map_blocks(aligned, dtype=X.dtype)
     if cuts is not None:
         _remember_cuts(X.name, cuts)
     if client is None or len(set(slots)) <= 1:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import CountingStore, make_blobs, sklearn_init, write_zarr
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, futures_of, wait
 from sklearn.cluster import KMeans
 from zarr.storage import LocalStore
 
@@ -130,6 +130,39 @@ def test_local_cluster_equals_threaded(tmp_path) -> None:
         np.testing.assert_allclose(getattr(distributed, name), getattr(threaded, name), rtol=1e-12)
         np.testing.assert_allclose(getattr(cached, name), getattr(threaded, name), rtol=1e-10)
     np.testing.assert_array_equal(labels, threaded.predict(X))
+
+
+def _data_offset(block: np.ndarray) -> int:
+    return int(block.ctypes.data % engine.ALIGN_BYTES)
+
+
+def test_numpy_rows_persisted_on_worker_processes_start_on_a_cache_line() -> None:
+    """Numpy input persisted on a cluster reaches each worker as bytes, and the block rebuilt from
+    them may start anywhere (39 bytes in, seen: the full kernel ran 1.3x slower): every persisted
+    block starts on an ``ALIGN_BYTES`` boundary, in C and in F order, with the rows unchanged."""
+    X = make_blobs(n=40_000, d=5, k=3, seed=2)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            for order in ("C", "F"):
+                Xp, persisted = engine.prepare_data(da.from_array(X, chunks=(7_000, 5)), True, order=order)
+                assert persisted and Xp.numblocks[0] >= 4
+                wait(futures_of(Xp))
+                keys = {str(k) for k in dask.core.flatten(Xp.__dask_keys__())}
+
+                def offsets(dask_worker, keys=keys):  # the blocks where they live: nothing moves
+                    return {str(k): _data_offset(v) for k, v in dask_worker.data.items() if str(k) in keys}
+
+                held = {k: v for per_worker in client.run(offsets).values() for k, v in per_worker.items()}
+                assert set(held) == keys and set(held.values()) == {0}, (order, held)
+                np.testing.assert_array_equal(Xp.compute(), X)
+    # the copy keeps the shape, the values and the memory order; an aligned array is returned as it is
+    raw = np.zeros(X[:100].nbytes + 64, np.uint8)
+    for order in ("C", "F"):
+        odd = raw[3 : 3 + X[:100].nbytes].view(np.float64).reshape(X[:100].shape, order=order)
+        odd[...] = X[:100]
+        out = engine.aligned(odd)
+        assert _data_offset(out) == 0 and np.array_equal(out, X[:100])
+        assert out.flags.f_contiguous == (order == "F") and engine.aligned(out) is out
 
 
 def test_hard_em_with_shared_spherical_covariance_is_lloyd() -> None:
