@@ -1103,8 +1103,9 @@ def _persist(X: da.Array, order: str = "C", narrow: Any = None) -> da.Array:
             X = X.rechunk({0: rows, 1: X.shape[1]})
         if order == "F":
             X = X.map_blocks(np.asfortranarray, dtype=X.dtype)
-    if client is not None:
-        # a block that crossed the wire is a view of the received bytes: one copy, once
+    if client is not None and source is None:
+        # not read from a store by the workers (numpy input, any other graph): a block that
+        # crossed the wire is a view of the received bytes; one copy, once
         X = X.map_blocks(fresh_copy, dtype=X.dtype)
     if cuts is not None:
         _remember_cuts(X.name, cuts)
