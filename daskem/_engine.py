@@ -737,6 +737,8 @@ def _forked_main(
         c.close()
     # Ctrl-C reaches the whole process group: the parent handles it and stops us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a SIGTERM handler of the parent's (an application's shutdown) is not ours: terminate() ends us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # forked with one BLAS thread (:meth:`_ForkedWorkers.start`): keep it without
     # starting OpenBLAS's thread pool, whose threads would spin
     keep_forked_thread_count()

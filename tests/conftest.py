@@ -21,6 +21,17 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+
+# A test run stopped by SIGTERM (a CI timeout, `kill`, `pkill`) would die at once, without its `finally`
+# blocks and fixture teardowns: the scheduler, worker and job processes those tests started (each in a
+# session of its own) would keep running. Stopped as by Ctrl-C, the run tears them down first.
+def _stop_as_by_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _stop_as_by_ctrl_c)
+
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 
 

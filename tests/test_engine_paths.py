@@ -383,6 +383,22 @@ def test_forked_workers_run_blas_without_starting_its_thread_pool() -> None:
 
 
 @pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")
+def test_forked_workers_do_not_run_the_parents_sigterm_handler() -> None:
+    """An application's SIGTERM handler (here the suite's own, which raises KeyboardInterrupt) is inherited
+    by a fork; the workers reset it, so that SIGTERM ends a worker as it would any process."""
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)  # conftest's handler
+    X = make_blobs(n=20_000, d=3, k=2, seed=30)
+    local = engine.local_array(X, chunks=(5000,) * 4)
+    p = g.GaussianParams.from_covariances(np.full(2, 0.5), X[:2].copy(), np.ones((2, 3)), "diag")
+    with dask.config.set(num_workers=2), engine.local_workers(local):
+        engine.reduce_statistics(local, GaussianModel(), [p])
+        worker = _pass_workers()[0]
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(timeout=10)
+        assert worker.exitcode == -signal.SIGTERM
+
+
+@pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")
 def test_forked_workers_stop_when_the_fit_is_interrupted() -> None:
     X = make_blobs(n=20_000, d=3, k=2, seed=30)
     local = engine.local_array(X, chunks=(5000,) * 4)
