@@ -560,7 +560,7 @@ def initialize(
             ]
         else:
             Z, centre, scale = _kmeans.standardize(rows)
-            fitted: list[GaussianParams | None] = [None]
+            fitted: list[GaussianParams | None] | None = None  # the candidates' EM, kmeans only
             if init_params == "kmeans":
                 centres, metrics, fitted = _best_kmeans(
                     rows,
@@ -577,7 +577,8 @@ def initialize(
                 centres = [centre + scale * c for c in _sample_centres(init_params, Z, components, rngs)]
                 metrics = [scale**2] * len(centres)
             reuse = (
-                all(p is not None for p in fitted)
+                fitted is not None
+                and all(p is not None for p in fitted)
                 and weights_init is None
                 and precisions_init is None
                 and keep_sample_em()

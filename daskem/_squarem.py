@@ -93,7 +93,8 @@ What ``tol`` means
   three cycle starts' log-likelihoods (before there are three, a run stops
   only when an EM step, a cycle's first or the one to its start, gains less
   than ``tol / 10,000``: from a start as close as the initialisation's,
-  EM's fast modes look converged after one cycle while a slow one is left), and that of the cycle's own EM step: gain ``g = L(x1) - L(x0)`` and EM's
+  EM's fast modes look converged after one cycle while a slow one is left),
+  and that of the cycle's own EM step: gain ``g = L(x1) - L(x0)`` and EM's
   rate ``c``, the largest residual ratio ``||x2 - x1|| / ||x1 - x0||`` of
   the last three cycles, give ``g c^2 / (1 - c^2)``. Each estimate is
   infinite when its rate is negative, not below 1 or divides by (nearly)
@@ -553,16 +554,16 @@ class EMAccelerator:
         # the mean log-likelihood's round-off: changes below it say nothing
         floor = _ROUNDOFF * max(1.0, abs(self.lower_bound))
         if aitken_ready:
-            aitken = aitken_remaining(self.starts, floor)
+            cycles = aitken_remaining(self.starts, floor)
         else:
             # too few cycles for Aitken's estimate: a start near the optimum (the
             # candidates' EM on the sample) makes EM's first steps look converged
             # along its fast modes while a slow one is left; only a gain far below
             # the tolerance ends it (well above round-off, which the order of
             # summation decides)
-            aitken = 0.0 if gain <= max(floor, self.tol * REMAINING_FRACTION * _EARLY_GAIN) else math.inf
+            cycles = 0.0 if gain <= max(floor, self.tol * REMAINING_FRACTION * _EARLY_GAIN) else math.inf
         em = em_remaining(gain, max(self.rates), floor) if self.rates else math.inf
-        return max(aitken, em)
+        return max(cycles, em)
 
     # -- checkpoints --------------------------------------------------------
 
