@@ -848,7 +848,7 @@ class Progress:
         n_max = len(runs) - n_conv - n_failed
         # the leading run: the one kept (for one K), whichever run the lines followed
         ok = [r for r in runs if r.history and not r.failed]
-        best = max(ok, key=lambda r: r.history[-1], default=None)
+        best = best_run(ok) if ok else None  # the estimator's rule: ties within round-off keep the first
         if best is not None:
             self.snapshot.update(
                 iteration=best.n_iter,
