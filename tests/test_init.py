@@ -388,11 +388,12 @@ def _unequal(n: int, seed: int = 12) -> np.ndarray:
 @pytest.mark.parametrize("covariance_type", ["full", "diag", "tied", "spherical"])
 def test_polish_ends_at_the_samples_optimum(covariance_type) -> None:
     """The chosen candidate's EM goes on, accelerated, until converged on the scored rows: never lower,
-    and one more EM step there gains next to nothing (the 15 iterations alone left up to 1e-3 a row)."""
+    and one more EM step there gains next to nothing (from the 15 iterations' end it gained 1.7e-4 to 5.5e-4
+    a row, and the polish gained 5.8e-3 to 1.6e-2)."""
     from daskem import _init
     from daskem._gaussian import chunk_statistics, m_step
 
-    X = _unequal(5000, 2)
+    X = _unequal(3000)
     Z, centre, scale = _kmeans.standardize(X)
     model = GaussianModel(covariance_type=covariance_type)
     rngs = _init._restart_rngs([5], 3)
@@ -407,8 +408,8 @@ def test_polish_ends_at_the_samples_optimum(covariance_type) -> None:
         return s.mean_loglik, chunk_statistics(X, [nxt])[0].mean_loglik - s.mean_loglik
 
     (l_start, g_start), (l_done, g_done) = em_gain(start), em_gain(done)
-    assert l_done >= l_start
-    assert 0.0 <= g_done < 1e-5 < g_start
+    assert l_done > l_start + 1e-3
+    assert 0.0 <= g_done < 1e-6 and g_start > 1e-4
     assert done.covariance_type == start.covariance_type
 
 
