@@ -85,8 +85,8 @@ What ``tol`` means
   component, a plateau), and on ``benchmarks/passes.py`` the true gap when
   an estimate first fell below ``x`` was up to several hundred ``x``; with
   ``tol / 100`` the default ``tol=1e-3`` ended within 1e-4 per row of the
-  optimum in 53 of 60 cases there (4 of the 7 others reach ``max_iter``;
-  see ``README.md``, "Passes"), where plain EM
+  optimum in 59 of 60 cases there (from the initialisation's start, which
+  has already converged on a sample; see ``README.md``, "Passes"), where plain EM
   at ``tol=1e-3`` stops up to 0.2 short. Two estimates, and the larger one
   counts: Aitken's estimate
   of the limit (as R's ``mixture`` package uses for plain EM) from the last
