@@ -287,13 +287,40 @@ class GaussianModel:
         is rebuilt from the vector: the weights by a softmax, the precision
         Cholesky factors (positive diagonal by construction), the covariances
         from them. None when something is not finite or a weight or a
-        precision underflows to zero or overflows, and for a structure stored
-        in another structure's layout (its constraints are not coordinates of
-        the vector, so an extrapolated point would leave the model): an
-        accelerated run then rejects the extrapolation without spending a pass.
+        precision underflows to zero or overflows: an accelerated run then
+        rejects the extrapolation without spending a pass.
+
+        mclust's names of the layouts' own models (VVV, EEE, VVI, VII) are
+        the layouts. A structure with constraints of its own (mclust's other
+        ten) is stored in a layout whose coordinates the vector holds; the
+        point is then moved to the structure's nearest model
+        (:func:`daskem._covariance.project_covariances`: the structure's
+        M-step for these covariances). Constraints that are linear in the
+        vector (EII, EEI, VEI, EVI: equal or additive log-precisions) hold
+        at an affine combination of points that meet them, so there this
+        only removes round-off; shared orientations (EEV, VEV, EVV, VVE,
+        EVE, VEE) are not linear, and the projection is what keeps the point
+        a model of the structure. Accepted points are still judged by their
+        log-likelihood (:mod:`daskem._squarem`).
         """
-        if cov_.layout(like.covariance_type) != like.covariance_type:
-            return None
+        lay = cov_.layout(like.covariance_type)
+        if lay != like.covariance_type:
+            if like.covariance_type not in cov_.MCLUST_MODELS:
+                return None  # internal structures (k-means' equal weights): no extrapolation
+            base = self.from_vector(vec, dataclasses.replace(like, covariance_type=lay))
+            if base is None or cov_.ALIASES.get(lay) == like.covariance_type:
+                return base if base is None else dataclasses.replace(base, covariance_type=like.covariance_type)
+            k, d = like.means.shape
+            try:
+                with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+                    dense = cov_.dense_covariances(base.covariances, lay, k, d)
+                    cov = cov_.project_covariances(dense, base.weights, like.covariance_type)
+                    out = GaussianParams.from_covariances(base.weights, base.means, cov, like.covariance_type)
+            except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+                return None
+            if not (np.isfinite(out.covariances).all() and np.isfinite(out.precisions_cholesky).all()):
+                return None
+            return out
         k, d = like.means.shape
         vec = np.asarray(vec, dtype=np.float64)
         if vec.shape != (k + k * d + like.precisions_cholesky.size - _n_zero(like),) or not np.isfinite(vec).all():
