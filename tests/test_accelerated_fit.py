@@ -307,7 +307,9 @@ def test_restarts_and_ks_share_every_accelerated_pass():
     # the passes: initialisation, EM as long as the longest of the nine runs, one scoring pass
     longest = max(r["n_iter"] for r in runs)
     assert res.n_passes == init_passes + longest + 1
-    assert sum(r["n_iter"] for r in runs) > 3 * longest
+    # the nine runs' own passes (184: most converge within a few passes from their polished starts, one
+    # takes 138) were made in the longest run's passes: every run advanced in shared passes
+    assert sum(r["n_iter"] for r in runs) >= longest + 8 * 3
     assert all(gm.n_passes_ == res.n_passes for gm in res.models.values())
 
 
@@ -383,12 +385,18 @@ def test_the_default_fit_is_accelerated_and_n_passes_counts_every_read():
     with dask.config.set(scheduler="synchronous"):
         gm = daskem.GaussianMixture(3, random_state=0, cache=False).fit(Xd)
     (run,) = gm.runs_
-    assert run["accelerate"] == "squarem" and run["n_extrapolations"] > 0
-    # initialisation (a sample: the 6,000 rows are all in it, so the run starts where its candidate's EM on
-    # them ended, without a hard pass) + EM: every chunk read once per pass
+    assert run["accelerate"] == "squarem"
+    # initialisation (a sample: the 6,000 rows are all in it, so the run starts where its candidate's EM,
+    # continued until converged on them, ended: without a hard pass) + EM: every chunk read once per pass
     assert sorted(reader.reads) == list(range(8))
     assert set(reader.reads.values()) == {gm.n_passes_}
     assert gm.n_passes_ == 1 + gm.n_iter_
+    # from a start that has not converged yet (k-means++ seeds and the hard pass) the run extrapolates
+    reader.reads.clear()
+    with dask.config.set(scheduler="synchronous"):
+        pp = daskem.GaussianMixture(3, random_state=0, cache=False, init_params="k-means++").fit(Xd)
+    assert pp.runs_[0]["n_extrapolations"] > 0
+    assert set(reader.reads.values()) == {pp.n_passes_} and pp.n_passes_ == 2 + pp.n_iter_
     # hard EM stays plain whatever the default says, and starts from the hard pass (its candidates' EM was soft)
     hard = daskem.GaussianMixture(3, random_state=0, algorithm="hard").fit(X)
     assert "accelerate" not in hard.runs_[0]
@@ -398,12 +406,14 @@ def test_the_default_fit_is_accelerated_and_n_passes_counts_every_read():
 @pytest.mark.parametrize("ctype", ["full", "diag"])
 def test_the_accelerated_fit_does_not_depend_on_the_units_of_the_columns(ctype):
     """X and X diag(s) + b, s from 1e-3 to 1e3: the same accelerated path (step lengths measured in the
-    model's unit-free metric), up to round-off that the extrapolations amplify a little."""
+    model's unit-free metric), up to round-off that the extrapolations amplify a little. Seeded by
+    k-means++ (standardised sample rows): the default start has already converged on these 3,000 rows."""
     rng = np.random.default_rng(0)
     X = np.column_stack([overlapping_2d(3000, noise=0.6), rng.normal(size=3000)])
     s = np.array([1e-3, 1.0, 1e3])
     Y = X * s + np.array([5.0, -300.0, 2e4])
     kw = dict(n_components=3, covariance_type=ctype, reg_covar=0.0, tol=1e-6, random_state=0)
+    kw["init_params"] = "k-means++"
     a, b = fit(X, **kw), fit(Y, **kw)
     assert a.runs_[0]["n_extrapolations"] > 0
     assert b.n_iter_ == a.n_iter_ and b.runs_[0]["n_rejected"] == a.runs_[0]["n_rejected"]
