@@ -98,8 +98,9 @@ class GaussianMixture(BaseMixture):
           (k-means solutions, bare k-means++ seeds and random rows; also on
           whitened rows for full and tied), each scored after a few EM
           iterations on the sample (on at most 10,000 of its rows), the
-          best kept; its EM then goes on, accelerated, until converged on
-          those rows (at most 200 iterations, in memory), and each run
+          best kept; its EM then goes on, accelerated (whatever
+          ``accelerate`` says: this is the initialisation), until converged
+          on those rows (at most 200 iterations, in memory), and each run
           starts there: 1 pass (``n_iter_`` counts the iterations after that
           start). With
           hard EM, ``weights_init`` or ``precisions_init``, or NaN filled in
