@@ -308,8 +308,10 @@ class GaussianModel:
             if like.covariance_type not in cov_.MCLUST_MODELS:
                 return None  # internal structures (k-means' equal weights): no extrapolation
             base = self.from_vector(vec, dataclasses.replace(like, covariance_type=lay))
-            if base is None or cov_.ALIASES.get(lay) == like.covariance_type:
-                return base if base is None else dataclasses.replace(base, covariance_type=like.covariance_type)
+            if base is None:
+                return None
+            if cov_.ALIASES.get(lay) == like.covariance_type:  # VVV is full, EEE tied, ...
+                return dataclasses.replace(base, covariance_type=like.covariance_type)
             k, d = like.means.shape
             try:
                 with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):

@@ -359,14 +359,9 @@ def _polish(
     polish at the last accepted point's image. ``item`` is ``(max_iter,
     params)``, last for :func:`functools.partial`.
     """
-    max_iter, given = item
+    max_iter, params = item
     if max_iter <= 0:
-        return given
-    # mclust's names of the four layouts' own models (EEE is tied) are polished as the layout, so that a
-    # fit of EEE starts where a selection's tied start, projected to EEE, does
-    lay = cov_.layout(given.covariance_type)
-    same = cov_.ALIASES.get(lay) == given.covariance_type
-    params = dataclasses.replace(given, covariance_type=lay) if same else given
+        return params
     machine: EMAccelerator
 
     def step(stats: Stats, p: GaussianParams) -> tuple[GaussianParams, bool]:
@@ -386,7 +381,7 @@ def _polish(
     machine = EMAccelerator(
         params,
         m_step=step,
-        objective=lambda stats: stats.mean_loglik,
+        objective=model.objective,
         to_vector=model.to_vector,
         from_vector=model.from_vector,
         scale=getattr(model, "vector_scale", None),
@@ -397,8 +392,7 @@ def _polish(
         drive([machine], lambda ps: chunk_statistics(rows, list(ps)))
     except (_PolishStop, FloatingPointError):
         pass
-    out = machine.params
-    return dataclasses.replace(out, covariance_type=given.covariance_type) if same else out
+    return machine.params
 
 
 def lloyd(
@@ -559,13 +553,12 @@ def _best_kmeans(
         model, tol = polish
         d = Z.shape[1]
         todo = [i for i, p in enumerate(fitted) if p is not None]
-        caps = [
-            min(POLISH_MAX_ITER, POLISH_WORK // max(scored.shape[0] * _row_work(components[i], d, types[i]), 1))
-            for i in todo
-        ]
+        # multiply-adds of one iteration on the scored rows, per run
+        step = [scored.shape[0] * _row_work(components[i], d, types[i]) for i in todo]
+        caps = [min(POLISH_MAX_ITER, POLISH_WORK // max(w, 1)) for w in step]
         run = functools.partial(_polish, scored, model, reg_covar, tol)
         items = [(cap, fitted[i]) for i, cap in zip(todo, caps)]
-        work = sum(caps) * scored.shape[0] * max((_row_work(components[i], d, types[i]) for i in todo), default=0)
+        work = sum(cap * w for cap, w in zip(caps, step))
         if map_items is not None and len(items) > 1 and d >= PARALLEL_SCORE_MIN_D and work >= PARALLEL_SCORE_WORK:
             done = map_items(run, items)
         else:
