@@ -53,6 +53,12 @@ from .io import atomic_savez, atomic_write_text
 #: :func:`fit` asks for :func:`daskem._kmeans.sample_size` of the largest K and the data's D
 SAMPLE_ROWS = 20_000
 
+#: An accelerated restart stops, unconverged, when another restart of the same K (and
+#: covariance structure) is above it by more than this many times its own estimated remaining
+#: gain, and by more than ``tol`` (:func:`update_dominated`): by the estimate that the stopping
+#: rule trusts, it cannot catch up, and its passes would only set the fit's pass count.
+DOMINANCE = 100.0
+
 
 def seed_from(random_state: Any) -> int:
     """An integer seed from ``None``, an integer, a ``RandomState`` or a ``Generator``.
@@ -117,6 +123,8 @@ class Run:
     failed: bool = False
     #: why the fitted run is degenerate (``model.degenerate``), or ""
     degenerate: str = ""
+    #: stopped far below another restart of its K (:func:`update_dominated`)
+    dominated: bool = False
 
     def proposal(self) -> list:
         """The parameter sets this run needs the statistics of in the next pass."""
@@ -160,6 +168,10 @@ class Run:
         elif self.n_iter >= step.max_iter:
             self.done = True
 
+    def remaining_estimate(self) -> float:
+        """The estimated gain of the objective still to come; plain EM makes none (``inf``)."""
+        return math.inf
+
     def summary(self) -> dict:
         """JSON-able bookkeeping (``runs_`` of an estimator, checkpoints)."""
         return {
@@ -171,6 +183,7 @@ class Run:
             "n_reseeds": self.n_reseeds,
             "failed": self.failed,
             "degenerate": self.degenerate,
+            "dominated": self.dominated,
         }
 
     def strategy_state(self, model: MixtureModel) -> tuple[dict[str, np.ndarray], dict]:
@@ -260,6 +273,10 @@ class AcceleratedRun(Run):
     def proposal(self) -> list:
         p = self._machine().proposal()
         return [] if p is None else [p]
+
+    def remaining_estimate(self) -> float:
+        """SQUAREM's estimate at the last cycle's second pass (:attr:`EMAccelerator.estimate`)."""
+        return self._machine().estimate
 
     def receive(self, stats: Sequence[Any], step: Step) -> None:
         (s,) = stats
@@ -423,6 +440,7 @@ class Checkpoint:
                     "n_reseeds": r.n_reseeds,
                     "strategy": {"arrays": sorted(s_arrays), "meta": s_meta},
                     "failed": r.failed,
+                    "dominated": r.dominated,
                 }
             )
         # arrays first, then the JSON that names them: a reader sees the old
@@ -480,11 +498,14 @@ class Checkpoint:
                     lower_bound=-math.inf if m["lower_bound"] is None else m["lower_bound"],
                     n_reseeds=m.get("n_reseeds", 0),
                     failed=m.get("failed", False),
+                    dominated=m.get("dominated", False),
                 )
                 strategy = m.get("strategy") or {"arrays": [], "meta": {}}
                 if strategy["meta"] or strategy["arrays"]:
                     s_arrays = {k: npz[f"run{i}_strategy_{k}"] for k in strategy["arrays"]}
                     run.restore_strategy(self.model, s_arrays, strategy["meta"])
+                # a dominated run is stopped by the fit loop, not by its strategy
+                run.done = run.done or run.dominated
                 runs.append(run)
         return doc["stage"], runs
 
@@ -564,12 +585,14 @@ def iterate(
     callback: Callable[[IterationInfo], None] | None = None,
     checkpoint: Checkpoint | None = None,
     stage: str = "em",
+    rival: Callable[[Run], bool] | None = None,
 ) -> list[Run]:
     """Advance every run until it converges or reaches ``max_iter``, all in shared passes.
 
     In each pass, every live run proposes its parameter sets; one pass
     computes the statistics of all of them; each run receives its own. A run
-    that is done drops out of the next pass.
+    that is done drops out of the next pass, and so does a restart far below
+    a finished restart of its K that is a ``rival`` (:func:`update_dominated`).
     """
     runs = list(runs)
     step = Step(model, tol, max_iter, passes.sample)
@@ -596,6 +619,8 @@ def iterate(
                     f"run {r.tag} failed at iteration {r.n_iter} and was dropped: {exc}", RuntimeWarning, stacklevel=3
                 )
             pos += len(props)
+        # before the checkpoint and the progress line, so that both see who stopped
+        update_dominated(runs, tol, rival)
         if checkpoint is not None:
             checkpoint.save(runs, stage)
         if callback is not None:
@@ -603,6 +628,40 @@ def iterate(
             seconds = time.perf_counter() - t0
             callback(IterationInfo(iteration, runs, seconds, len(live), live, n_passes=passes.n_passes))
     return runs
+
+
+def _group(run: Run) -> str:
+    """A run's candidate: its tag without the restart index."""
+    return json.dumps({k: v for k, v in run.tag.items() if k != "init"}, sort_keys=True, default=str)
+
+
+def update_dominated(runs: Sequence[Run], tol: float, rival: Callable[[Run], bool] | None = None) -> None:
+    """Stop the restarts that a finished restart of their candidate is far above.
+
+    A live run is *dominated* when a run of the same candidate (same K, and
+    covariance structure when several are fitted) that has finished, did not
+    fail and is a ``rival`` (the fit's: not degenerate) has an objective
+    above the run's own by more than ``tol`` and by more than
+    :data:`DOMINANCE` times the run's estimated remaining gain
+    (:meth:`Run.remaining_estimate`: SQUAREM's, the estimate its stopping
+    rule trusts; plain EM has none, so its restarts all run to their end, as
+    scikit-learn's do). By that estimate it cannot overtake: it is marked
+    ``dominated`` and ``done`` and takes no more passes. Only a finished run
+    dominates, so the candidate's choice (:func:`best_run`) is never a
+    stopped run: it is that run or a better one.
+    """
+    top: dict[str, float] = {}
+    for r in runs:
+        if r.done and not (r.failed or r.dominated) and (rival is None or rival(r)):
+            g = _group(r)
+            top[g] = max(top.get(g, -math.inf), r.lower_bound)
+    for r in runs:
+        if r.done or r.failed:
+            continue
+        estimate = r.remaining_estimate()
+        gap = top.get(_group(r), -math.inf) - r.lower_bound
+        if math.isfinite(estimate) and gap > max(tol, DOMINANCE * estimate):
+            r.dominated = r.done = True
 
 
 # --------------------------------------------------------------------------
@@ -820,7 +879,15 @@ class Progress:
             return
         say(self.line(), self.snapshot)
         if run.done and live:
-            how = "failed" if run.failed else "converged" if run.converged else "reached max_iter"
+            how = (
+                "failed"
+                if run.failed
+                else "converged"
+                if run.converged
+                else "stopped far below another restart"
+                if run.dominated
+                else "reached max_iter"
+            )
             say(f"run {run_name(run)} {how} at iteration {run.n_iter}; following the leading run still running")
 
     def line(self) -> str:
@@ -845,7 +912,8 @@ class Progress:
         elapsed = time.perf_counter() - self._t0
         n_conv = sum(r.converged for r in runs)
         n_failed = sum(r.failed for r in runs)
-        n_max = len(runs) - n_conv - n_failed
+        n_dominated = sum(r.dominated for r in runs)
+        n_max = len(runs) - n_conv - n_failed - n_dominated
         # the leading run: the one kept (for one K), whichever run the lines followed
         ok = [r for r in runs if r.history and not r.failed]
         best = best_run(ok) if ok else None  # the estimator's rule: ties within round-off keep the first
@@ -872,6 +940,8 @@ class Progress:
             parts = [f"{n_conv} of {len(runs)} run(s) converged"]
             if n_max:
                 parts.append(f"{n_max} reached max_iter ({self.max_iter})")
+            if n_dominated:
+                parts.append(f"{n_dominated} stopped far below another restart of their K")
             if n_failed:
                 parts.append(f"{n_failed} failed")
             if n_passes:
@@ -993,6 +1063,15 @@ def _fit(
     progress = None
     if verbose or observers:
         progress = Progress(settings.max_iter, settings.tol, verbose, settings.verbose_interval, observers)
+    n_rows = float(X.shape[0]) * (1.0 - (split.fraction if split is not None else 0.0))
+    rivals: dict[int, bool] = {}
+
+    def rival(run: Run) -> bool:
+        # a finished run's parameters are final: whether it is degenerate is asked once
+        if id(run) not in rivals:
+            rivals[id(run)] = not (hasattr(model, "degenerate") and model.degenerate(run.params, n_rows))
+        return rivals[id(run)]
+
     runs = iterate(
         passes,
         model,
@@ -1001,11 +1080,11 @@ def _fit(
         max_iter=settings.max_iter,
         callback=progress,
         checkpoint=checkpoint,
+        rival=rival,
     )
     if progress is not None:
         progress.finish(runs, counter.n)
     if hasattr(model, "degenerate"):
-        n_rows = float(X.shape[0]) * (1.0 - (split.fraction if split is not None else 0.0))
         for r in runs:
             r.degenerate = "" if r.failed else model.degenerate(r.params, n_rows)
         bad = [r for r in runs if r.degenerate]

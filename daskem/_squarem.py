@@ -322,6 +322,9 @@ class EMAccelerator:
         self.l0 = math.nan  # L(x0) and L(x1) of the current cycle
         self.l1 = math.nan
         self.rates: list[float] = []  # ||x2 - x1|| / ||x1 - x0|| of the last cycles
+        #: the estimated remaining gain (:meth:`remaining`) at the last cycle's second pass;
+        #: infinite until there is one, and after a perturbation
+        self.estimate = math.inf
         # bookkeeping of the run
         self.n_iter = 0  # passes received
         self.history: list[float] = []  # accepted log-likelihoods, in order
@@ -448,7 +451,7 @@ class EMAccelerator:
         self.l0 = ll
         self.starts = [*self.starts[-2:], ll]
         if perturbed:
-            self.starts, self.rates = [], []
+            self.starts, self.rates, self.estimate = [], [], math.inf
             self._restart(x1)
             return
         self.points["x1"] = x1
@@ -460,7 +463,7 @@ class EMAccelerator:
             return
         self.l1 = ll
         if perturbed:
-            self.starts, self.rates = [], []
+            self.starts, self.rates, self.estimate = [], [], math.inf
             self._restart(x2)
             return
         x0, x1 = self.points["x0"], self.points["x1"]
@@ -472,7 +475,8 @@ class EMAccelerator:
         w = self.scale(x0) if self.scale is not None else None
         sr, sq, sv = (float(np.linalg.norm(a if w is None else w * a)) for a in (r, q, v))
         self.rates = [*self.rates, sq / sr if sr > 0.0 else 0.0][-_RATE_WINDOW:]
-        if self.remaining() < self.tol * REMAINING_FRACTION:
+        self.estimate = self.remaining()
+        if self.estimate < self.tol * REMAINING_FRACTION:
             self.converged = self.done = True
             return
         # S3, clamped to the bounds; sv == 0 (an exactly linear map) asks for the largest step
@@ -611,6 +615,7 @@ class EMAccelerator:
             "l0": _jfloat(self.l0),
             "l1": _jfloat(self.l1),
             "rates": [_jfloat(v) for v in self.rates],
+            "estimate": _jfloat(self.estimate),
             "stabilise": self.stabilise,
             "n_iter": self.n_iter,
             "history": [_jfloat(v) for v in self.history],
@@ -666,6 +671,7 @@ class EMAccelerator:
         self.l0 = _pfloat(meta["l0"])
         self.l1 = _pfloat(meta["l1"])
         self.rates = [_pfloat(v) for v in meta["rates"]]
+        self.estimate = _pfloat(meta.get("estimate", math.inf))
         self.n_iter = int(meta["n_iter"])
         self.history = [_pfloat(v) for v in meta["history"]]
         self.starts = [_pfloat(v) for v in meta["starts"]]

@@ -86,7 +86,11 @@ class GaussianMixture(BaseMixture):
         scikit-learn's ``tol``).
     n_init : int, default=1
         Restarts; all of them advance in the same passes over the data, and
-        the one with the highest final log-likelihood is kept.
+        the one with the highest final log-likelihood is kept. Accelerated,
+        a restart stops (``dominated`` in ``runs_``) once another is above
+        it by more than ``tol`` and by 100 times its estimated remaining
+        gain, so a restart creeping in a worse optimum does not set the
+        number of passes; plain EM runs each to its end.
     init_params : {'kmeans', 'k-means++', 'random_from_data', 'random', 'kmeans-full'}, default='kmeans'
         How the runs start; every restart and candidate K shares the same
         passes. All but ``kmeans-full`` draw one sample of the training rows
@@ -202,7 +206,9 @@ class GaussianMixture(BaseMixture):
         Column names, when fitted on a pandas DataFrame.
     runs_ : list of dict
         Every restart's ``tag``, ``history``, ``n_iter``, ``converged``,
-        ``lower_bound`` and ``n_reseeds`` (with ``accelerate``, also
+        ``lower_bound``, ``n_reseeds`` and ``dominated`` (stopped, with
+        ``accelerate``, far below another restart: see
+        :func:`daskem._fitloop.update_dominated`) (with ``accelerate``, also
         ``accelerate``, ``n_extrapolations`` and ``n_rejected``).
 
     Fitted attributes are float32 for float32 input (statistics are

@@ -115,6 +115,7 @@ def model_summary(gm: Any) -> dict:
                 "init": r["tag"].get("init"),
                 "n_iter": r["n_iter"],
                 "converged": r["converged"],
+                "dominated": r.get("dominated", False),
                 "lower_bound": r["lower_bound"],
                 "n_reseeds": r.get("n_reseeds", 0),
                 "n_extrapolations": r.get("n_extrapolations", 0),

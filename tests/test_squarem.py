@@ -630,3 +630,52 @@ def test_mclusts_names_of_the_layouts_are_accelerated_as_the_layouts(layout):
     assert b.n_passes_ == a.n_passes_
     assert b.lower_bound_ == pytest.approx(a.lower_bound_, rel=1e-12)
     np.testing.assert_allclose(b.means_, a.means_, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# restarts far below another restart of their K stop (the fit loop's rule)
+# --------------------------------------------------------------------------
+
+
+def _restart(k: int, init: int, lower_bound: float, estimate: float, done: bool = False) -> _fitloop.AcceleratedRun:
+    run = _fitloop.AcceleratedRun(None, tag={"k": k, "init": init}, lower_bound=lower_bound, done=done)
+    run._machine().estimate = estimate
+    return run
+
+
+def test_a_restart_far_below_a_finished_one_of_its_k_stops():
+    tol = 1e-3
+    best = _restart(5, 0, -6.0, 1e-6, done=True)
+    # 0.2 below the finished best, with an estimated remaining gain of 1e-4: stopped (0.2 > 100 * 1e-4)
+    low = _restart(5, 1, -6.2, 1e-4)
+    # 0.2 below, but its estimate (3e-3) says it could still gain up to a hundredth of that: goes on
+    hopeful = _restart(5, 2, -6.2, 3e-3)
+    # below by less than tol: goes on, whatever its estimate
+    near = _restart(5, 3, -6.0 - 0.9 * tol, 1e-9)
+    # no estimate yet (too few passes): goes on
+    fresh = _restart(5, 4, -9.0, math.inf)
+    # another K is not a restart of this one
+    other_k = _restart(4, 0, -7.0, 1e-6)
+    # plain EM has no estimate: its restarts run to their end, as scikit-learn's do
+    plain = _fitloop.Run(None, tag={"k": 5, "init": 5}, lower_bound=-7.0)
+    runs = [best, low, hopeful, near, fresh, other_k, plain]
+    _fitloop.update_dominated(runs, tol)
+    assert [r.dominated for r in runs] == [False, True, False, False, False, False, False]
+    assert low.done and not any(r.done for r in runs if r not in (best, low))
+    # only a finished run dominates (its objective is final, and so is whether it is degenerate) ...
+    runs = [_restart(5, 0, -6.0, 1e-6), _restart(5, 1, -6.2, 1e-4)]
+    _fitloop.update_dominated(runs, tol)
+    assert not runs[1].dominated
+    # ... that the fit accepts as a rival (not degenerate), nor one that failed
+    runs = [_restart(5, 0, -6.0, 1e-6, done=True), _restart(5, 1, -6.2, 1e-4)]
+    _fitloop.update_dominated(runs, tol, rival=lambda r: r is not runs[0])
+    assert not runs[1].dominated
+    runs[0].failed = True
+    _fitloop.update_dominated(runs, tol)
+    assert not runs[1].dominated
+    # several structures fitted together: a restart of another covariance type is not a rival either
+    a = _fitloop.AcceleratedRun(None, tag={"covariance_type": "VVV", "k": 3, "init": 0}, lower_bound=-1.0, done=True)
+    b = _fitloop.AcceleratedRun(None, tag={"covariance_type": "EEE", "k": 3, "init": 0}, lower_bound=-2.0)
+    b._machine().estimate = 1e-8
+    _fitloop.update_dominated([a, b], tol)
+    assert not b.dominated
