@@ -31,7 +31,11 @@ start) run to ``tol=1e-9`` (``max_iter`` 20,000). The gap is ``L* - L``
 of (c) (negative: (c) ended at a higher optimum). Then the passes EM needs
 from that start to first reach ``L* - 1e-4``: plain EM (``L*``'s own
 trace) and SQUAREM (``tol=0``: it runs until it gets there; its accepted
-log-likelihoods, counted per pass).
+log-likelihoods, counted per pass). The same again from the start before
+the polish (the chosen k-means candidate after its short EM on the sample,
+``_init.POLISH_MAX_ITER = 0``), to that start's own ``L*``: the polish is
+accelerated EM on the sample and leaves a start from which both methods
+need a few passes, so this is where the accelerator's own cut shows.
 
 The four targets of issue 12 are printed at the end: the median over cases
 of passes (c) / passes (a) (<= 0.35), the share of cases with (c) within
@@ -66,6 +70,7 @@ table).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -74,6 +79,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +89,7 @@ sys.path.insert(0, str(ROOT))
 
 import daskem  # noqa: E402
 from daskem import _engine as engine  # noqa: E402
-from daskem import _fitloop  # noqa: E402
+from daskem import _fitloop, _init  # noqa: E402
 from daskem._blas import single_threaded_blas  # noqa: E402
 
 COVS = ("full", "diag")
@@ -190,6 +196,40 @@ def first_pass_reaching(per_pass: list[float], target: float) -> int | None:
     return next((i + 1 for i, v in enumerate(per_pass) if v >= target), None)
 
 
+@contextlib.contextmanager
+def unpolished() -> Iterator[None]:
+    """The ``kmeans`` start before the polish: the chosen candidate after its scoring EM on the sample."""
+    before = _init.POLISH_MAX_ITER
+    _init.POLISH_MAX_ITER = 0
+    try:
+        yield
+    finally:
+        _init.POLISH_MAX_ITER = before
+
+
+def to_target(X: np.ndarray, base: dict) -> tuple[dict, dict]:
+    """From ``GaussianMixture(**base)``'s start: ``L*`` (plain EM to ``tol=1e-9``) and both methods' passes to it."""
+    params, Xd, model = initial_params(X, **base)
+    plain = trace(Xd, model, params, _fitloop.Run, tol=LSTAR_TOL, max_iter=LSTAR_MAX_ITER)
+    target = plain["final"] - NEAR
+    acc = trace(
+        Xd,
+        model,
+        params,
+        _fitloop.AcceleratedRun,
+        tol=0.0,
+        max_iter=max(200, 2 * len(plain["per_pass"])),
+        stop_at=target,
+    )
+    lstar = {"loglik": plain["final"], "passes": plain["n_iter"], "converged": plain["converged"]}
+    reach = {
+        "plain": first_pass_reaching(plain["per_pass"], target),
+        "squarem": first_pass_reaching(acc["per_pass"], target),
+        "squarem_best": acc["final"],
+    }
+    return lstar, reach
+
+
 def case(X: np.ndarray, k: int, cov: str, seed: int, c_options: dict | None = None) -> dict:
     base = dict(n_components=k, covariance_type=cov, random_state=seed)
     out: dict = {}
@@ -208,26 +248,12 @@ def case(X: np.ndarray, k: int, cov: str, seed: int, c_options: dict | None = No
             "seconds": round(time.perf_counter() - t, 3),
         }
     out["c"]["accelerate"] = daskem.GaussianMixture(**(c_options or {})).accelerate
-    params, Xd, model = initial_params(X, **base)
-    plain = trace(Xd, model, params, _fitloop.Run, tol=LSTAR_TOL, max_iter=LSTAR_MAX_ITER)
-    lstar = plain["final"]
-    target = lstar - NEAR
-    acc = trace(
-        Xd,
-        model,
-        params,
-        _fitloop.AcceleratedRun,
-        tol=0.0,
-        max_iter=max(200, 2 * len(plain["per_pass"])),
-        stop_at=target,
-    )
-    out["lstar"] = {"loglik": lstar, "passes": plain["n_iter"], "converged": plain["converged"]}
-    out["gap"] = lstar - out["c"]["loglik"]
-    out["to_target"] = {
-        "plain": first_pass_reaching(plain["per_pass"], target),
-        "squarem": first_pass_reaching(acc["per_pass"], target),
-        "squarem_best": acc["final"],
-    }
+    out["lstar"], out["to_target"] = to_target(X, base)
+    out["gap"] = out["lstar"]["loglik"] - out["c"]["loglik"]
+    # the accelerator where EM still has work to do: from the start before the polish (which is
+    # itself accelerated EM, on the sample), to that start's own L*
+    with unpolished():
+        out["lstar_unpolished"], out["to_target_unpolished"] = to_target(X, base)
     return out
 
 
@@ -250,8 +276,15 @@ def summarise(cases: list[dict]) -> dict:
         for c in cases
         if (c["to_target"]["plain"] or 0) >= SLOW
     ]
+    unpolished = [
+        (c["to_target_unpolished"]["squarem"] or math.inf) / c["to_target_unpolished"]["plain"]
+        for c in cases
+        if (c.get("to_target_unpolished") or {}).get("plain")
+    ]
     return {
         "cases": len(cases),
+        "accel_ratio_median_unpolished": statistics.median(unpolished) if unpolished else math.nan,
+        "unpolished_cases": len(unpolished),
         "accel_ratio_median_slow": statistics.median(slow) if slow else math.nan,
         "slow_cases": len(slow),
         "passes_ratio_median": statistics.median(ratios),
@@ -308,6 +341,12 @@ def print_em_targets(s: dict) -> None:
         f"{s['accel_ratio_median_slow']:.3f} over the {s['slow_cases']} where plain EM needs >= {SLOW} passes "
         "(target <= 0.3)"
     )
+    if s.get("unpolished_cases"):
+        print(
+            f"3'. the same from the start before the polish (the k-means candidate after its short EM on the "
+            f"sample; the polish is accelerated EM itself): {s['accel_ratio_median_unpolished']:.3f} over "
+            f"{s['unpolished_cases']} cases"
+        )
 
 
 def markdown(cases: list[dict]) -> str:
