@@ -53,10 +53,10 @@ from .io import atomic_savez, atomic_write_text
 #: :func:`fit` asks for :func:`daskem._kmeans.sample_size` of the largest K and the data's D
 SAMPLE_ROWS = 20_000
 
-#: An accelerated restart stops, unconverged, when another restart of the same K (and
-#: covariance structure) is above it by more than this many times its own estimated remaining
-#: gain, and by more than ``tol`` (:func:`update_dominated`): by the estimate that the stopping
-#: rule trusts, it cannot catch up, and its passes would only set the fit's pass count.
+#: An accelerated restart stops, unconverged, when a finished, non-degenerate restart of the same
+#: K (and covariance structure) is above it by more than this many times its own estimated
+#: remaining gain, and by more than ``tol`` (:func:`update_dominated`): by the estimate that the
+#: stopping rule trusts, it cannot catch up, and its passes would only set the fit's pass count.
 DOMINANCE = 100.0
 
 
@@ -123,7 +123,7 @@ class Run:
     failed: bool = False
     #: why the fitted run is degenerate (``model.degenerate``), or ""
     degenerate: str = ""
-    #: stopped far below another restart of its K (:func:`update_dominated`)
+    #: stopped far below a finished restart of its K (:func:`update_dominated`)
     dominated: bool = False
 
     def proposal(self) -> list:
