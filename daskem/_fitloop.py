@@ -586,13 +586,15 @@ def iterate(
     checkpoint: Checkpoint | None = None,
     stage: str = "em",
     rival: Callable[[Run], bool] | None = None,
+    group: Callable[[Run], Any] | None = None,
 ) -> list[Run]:
     """Advance every run until it converges or reaches ``max_iter``, all in shared passes.
 
     In each pass, every live run proposes its parameter sets; one pass
     computes the statistics of all of them; each run receives its own. A run
     that is done drops out of the next pass, and so does a restart far below
-    a finished restart of its K that is a ``rival`` (:func:`update_dominated`).
+    a finished restart of its candidate (``group``) that is a ``rival``
+    (:func:`update_dominated`).
     """
     runs = list(runs)
     step = Step(model, tol, max_iter, passes.sample)
@@ -620,7 +622,7 @@ def iterate(
                 )
             pos += len(props)
         # before the checkpoint and the progress line, so that both see who stopped
-        update_dominated(runs, tol, rival)
+        update_dominated(runs, tol, rival, group)
         if checkpoint is not None:
             checkpoint.save(runs, stage)
         if callback is not None:
@@ -631,15 +633,21 @@ def iterate(
 
 
 def _group(run: Run) -> str:
-    """A run's candidate: its tag without the restart index."""
+    """A run's candidate as its tag tells it: the tag without the restart index."""
     return json.dumps({k: v for k, v in run.tag.items() if k != "init"}, sort_keys=True, default=str)
 
 
-def update_dominated(runs: Sequence[Run], tol: float, rival: Callable[[Run], bool] | None = None) -> None:
+def update_dominated(
+    runs: Sequence[Run],
+    tol: float,
+    rival: Callable[[Run], bool] | None = None,
+    group: Callable[[Run], Any] | None = None,
+) -> None:
     """Stop the restarts that a finished restart of their candidate is far above.
 
-    A live run is *dominated* when a run of the same candidate (same K, and
-    covariance structure when several are fitted) that has finished, did not
+    A live run is *dominated* when a run of the same candidate (``group``;
+    by default the tag without the restart index: same K, and covariance
+    structure when several are fitted) that has finished, did not
     fail and is a ``rival`` (the fit's: not degenerate) has an objective
     above the run's own by more than ``tol`` and by more than
     :data:`DOMINANCE` times the run's estimated remaining gain
@@ -650,16 +658,17 @@ def update_dominated(runs: Sequence[Run], tol: float, rival: Callable[[Run], boo
     dominates, so the candidate's choice (:func:`best_run`) is never a
     stopped run: it is that run or a better one.
     """
-    top: dict[str, float] = {}
+    group = group or _group
+    top: dict[Any, float] = {}
     for r in runs:
         if r.done and not (r.failed or r.dominated) and (rival is None or rival(r)):
-            g = _group(r)
+            g = group(r)
             top[g] = max(top.get(g, -math.inf), r.lower_bound)
     for r in runs:
         if r.done or r.failed:
             continue
         estimate = r.remaining_estimate()
-        gap = top.get(_group(r), -math.inf) - r.lower_bound
+        gap = top.get(group(r), -math.inf) - r.lower_bound
         if math.isfinite(estimate) and gap > max(tol, DOMINANCE * estimate):
             r.dominated = r.done = True
 
@@ -1072,6 +1081,15 @@ def _fit(
             rivals[id(run)] = not (hasattr(model, "degenerate") and model.degenerate(run.params, n_rows))
         return rivals[id(run)]
 
+    # the runs are in candidate order, each candidate's restarts together (also from a checkpoint):
+    # the restarts of one candidate compete, and two candidates of the same K and structure
+    # (``fit_models`` given both) do not
+    owner = [i for i, c in enumerate(candidates) for _ in range(c.n_init)]
+    candidate_of = {id(r): i for r, i in zip(runs, owner)} if len(owner) == len(runs) else {}
+
+    def group(run: Run) -> Any:
+        return candidate_of.get(id(run), _group(run))
+
     runs = iterate(
         passes,
         model,
@@ -1081,6 +1099,7 @@ def _fit(
         callback=progress,
         checkpoint=checkpoint,
         rival=rival,
+        group=group,
     )
     if progress is not None:
         progress.finish(runs, counter.n)
