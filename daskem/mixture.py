@@ -89,8 +89,9 @@ class GaussianMixture(BaseMixture):
         the one with the highest final log-likelihood is kept. Accelerated,
         a restart stops (``dominated`` in ``runs_``) once a finished,
         non-degenerate one is above it by more than ``tol`` and by 100 times
-        its estimated remaining gain, so a restart creeping in a worse optimum does not set the
-        number of passes; plain EM runs each to its end.
+        its estimated remaining gain, so a restart creeping in a worse
+        optimum does not set the number of passes; plain EM runs each to its
+        end.
     init_params : {'kmeans', 'k-means++', 'random_from_data', 'random', 'kmeans-full'}, default='kmeans'
         How the runs start; every restart and candidate K shares the same
         passes. All but ``kmeans-full`` draw one sample of the training rows
