@@ -668,8 +668,10 @@ def update_dominated(
         if r.done or r.failed:
             continue
         estimate = r.remaining_estimate()
+        if not math.isfinite(estimate):
+            continue
         gap = top.get(group(r), -math.inf) - r.lower_bound
-        if math.isfinite(estimate) and gap > max(tol, DOMINANCE * estimate):
+        if gap > max(tol, DOMINANCE * estimate):
             r.dominated = r.done = True
 
 
@@ -809,6 +811,17 @@ def passes_to_tol(run: Run, tol: float) -> int | None:
     return max(1, math.ceil(math.log(tol / d[-1]) / math.log(ratios[-1])))
 
 
+def _ending(run: Run) -> str:
+    """How a run that is done ended, in words."""
+    if run.failed:
+        return "failed"
+    if run.converged:
+        return "converged"
+    if run.dominated:
+        return "stopped far below another restart"
+    return "reached max_iter"
+
+
 class Progress:
     """What a person reads after each pass, and the snapshot an observer receives.
 
@@ -888,16 +901,9 @@ class Progress:
             return
         say(self.line(), self.snapshot)
         if run.done and live:
-            how = (
-                "failed"
-                if run.failed
-                else "converged"
-                if run.converged
-                else "stopped far below another restart"
-                if run.dominated
-                else "reached max_iter"
+            say(
+                f"run {run_name(run)} {_ending(run)} at iteration {run.n_iter}; following the leading run still running"
             )
-            say(f"run {run_name(run)} {how} at iteration {run.n_iter}; following the leading run still running")
 
     def line(self) -> str:
         """The progress line of the last snapshot."""
