@@ -342,7 +342,12 @@ def kernel_flops_per_row(ctype: str, d: int, k: int) -> float:
 
 
 def em_iterations(
-    Xd: da.Array, params: list[g.GaussianParams], iters: int, dtype: str = "float64", workers: list[str] | None = None
+    Xd: da.Array,
+    params: list[g.GaussianParams],
+    iters: int,
+    dtype: str = "float64",
+    workers: list[str] | None = None,
+    tasks: bool = False,
 ) -> dict:
     """Seconds of each of ``iters`` EM iterations (pass + M-step) of the engine.
 
@@ -354,7 +359,11 @@ def em_iterations(
 
     ``workers`` pins every task of the passes to those workers (the one-worker
     comparison inside the two-worker cluster). With a distributed client, the
-    chunk tasks' compute seconds of every pass are recorded too.
+    chunk tasks' compute seconds of every pass are recorded too. Passes over
+    persisted data go straight to the workers when short
+    (``engine.ACTOR_PASS_SECONDS``); ``tasks=True`` makes every pass tasks
+    through the scheduler, as before that path (and the only way the task
+    stream sees the kernel's seconds).
     """
     model = GaussianModel(dtype=dtype)
     runs = [_fitloop.Run(p) for p in params]
@@ -366,6 +375,9 @@ def em_iterations(
 
         stream = get_task_stream(client)
     pin = dask.annotate(workers=workers, allow_other_workers=False) if workers else contextlib.nullcontext()
+    actor_seconds = engine.ACTOR_PASS_SECONDS
+    if tasks:
+        engine.ACTOR_PASS_SECONDS = 0.0
     # the client's M-steps with one BLAS thread, as in ``fit``
     with warnings.catch_warnings(), stream as ts, pin, _blas.single_threaded_blas():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -377,6 +389,7 @@ def em_iterations(
             max_iter=iters + 1,
             callback=lambda info: secs.append(info.seconds),
         )
+    engine.ACTOR_PASS_SECONDS = actor_seconds
     # history[-1] is the log-likelihood of the parameters after iters M-steps
     out = {"all_s": secs[1:], "first_s": secs[0], "loglik": runs[0].history[-1], "loglik_m_steps": iters}
     if ts is not None:
@@ -1005,6 +1018,9 @@ def run_case(name, X, Xd, Xl, p, k, ctype, rounds, per_call, client, pids, cores
         "daskem": lambda: em_iterations(Xd, [p], per_call),
         "daskem_in_process": lambda: in_process_iterations(Xl, [p], per_call),
     }
+    if name in ("a_full", "b_diag"):
+        # the same passes as tasks through the scheduler (see :func:`em_iterations`)
+        variants["daskem_tasks"] = lambda: em_iterations(Xd, [p], per_call, tasks=True)
     if ctype == "full" and d_ <= 64:
         # the BLAS limit of this case's E-step shape, measured in turn with the
         # passes (as seconds per GFLOP, so that the median is taken like the others)
@@ -1097,7 +1113,7 @@ def run_case(name, X, Xd, Xl, p, k, ctype, rounds, per_call, client, pids, cores
     fl = kernel_flops_per_row(ctype, X.shape[1], k) * X.shape[0]
     row["kernel_GFLOP_per_iter"] = round(fl / 1e9, 3)
     row["daskem_GFLOPs"] = round(fl / r["s_per_iter"] / 1e9, 2)
-    kt = r.get("kernel_task_s_per_iter")
+    kt = r.get("kernel_task_s_per_iter") or row.get("daskem_tasks", {}).get("kernel_task_s_per_iter")
     if kt:
         # the chunk kernel alone: its tasks' compute seconds, every worker busy
         row["kernel_GFLOPs"] = round(fl / (kt / cores) / 1e9, 2)
@@ -1223,6 +1239,13 @@ def compute_ratios(res: dict) -> None:
             bound = row["bandwidth_bound_in_turn"]["s"]
             for where, s in ours.items():
                 R[f"{name}_{where}_fraction_of_bandwidth_bound"] = round(bound / s, 3)
+    for name in ("a_full", "b_diag"):
+        row = C.get(name, {})
+        if "daskem_tasks" in row and "s_per_iter" in row["daskem_tasks"]:
+            # short passes straight to the workers (actors) / the same passes as tasks
+            R[f"{name}_cluster_actors_over_tasks"] = round(
+                row["daskem"]["s_per_iter"] / row["daskem_tasks"]["s_per_iter"], 3
+            )
     a = C.get("a_full")
     if a and "daskem_float32" in a:
         R["a_float32_speedup_over_float64"] = round(a["daskem"]["s_per_iter"] / a["daskem_float32"]["s_per_iter"], 2)
@@ -1338,6 +1361,13 @@ def print_table(res: dict) -> None:
             f"{g_('daskem_in_process'):8.3f} {g_('onedal'):8.3f} {g_('sklearn'):8.3f} "
             f"{r['daskem_GFLOPs']:8.2f} {r.get('kernel_GFLOPs', nan):8.2f} {wk:>12s}"
         )
+    for name in ("a_full", "b_diag"):
+        r = res["cases"].get(name, {})
+        if "s_per_iter" in r.get("daskem_tasks", {}):
+            print(
+                f"  {name} cluster: short passes straight to the workers {r['daskem']['s_per_iter']:.3f}, "
+                f"as scheduler tasks {r['daskem_tasks']['s_per_iter']:.3f}"
+            )
     a = res["cases"].get("a_full")
     if a and "daskem_float32" in a:
         print(

@@ -118,7 +118,10 @@ def _checkpoint_iter(path) -> int:
 @pytest.mark.parametrize("cache", [False, True], ids=["streamed", "persisted"])
 def test_worker_killed_mid_fit_gives_the_undisturbed_result(tmp_path, cache):
     """Streamed: the lost tasks are re-run. Persisted (placed on chosen workers,
-    see ``engine._persist``): the lost chunks are read again on the others."""
+    see ``engine._persist``): the lost chunks are read again on the others. The
+    persisted passes are short and go straight to the workers (actors,
+    ``engine.ACTOR_PASS_SECONDS``): the call to the lost worker fails and that
+    pass is made of tasks, which the scheduler recomputes."""
     n, d, k = 300_000, 6, 3
     store = write_blob_store(tmp_path / "x.zarr", n, d, k, chunk_rows=10_000, seed=4)
     opts = dict(
@@ -139,9 +142,10 @@ def test_worker_killed_mid_fit_gives_the_undisturbed_result(tmp_path, cache):
                 while _checkpoint_iter(ckpt) < 3 and time.monotonic() < deadline:
                     time.sleep(0.01)
                 # mid-iteration: wait until the victim has tasks of the current pass
+                # (streamed; persisted passes are actor calls, in flight but not tasks)
                 victim = before["w1"]["address"]
                 tasks = ()
-                while time.monotonic() < deadline:
+                while cache is False and time.monotonic() < deadline:
                     tasks = client.processing(workers=[victim]).get(victim) or ()
                     if tasks:
                         break
@@ -154,13 +158,21 @@ def test_worker_killed_mid_fit_gives_the_undisturbed_result(tmp_path, cache):
 
             killer = threading.Thread(target=kill_one_worker)
             killer.start()
+            actors_before, fallbacks_before = engine.actor_passes.n, engine.actor_fallbacks.n
             with pytest.warns(daskem.ConvergenceWarning):
                 got = daskem.GaussianMixture(checkpoint=ckpt, **opts).fit(store)
             killer.join()
             after = wait_for_workers(client, {"w0", "w2"})
     assert event["killed"] == -signal.SIGKILL
     assert 3 <= event["at_iter"] < opts["max_iter"]
-    assert event["tasks"] >= 1
+    if cache:
+        # the passes before the loss went to the workers' actors; the loss failed one
+        # such pass, which tasks made again; later ones went to the actors again
+        assert engine.actor_passes.n - actors_before >= 3
+        assert engine.actor_fallbacks.n - fallbacks_before == 1
+    else:
+        assert event["tasks"] >= 1
+        assert engine.actor_passes.n == actors_before
     assert after["w0"]["address"] == before["w0"]["address"]
     assert got.n_iter_ == opts["max_iter"]
     _assert_same_params(got, ref)

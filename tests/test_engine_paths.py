@@ -471,3 +471,61 @@ def test_identical_passes_in_a_row_do_not_race_on_their_keys(cluster, caplog) ->
         for _ in range(30):
             np.testing.assert_array_equal(engine.reduce_statistics(Xd, model, [p])[0].pack(), first)
     assert not [r for r in caplog.records if "gather" in r.getMessage()], [r.getMessage() for r in caplog.records]
+
+
+def test_short_persisted_passes_go_to_the_workers_actors_with_the_tasks_bits(cluster, monkeypatch) -> None:
+    """Data persisted on the cluster: the first pass is tasks (and timed); the next ones, being
+    short, are one actor call per worker, and give the tasks' vector to the bit. With
+    ``ACTOR_PASS_SECONDS = 0`` every pass is tasks."""
+    X = make_blobs(n=40_000, d=5, k=3, seed=33)
+    ps = [
+        g.GaussianParams.from_covariances(np.full(3, 1 / 3), X[s : s + 3].copy(), np.ones((3, 5)), "diag")
+        for s in (0, 7)
+    ]
+    model = GaussianModel()
+    with Client(cluster):
+        Xd, was = engine.prepare_data(_dask_graph(X, 5_000), True)
+        assert was and Xd.name not in engine._pass_seconds
+        before = engine.actor_passes.n
+        tasks = [s.pack() for s in engine.reduce_statistics(Xd, model, ps)]
+        assert engine.actor_passes.n == before
+        assert engine._pass_seconds[Xd.name] < engine.ACTOR_PASS_SECONDS
+        for i in range(3):
+            got = [s.pack() for s in engine.reduce_statistics(Xd, model, ps)]
+            assert engine.actor_passes.n == before + 1 + i
+            for a, b in zip(got, tasks):
+                np.testing.assert_array_equal(a, b)
+        # one actor on each worker, each holding its own blocks
+        placement = engine._placement[Xd.name]
+        assert len(placement) == 2 and sorted(i for idx in placement.values() for i in idx) == list(
+            range(Xd.numblocks[0])
+        )
+        monkeypatch.setattr(engine, "ACTOR_PASS_SECONDS", 0.0)
+        got = [s.pack() for s in engine.reduce_statistics(Xd, model, ps)]
+        assert engine.actor_passes.n == before + 3
+        for a, b in zip(got, tasks):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_blocks_not_where_the_actors_look_are_computed_as_tasks(cluster) -> None:
+    """A placement that no longer holds (as after the scheduler moved blocks): each actor
+    finds none of the blocks it is asked for, those blocks are computed as tasks, the vector
+    is the same to the bit, and the placement is read again for the next pass."""
+    X = make_blobs(n=40_000, d=4, k=2, seed=34)
+    p = g.GaussianParams.from_covariances(np.full(2, 0.5), X[:2].copy(), np.ones((2, 4)), "diag")
+    model = GaussianModel()
+    with Client(cluster):
+        Xd, _ = engine.prepare_data(_dask_graph(X, 5_000), True)
+        tasks = engine.reduce_statistics(Xd, model, [p])[0].pack()
+        np.testing.assert_array_equal(engine.reduce_statistics(Xd, model, [p])[0].pack(), tasks)
+        placement = engine._placement[Xd.name]
+        assert len(placement) == 2
+        # every worker asked for the other's blocks
+        (a, ia), (b, ib) = placement.items()
+        engine._placement[Xd.name] = {a: ib, b: ia}
+        before = engine.actor_passes.n
+        np.testing.assert_array_equal(engine.reduce_statistics(Xd, model, [p])[0].pack(), tasks)
+        assert engine.actor_passes.n == before + 1
+        assert Xd.name not in engine._placement
+        np.testing.assert_array_equal(engine.reduce_statistics(Xd, model, [p])[0].pack(), tasks)
+        assert engine._placement[Xd.name] == {a: ia, b: ib}
