@@ -147,6 +147,23 @@ def test_numpy_with_a_client_goes_in_process_when_small_and_to_the_cluster_when_
     assert engine.in_process_blocks(big) is not None
 
 
+def test_numpy_in_process_is_passed_over_as_it_is_unless_cast() -> None:
+    """In process the blocks stay views of the user's array whatever layout the kernel
+    prefers (a column-major copy cost more than it saved, see ``prepare_data``); a float32
+    compute dtype on float64 data is one cast copy, in that layout."""
+    X = make_blobs(n=20_000, d=4, seed=35)
+    local = engine.local_array(X)
+    for order in ("C", "F"):
+        prepared, was = engine.prepare_data(local, "auto", in_memory=True, order=order)
+        assert prepared is local and was is False
+        assert all(np.shares_memory(b, X) for b in engine.local_blocks(prepared))
+    cast, was = engine.prepare_data(local, "auto", in_memory=True, dtype="float32", order="F")
+    blocks = engine.local_blocks(cast)
+    assert was and all(b.dtype == np.float32 and b.flags.f_contiguous for b in blocks)
+    assert not any(np.shares_memory(b, X) for b in blocks)
+    np.testing.assert_array_equal(np.concatenate(blocks), X.astype(np.float32))
+
+
 def test_a_checkpoint_of_the_in_process_path_is_taken_by_the_dask_path(tmp_path) -> None:
     """The data fingerprint is the same whichever path reads the rows: the Dask path takes the
     in-process fit's checkpoint (it refuses one written for other data) and ends where it ended."""
