@@ -1306,10 +1306,23 @@ def _persist(X: da.Array, order: str = "C", narrow: Any = None) -> da.Array:
     return rebuild({key: futures[key] for key in dask.core.flatten(X.__dask_keys__())}, *args)
 
 
+#: In process, the diagonal kernels' column-major layout (``order="F"``) is a copy of
+#: the user's rows only from this many columns (a float32 cast is a copy anyway, laid
+#: out so). The kernel transposes each block of rows; from row-major rows that read
+#: costs, per 2048-row block (one thread, us, from column-major / row-major): D=16
+#: 13 / 34, D=64 55 / 160, D=128 108 / 499, D=256 215 / 2,033, while the copy costs
+#: about 90-340 (D=16), 510 (D=128) and 1,550 (D=256) ns a row. So at D=16 the copy pays
+#: back after some 20-70 passes (a default fit of 1e6 x 16 K=8 diag, 4 passes: 0.72 s
+#: with it, 0.43 s without, in turn over 5 seeds), at D=128 after about 5 and at D=256
+#: after about 3 (2e5 x 256 K=64 diag, 6 passes: 4.36 s with it, 4.84 s without).
+LOCAL_F_MIN_COLUMNS = 128
+
+
 def _local_copy(X: da.Array, narrow: Any, order: str) -> da.Array:
-    """In-process blocks cast to ``narrow`` and laid out in ``order``: a copy, in this process."""
-    blocks = [b.astype(narrow, order="F" if order == "F" else "C") for b in local_blocks(X) or []]
-    return _blocks_array(blocks, X.shape[1], narrow)
+    """In-process blocks cast to ``narrow`` (if given) and laid out in ``order``: a copy, in this process."""
+    layout = "F" if order == "F" else "C"
+    blocks = [b.astype(narrow if narrow is not None else b.dtype, order=layout) for b in local_blocks(X) or []]
+    return _blocks_array(blocks, X.shape[1], narrow if narrow is not None else X.dtype)
 
 
 def prepare_data(
@@ -1327,12 +1340,9 @@ def prepare_data(
     (``dtype``) copy is made once, laid out in ``order``, when ``cache``
     allows it (it fits in half the free memory with ``"auto"``), else the
     blocks are views of the input and are cast block by block. Without a
-    cast they are views whatever ``order``: a column-major copy only for its
-    layout cost more than it saved. Measured on 1e6 x 16 float64, K=8 diag,
-    ``GaussianMixture().fit`` (4 passes), in turn, 5 seeds: 0.72 s with the
-    copy, 0.43 s without (the copy, fresh pages of this VM's memory, took
-    0.12-0.34 s); a pass was 43 ms on the copy, 47 ms on the views, so the
-    copy would pay after some 30-80 passes, and it held the data twice.
+    cast, a column-major copy for ``order="F"`` is made only for data of at
+    least :data:`LOCAL_F_MIN_COLUMNS` columns, where it pays within a few
+    passes; narrower data are passed over as they are.
 
     Other data are persisted when they fit (``cache='auto'``): on the
     cluster with a distributed client, else in this process (the passes then
@@ -1361,7 +1371,7 @@ def prepare_data(
             if _active_client() is not None:
                 return persist(X), True
             return X, False
-        if narrow is not None and (
+        if (narrow is not None or (order == "F" and X.shape[1] >= LOCAL_F_MIN_COLUMNS)) and (
             cache is True or (cache == "auto" and size < 0.5 * psutil.virtual_memory().available)
         ):
             return _local_copy(X, narrow, order), True

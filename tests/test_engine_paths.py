@@ -147,16 +147,24 @@ def test_numpy_with_a_client_goes_in_process_when_small_and_to_the_cluster_when_
     assert engine.in_process_blocks(big) is not None
 
 
-def test_numpy_in_process_is_passed_over_as_it_is_unless_cast() -> None:
+def test_numpy_in_process_is_passed_over_as_it_is_unless_cast_or_wide() -> None:
     """In process the blocks stay views of the user's array whatever layout the kernel
-    prefers (a column-major copy cost more than it saved, see ``prepare_data``); a float32
-    compute dtype on float64 data is one cast copy, in that layout."""
+    prefers, below ``LOCAL_F_MIN_COLUMNS`` columns (there a column-major copy cost more
+    than it saved, see that constant); from it, ``order="F"`` is a column-major copy; a
+    float32 compute dtype on float64 data is one cast copy, in the kernel's layout."""
     X = make_blobs(n=20_000, d=4, seed=35)
     local = engine.local_array(X)
     for order in ("C", "F"):
         prepared, was = engine.prepare_data(local, "auto", in_memory=True, order=order)
         assert prepared is local and was is False
         assert all(np.shares_memory(b, X) for b in engine.local_blocks(prepared))
+    wide = np.repeat(X[:2_000], engine.LOCAL_F_MIN_COLUMNS // 4, axis=1)
+    copied, was = engine.prepare_data(engine.local_array(wide), "auto", in_memory=True, order="F")
+    blocks = engine.local_blocks(copied)
+    assert was and all(b.flags.f_contiguous and not np.shares_memory(b, wide) for b in blocks)
+    np.testing.assert_array_equal(np.concatenate(blocks), wide)
+    kept, was = engine.prepare_data(engine.local_array(wide), "auto", in_memory=True, order="C")
+    assert was is False and all(np.shares_memory(b, wide) for b in engine.local_blocks(kept))
     cast, was = engine.prepare_data(local, "auto", in_memory=True, dtype="float32", order="F")
     blocks = engine.local_blocks(cast)
     assert was and all(b.dtype == np.float32 and b.flags.f_contiguous for b in blocks)
