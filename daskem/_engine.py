@@ -529,22 +529,6 @@ class PassActor:
         return list(self._pool.map(one, items))
 
 
-def _persisted_futures(X: da.Array) -> list | None:
-    """The futures of ``X``'s blocks when it is persisted on the cluster, one per block, else None."""
-    if len(X.chunks) != 2 or len(X.chunks[1]) != 1:
-        return None
-    graph = X.__dask_graph__()
-    if len(graph) != X.numblocks[0]:
-        return None
-    out = []
-    for (key,) in X.__dask_keys__():
-        value = graph.get(key)
-        if not isinstance(value, distributed.Future):
-            return None
-        out.append(value)
-    return out
-
-
 def _worker_actors(client: Any, addresses: Sequence[str]) -> dict[str, Any]:
     """One :class:`PassActor` on each of ``addresses``, made once per client."""
     actors = _actors.setdefault(client, {})
@@ -570,7 +554,8 @@ def _actor_pass(client: Any, X: da.Array, task: _PassTask, size: int) -> np.ndar
     not persisted on the cluster or a call failed (the pass is then made of tasks)."""
     if _actor_failures.get(client, 0) >= ACTOR_FAILURES:
         return None
-    futures = _persisted_futures(X)
+    # persisted on the cluster: every block is a future
+    futures = _block_values(X, distributed.Future)
     if futures is None:
         return None
     n = len(futures)
@@ -772,18 +757,24 @@ def _blocks_array(blocks: Sequence[np.ndarray], n_cols: int, dtype: Any) -> da.A
 def local_blocks(X: da.Array) -> list[np.ndarray] | None:
     """The blocks of ``X`` when every one is a numpy array held in this process
     (:func:`local_array`, or an array persisted with a local scheduler), else None."""
+    return _block_values(X, np.ndarray)
+
+
+def _block_values(X: da.Array, kind: type) -> list | None:
+    """The graph's value of each row block of ``X`` (whole rows) when every one is a
+    ``kind`` (a numpy array, a future of a persisted block), else None."""
     if len(X.chunks) != 2 or len(X.chunks[1]) != 1:
         return None
     graph = X.__dask_graph__()
     if len(graph) != X.numblocks[0]:
         return None
-    blocks = []
+    values = []
     for (key,) in X.__dask_keys__():
         value = graph.get(key)
-        if not isinstance(value, np.ndarray):
+        if not isinstance(value, kind):
             return None
-        blocks.append(value)
-    return blocks
+        values.append(value)
+    return values
 
 
 def in_process_blocks(X: da.Array) -> list[np.ndarray] | None:
