@@ -22,9 +22,12 @@ Sections of the JSON (and the printed table):
     client), oneDAL (``onedal``: ``daal4py.em_gmm``, when daal4py imports;
     see :class:`OneDAL`) and scikit-learn (``sklearn``: its ``_e_step`` +
     ``_m_step`` after an untimed ``fit(max_iter=1)`` from the same
-    parameters). Cases: (a) N=1e6 D=16 K=8 full, (b) diag, (c) N=2e5 D=64
-    K=16 full, (e) N=2e5 D=256 K=64 diag and full (full on the first 20,000
-    rows by default, ``--e-full-rows``), (f) N=1e6 D=32 K=256 diag; (d) out
+    parameters); for (a) and (b) also the cluster's passes as scheduler tasks
+    (``daskem_tasks``: short passes over persisted data otherwise go straight
+    to the workers, ``engine.ACTOR_PASS_SECONDS``). Cases: (a) N=1e6 D=16 K=8
+    full, (b) diag, (c) N=2e5 D=64 K=16 full, (e) N=2e5 D=256 K=64 diag and
+    full (full on the first 20,000 rows by default, ``--e-full-rows``), (f)
+    N=1e6 D=32 K=256 diag; (d) out
     of core (a store larger than the workers' memory limits), daskem only.
     The wide cases start near the generating centres (:func:`wide_init`).
     Plus daskem's achieved GFLOP/s, the BLAS limit of full's E-step shape and
@@ -379,17 +382,19 @@ def em_iterations(
     if tasks:
         engine.ACTOR_PASS_SECONDS = 0.0
     # the client's M-steps with one BLAS thread, as in ``fit``
-    with warnings.catch_warnings(), stream as ts, pin, _blas.single_threaded_blas():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        _fitloop.iterate(
-            _fitloop.Passes(Xd, model),
-            model,
-            runs,
-            tol=-1.0,
-            max_iter=iters + 1,
-            callback=lambda info: secs.append(info.seconds),
-        )
-    engine.ACTOR_PASS_SECONDS = actor_seconds
+    try:
+        with warnings.catch_warnings(), stream as ts, pin, _blas.single_threaded_blas():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            _fitloop.iterate(
+                _fitloop.Passes(Xd, model),
+                model,
+                runs,
+                tol=-1.0,
+                max_iter=iters + 1,
+                callback=lambda info: secs.append(info.seconds),
+            )
+    finally:
+        engine.ACTOR_PASS_SECONDS = actor_seconds
     # history[-1] is the log-likelihood of the parameters after iters M-steps
     out = {"all_s": secs[1:], "first_s": secs[0], "loglik": runs[0].history[-1], "loglik_m_steps": iters}
     if ts is not None:
