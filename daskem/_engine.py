@@ -292,27 +292,26 @@ def _unit_cuts(cuts: np.ndarray, store_rows: int | None, row_bytes: int) -> np.n
 #: name): fixed for a fit, so that the sums' order does not follow the workers
 #: that come and go
 _stream_plans: dict[str, list] = {}
+#: entries kept in each of the engine's tables by array name (the oldest go first)
 _STREAM_PLANS_KEPT = 64
+
+
+def _remember(table: dict, name: str, value: Any) -> None:
+    """``table[name] = value`` as the newest entry, the oldest dropped beyond :data:`_STREAM_PLANS_KEPT`."""
+    table.pop(name, None)
+    table[name] = value
+    while len(table) > _STREAM_PLANS_KEPT:
+        table.pop(next(iter(table)))
 
 
 def _plan_stream(X: da.Array) -> None:
     if _row_source(X) is None:
         return
-    _stream_plans.pop(X.name, None)
-    _stream_plans[X.name] = stream_groups(X.chunks[0])
-    while len(_stream_plans) > _STREAM_PLANS_KEPT:
-        _stream_plans.pop(next(iter(_stream_plans)))
+    _remember(_stream_plans, X.name, stream_groups(X.chunks[0]))
 
 
 #: the chunk cuts inside the blocks of persisted arrays (by array name; global rows)
 _block_cuts: dict[str, list] = {}
-
-
-def _remember_cuts(name: str, cuts: list) -> None:
-    _block_cuts.pop(name, None)
-    _block_cuts[name] = cuts
-    while len(_block_cuts) > _STREAM_PLANS_KEPT:
-        _block_cuts.pop(next(iter(_block_cuts)))
 
 
 def _cuts_pass(x: np.ndarray, cuts: np.ndarray, task: _PassTask) -> np.ndarray:
@@ -487,13 +486,6 @@ _placement: dict[str, dict[str, list[int]]] = {}
 #: the actors of each client (by worker address), and the client's failed calls
 _actors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _actor_failures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _remember(table: dict, name: str, value: Any) -> None:
-    table.pop(name, None)
-    table[name] = value
-    while len(table) > _STREAM_PLANS_KEPT:
-        table.pop(next(iter(table)))
 
 
 class PassActor:
@@ -1280,7 +1272,7 @@ def _persist(X: da.Array, order: str = "C", narrow: Any = None) -> da.Array:
         # crossed the wire is a view of the received bytes; one copy, once
         X = X.map_blocks(fresh_copy, dtype=X.dtype)
     if cuts is not None:
-        _remember_cuts(X.name, cuts)
+        _remember(_block_cuts, X.name, cuts)
     if client is None or len(set(slots)) <= 1:
         return X.persist()
     blocks = X.to_delayed(optimize_graph=True)  # (row chunks, column chunks)

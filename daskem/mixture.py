@@ -207,10 +207,10 @@ class GaussianMixture(BaseMixture):
         Column names, when fitted on a pandas DataFrame.
     runs_ : list of dict
         Every restart's ``tag``, ``history``, ``n_iter``, ``converged``,
-        ``lower_bound``, ``n_reseeds`` and ``dominated`` (stopped, with
-        ``accelerate``, far below another restart: see
-        :func:`daskem._fitloop.update_dominated`) (with ``accelerate``, also
-        ``accelerate``, ``n_extrapolations`` and ``n_rejected``).
+        ``lower_bound``, ``n_reseeds`` and ``dominated`` (stopped far below
+        another restart, see :func:`daskem._fitloop.update_dominated`); with
+        ``accelerate``, also ``accelerate``, ``n_extrapolations`` and
+        ``n_rejected``.
 
     Fitted attributes are float32 for float32 input (statistics are
     accumulated in float64 whatever the input).
