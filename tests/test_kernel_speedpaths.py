@@ -265,6 +265,20 @@ def test_outer_product_kernel_equals_reference(ctype: str, hard: bool, d: int) -
         _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
 
 
+@pytest.mark.parametrize("d", [1, 2, 5, 16, 48])
+def test_outer_product_features_hold_every_pair_once_offset_by_offset(d: int) -> None:
+    """The features are the D (D+1) / 2 products ``z_i z_j`` (i <= j), each once, laid
+    out by offset ``s = j - i``: offset s is the contiguous range ``z[:D-s] * z[s:]``."""
+    pi, pj = g._feature_layout(d)
+    assert len(pi) == d * (d + 1) // 2
+    assert sorted(zip(pi.tolist(), pj.tolist())) == [(i, j) for i in range(d) for j in range(i, d)]
+    off = 0
+    for s in range(d):
+        np.testing.assert_array_equal(pi[off : off + d - s], np.arange(d - s))
+        np.testing.assert_array_equal(pj[off : off + d - s] - pi[off : off + d - s], s)
+        off += d - s
+
+
 def test_outer_product_kernel_steps_aside_where_it_would_lose_digits() -> None:
     """A narrow component far from the mixture mean: the expanded quadratic form would
     cancel, so the exact kernel is used (and the statistics still equal the reference)."""
