@@ -448,14 +448,35 @@ def _scatter_wide(z: np.ndarray, q: np.ndarray, plan: _Plan, acc: dict, work: _W
 #: the products they save). Laying the features out by offset (contiguous
 #: products instead of broadcast ones, 136 features at D=16 instead of 160)
 #: made the kernel 15-18% faster at D=16, K=8 (single-threaded, 250,000 rows,
-#: 0.31 -> 0.26 us a row) and 11-15% at D=32 and 48, K=8; K=4 and D=64 still
-#: favour the exact kernels.
+#: 0.31 -> 0.26 us a row) and 11-15% at D=32 and 48, K=8.
 _FEATURES_MIN_K = 8
 _FEATURES_MAX_D = 48
 
-#: Rows per sub-block of the outer-product kernel: the (F, rows) features
-#: (F ~ D^2 / 2) stay in a 1 MiB L2 cache.
+#: Wider full fits take the outer-product kernel too while ``K >= D / 4``
+#: and ``D <= _FEATURES_WIDE_MAX_D``; below that ratio the wide kernel's
+#: per-component ``trmm``/``syrk`` is faster. Measured single-threaded,
+#: 12,000 rows, best of 3, us a row, wide -> features: D=48 K=16 3.93 -> 3.00,
+#: K=32 7.61 -> 4.65; D=64 K=8 3.12 -> 3.74 (kept wide), K=16 6.06 -> 5.33,
+#: K=32 11.67 -> 8.23, K=64 23.6 -> 15.6; D=80 K=16 8.10 -> 7.98, K=32
+#: 15.9 -> 13.2; D=96 K=16 11.5 -> 12.9 (kept wide), K=32 20.7 -> 19.8,
+#: K=64 41.9 -> 36.7. Tied fits gained nothing there and keep the old rule.
+_FEATURES_WIDE_MAX_D = 96
+
+#: Rows per sub-block of the outer-product kernel: at most 512, fewer as the
+#: (F, rows) features grow (F ~ D^2 / 2), keeping them within
+#: :data:`_FEATURES_BYTES` (256 rows at D=64, 128 at D=80 and 96 measured
+#: best; 512 up to D=48).
 _FEATURES_ROWS = 512
+_FEATURES_BYTES = 5_300_000
+
+
+def _features_rows(f_len: int) -> int:
+    """Rows per sub-block: a power of two in [128, :data:`_FEATURES_ROWS`]."""
+    rows = _FEATURES_ROWS
+    while rows > 128 and rows * f_len * 8 > _FEATURES_BYTES:
+        rows //= 2
+    return rows
+
 
 #: The expanded quadratic form ``z'Pz - 2 m'Pz + m'Pm`` (``z = x - c``,
 #: ``m = mu - c``) loses ``eps * m'Pm`` to cancellation for rows near ``mu``;
@@ -498,7 +519,7 @@ def _make_features(params: GaussianParams, m: np.ndarray, const: np.ndarray, dty
         params.layout not in ("full", "tied")
         or dtype != np.float64
         or k < _FEATURES_MIN_K
-        or not 1 <= d <= _FEATURES_MAX_D
+        or not (1 <= d <= _FEATURES_MAX_D or (params.layout == "full" and d <= _FEATURES_WIDE_MAX_D and 4 * k >= d))
     ):
         return None
     pc = params.precisions_cholesky
@@ -520,7 +541,7 @@ def _make_features(params: GaussianParams, m: np.ndarray, const: np.ndarray, dty
 def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work: _Workspace) -> None:
     """:func:`_accumulate_block` through the outer-product features (full, tied; float64).
 
-    Per sub-block of :data:`_FEATURES_ROWS` rows: the features ``[z_i z_j, z, 1]``
+    Per sub-block of :func:`_features_rows` rows: the features ``[z_i z_j, z, 1]``
     (F, n), ``log pi_k N(x | k) = weight @ features`` (one GEMM), the
     responsibilities, and ``features @ q.T`` (F, K) (one GEMM): every
     component's ``sum q z_i z_j``, ``sum q z`` and ``N_k`` at once, accumulated
@@ -529,8 +550,9 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
     ft = plan.features
     d, k = plan.d, plan.k
     f_len = ft.n_pairs + d + 1
-    for start in range(0, X.shape[0], _FEATURES_ROWS):
-        xb = X[start : start + _FEATURES_ROWS]
+    rows = _features_rows(f_len)
+    for start in range(0, X.shape[0], rows):
+        xb = X[start : start + rows]
         n = xb.shape[0]
         f = work.get("f", (f_len, n))
         z = f[ft.n_pairs : ft.n_pairs + d]

@@ -265,6 +265,27 @@ def test_outer_product_kernel_equals_reference(ctype: str, hard: bool, d: int) -
         _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
 
 
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_wide_full_fits_with_many_components_take_the_outer_product_kernel(hard: bool) -> None:
+    """Full fits beyond D=48 take the outer-product kernel while K >= D / 4 (in sub-blocks
+    of fewer rows), the wide kernel below; both equal the textbook statistics."""
+    X = _data(n=1500, d=64, k=16, offset=50.0)
+    mask = np.random.default_rng(3).random(len(X)) > 0.2
+    for k, features in ((16, True), (15, False)):
+        p = _params(X, "full", k=k)
+        plan = g._make_plan(p, np.dtype(np.float64), features=True)
+        assert (plan.features is not None) is features
+        assert plan.wide is not None  # built for D >= _WIDE_MIN_D either way (held-out rows use it)
+        ref = _ref_stats(X, p, hard, mask)
+        for block_rows in (300, 2048):
+            (st,) = g.chunk_statistics(X, [p], hard=hard, train_mask=mask, block_rows=block_rows)
+            _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+    tied = _params(X, "tied", k=16)
+    assert g._make_plan(tied, np.dtype(np.float64), features=True).features is None
+    assert g._features_rows(64 * 65 // 2 + 65) == 256
+    assert g._features_rows(16 * 17 // 2 + 17) == 512
+
+
 @pytest.mark.parametrize("d", [1, 2, 5, 16, 48])
 def test_outer_product_features_hold_every_pair_once_offset_by_offset(d: int) -> None:
     """The features are the D (D+1) / 2 products ``z_i z_j`` (i <= j), each once, laid
