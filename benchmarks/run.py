@@ -325,10 +325,13 @@ def kernel_flops_per_row(ctype: str, d: int, k: int) -> float:
 
     full: E-step ``[z,1] @ W`` (2 K D (D+1)), squares and sums (2 K D), the
     ``q``-weighted rows (K D), the scatter ``sum q z z^T`` (2 K D^2) and first
-    moments (2 K D); from ``D >= _gaussian._WIDE_MIN_D`` the kernel that runs
-    is the wide one, with half the products: per component the triangular
+    moments (2 K D); from ``D >= _gaussian._WIDE_MIN_D`` the count is the wide
+    kernel's, with half the products: per component the triangular
     ``(x - mu_k) U_k`` (D^2), the shift, squares and sums (3 D), ``sqrt(q) z``
-    (D) and the one-triangle scatter (D (D+1)), first moments (2 D).
+    (D) and the one-triangle scatter (D (D+1)), first moments (2 D). (Where
+    such a fit takes the outer-product kernel instead, ``K >= D / 4``, its two
+    products over the ``D (D+3) / 2 + 1`` features come to the same count
+    within 1%.)
     diag/spherical: E-step ``[z*z, z, 1] @ W`` (2 K (2D+1)), the design (2 D)
     and both moments in one product (2 K 2D).
     """
