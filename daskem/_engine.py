@@ -437,7 +437,8 @@ def reduce_statistics(
     t0 = time.perf_counter()
     parts = pass_parts(X, model, params_list, split=split)
     if client is not None and parts.shape[0] * parts.shape[1] * 8 <= GATHER_BYTES:
-        futures = client.compute(list(parts.to_delayed().ravel()))
+        with _parameters_in_the_graph():
+            futures = client.compute(list(parts.to_delayed().ravel()))
         if progress:
             _progress(client, futures)
         vec = np.zeros(parts.shape[1])
@@ -446,8 +447,25 @@ def reduce_statistics(
         _remember(_pass_seconds, X.name, time.perf_counter() - t0)
     else:
         graph = parts.sum(axis=0, split_every=split_every)
-        vec = _compute(graph, progress) if progress else dask.compute(graph)[0]
+        with _parameters_in_the_graph():
+            vec = _compute(graph, progress) if progress else dask.compute(graph)[0]
     return _unpack(vec, model, params_list)
+
+
+@contextlib.contextmanager
+def _parameters_in_the_graph() -> Iterator[None]:
+    """Submit a pass's graph without distributed's "Sending large graph" warning.
+
+    Large parameters (a full model at D=256, K=64 is 67 MB) are one key of the
+    pass's graph, which every chunk task depends on (:func:`pass_parts`): the
+    way that warning recommends ("delayed objects to embed the data into the
+    graph without repetition"), yet it fires on the graph's size alone, at
+    every pass of such a fit. A scattered future would keep the parameters
+    out of the graph, but could not be recomputed if the worker holding it
+    were lost; a key of the graph can.
+    """
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1 PiB"}):
+        yield
 
 
 # --------------------------------------------------------------------------

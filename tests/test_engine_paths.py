@@ -498,6 +498,24 @@ def test_identical_passes_in_a_row_do_not_race_on_their_keys(cluster, caplog) ->
     assert not [r for r in caplog.records if "gather" in r.getMessage()], [r.getMessage() for r in caplog.records]
 
 
+def test_a_pass_with_large_parameters_does_not_warn_of_a_large_graph(cluster) -> None:
+    """Parameters of 12 MB (D=128, K=48, full) are one key of the pass's graph: distributed's
+    "Sending large graph" warning (10 MB) is not shown at every pass of such a fit, and the
+    statistics are those of the same pass in process."""
+    X = make_blobs(n=3000, d=128, k=3, seed=34)
+    k = 48
+    p = g.GaussianParams.from_covariances(np.full(k, 1 / k), X[:k].copy(), np.stack([np.eye(128)] * k), "full")
+    assert p.covariances.nbytes + p.precisions_cholesky.nbytes > 10 * 2**20
+    model = GaussianModel()
+    expected = engine.reduce_statistics(engine.local_array(X), model, [p])[0].pack()
+    with Client(cluster), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Xd, _ = engine.prepare_data(_dask_graph(X, 1000), False)
+        got = engine.reduce_statistics(Xd, model, [p])[0].pack()
+    assert not [w for w in caught if "large graph" in str(w.message)], [str(w.message) for w in caught]
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-9 * np.abs(expected).max())
+
+
 def test_short_persisted_passes_go_to_the_workers_actors_with_the_tasks_bits(cluster, monkeypatch) -> None:
     """Data persisted on the cluster: the first pass is tasks (and timed); the next ones, being
     short, are one actor call per worker, and give the tasks' vector to the bit. With
