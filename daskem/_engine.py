@@ -462,7 +462,8 @@ def _parameters_in_the_graph() -> Iterator[None]:
     graph without repetition"), yet it fires on the graph's size alone, at
     every pass of such a fit. A scattered future would keep the parameters
     out of the graph, but could not be recomputed if the worker holding it
-    were lost; a key of the graph can.
+    were lost; a key of the graph can. (``dask.config.set`` is process-wide:
+    a graph another thread submits meanwhile is not warned of either.)
     """
     with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1 PiB"}):
         yield
