@@ -454,7 +454,8 @@ def reduce_statistics(
 
 @contextlib.contextmanager
 def _parameters_in_the_graph() -> Iterator[None]:
-    """Submit a pass's graph without distributed's "Sending large graph" warning.
+    """Submit a pass's graph without distributed's "Sending large graph" warning
+    (every submission of :func:`pass_parts`' graph goes through it).
 
     Large parameters (a full model at D=256, K=64 is 67 MB) are one key of the
     pass's graph, which every chunk task depends on (:func:`pass_parts`): the
@@ -602,7 +603,9 @@ def _actor_pass(client: Any, X: da.Array, task: _PassTask, size: int) -> np.ndar
         # blocks not where they were (moved, spilled, recomputed elsewhere): as tasks
         _placement.pop(X.name, None)
         delayed = pass_parts(X, task.model, task.params_list, split=task.split).to_delayed().ravel()
-        for i, block in zip(missing, client.gather(client.compute([delayed[i] for i in missing]))):
+        with _parameters_in_the_graph():
+            futures = client.compute([delayed[i] for i in missing])
+        for i, block in zip(missing, client.gather(futures)):
             parts[i] = block[0]
     _actor_failures[client] = 0
     _count(actor_passes)
