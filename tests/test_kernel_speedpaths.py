@@ -442,3 +442,42 @@ def test_lapack_factors_refuse_what_scipy_refused() -> None:
     for bad in (np.array([[[1.0, 2.0], [2.0, 1.0]]]), np.array([[[np.nan, 0.0], [0.0, 1.0]]])):
         with pytest.raises(ValueError, match="ill-defined empirical covariance"):
             g.precision_cholesky_from_covariances(bad, "full")
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_wide_scatter_takes_only_the_rows_that_weigh_on_each_component(hard: bool) -> None:
+    """Well-separated components at D=70: each component's scatter gathers its own rows only
+    (about n/K of them, not n), and the statistics still equal the textbook ones, component by
+    component, including a component whose largest responsibility in the data is ~1e-100 (kept:
+    what is dropped is relative to each component's largest weight in the block)."""
+    rng = np.random.default_rng(11)
+    k, d, n = 10, 70, 3000
+    centres = rng.normal(scale=3.0, size=(k, d))
+    X = centres[rng.integers(k, size=n)] + rng.normal(size=(n, d))
+    # one more component near the first centre, far enough that it weighs ~1e-100 on its rows
+    far = centres[:1] + 25.0 * np.eye(d)[:1]
+    means = np.vstack([centres, far])
+    p = g.GaussianParams.from_covariances(np.full(k + 1, 1 / (k + 1)), means, np.tile(np.eye(d), (k + 1, 1, 1)), "full")
+    plan = g._make_plan(p, np.dtype(np.float64), features=True)
+    assert plan.wide is not None and plan.features is None
+    mask = rng.random(n) > 0.1
+    ref = _ref_stats(X, p, hard, mask)
+    lp = _ref_log_prob(X[mask], p)
+    qfar = np.exp(lp[:, k] - logsumexp(lp, axis=1)).max()
+    assert 1e-200 < qfar < 1e-50, qfar
+    for block_rows in (257, 4096):
+        (st,) = g.chunk_statistics(X, [p], hard=hard, train_mask=mask, block_rows=block_rows)
+        np.testing.assert_allclose(st.loglik, ref["loglik"], rtol=1e-10)
+        for j in range(k + 1 if not hard else k):
+            sj = np.abs(ref["s2"][j]).max()
+            np.testing.assert_allclose(st.nk[j], ref["nk"][j], rtol=1e-10)
+            np.testing.assert_allclose(st.s2[j], ref["s2"][j], rtol=1e-9, atol=1e-9 * sj, err_msg=str(j))
+    # the scatter itself: each component's rows gathered, about n/K of the block, not the block
+    w0 = g._Workspace(np.dtype(np.float64))
+    a = g._design(X, plan, w0)
+    q = g._responsibilities(g._log_prob_block(a, plan, w0), hard)[0]
+    work = g._Workspace(np.dtype(np.float64))
+    acc = {"c2": np.zeros(((k + 1) * d, d))}
+    g._scatter_wide(a[:d], q, plan, acc, work)
+    assert "yk" not in work._bufs  # never the whole block weighted in place
+    assert work._bufs["zg"].size <= d * 2 * n / k
