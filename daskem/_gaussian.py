@@ -415,6 +415,88 @@ def _log_prob_wide(a: np.ndarray, plan: _Plan, work: _Workspace) -> np.ndarray:
     return out
 
 
+#: The statistics pass of a wide full fit first bounds every component's
+#: log-density from the leading ``_BOUND_FRACTION * D`` coordinates of
+#: ``(x - mu_k) U_k`` (``U_k`` is upper triangular: those coordinates need
+#: only the leading block of ``U_k``, a quarter of the flops at one half),
+#: whose squares are part of the full sum: ``log pi_k + log N(x | k)`` is at
+#: most ``const_k - |y_lead|^2 / 2``. A row's most probable component by that
+#: bound is computed in full; any component whose bound is more than the
+#: ``exp`` floor (:func:`_exp_floor`, 700) below it is one whose term
+#: :func:`_responsibilities` would floor anyway, and is not computed. Only
+#: the components that can weigh on a row are: with well-separated
+#: components (D in the hundreds) about one a row, and the E-step costs about
+#: a quarter of the full one. Blocks where at least half of the pairs must be
+#: computed in full (overlapping components) make the rest of the chunk take
+#: the plain loop.
+_BOUND_FRACTION = 0.5
+_BOUND_MIN_K = 4
+_BOUND_KEEP_MAX = 0.5
+
+
+def _wide_rows_log_prob(z: np.ndarray, k: int, idx: np.ndarray, plan: _Plan, work: _Workspace) -> np.ndarray:
+    """``log pi_k + log N(x | k)`` of the rows ``idx`` of ``z`` (D, n), in full (the plain loop's products)."""
+    wd = plan.wide
+    y = work.get("yg", (plan.d, idx.size))
+    np.take(z, idx, axis=1, out=y)
+    y -= wd.m[k][:, None]
+    r = wd.trmm(1.0, wd.ut[k].T, y.T, side=1, lower=0, overwrite_b=1)
+    if not np.shares_memory(r, y):  # pragma: no cover - BLAS copied its operand
+        y[...] = r.T
+    lp = np.einsum("dn,dn->n", y, y)
+    lp *= -0.5
+    lp += plan.const_c[k]
+    return lp
+
+
+def _log_prob_wide_bounded(a: np.ndarray, plan: _Plan, work: _Workspace) -> np.ndarray | None:
+    """:func:`_log_prob_wide` for the statistics, with the terms that the ``exp`` floor
+    would take set to ``-inf`` without computing them (see :data:`_BOUND_FRACTION`).
+
+    Returns None (and marks the workspace) when the block had to compute at
+    least :data:`_BOUND_KEEP_MAX` of its pairs in full; the caller then takes
+    the plain loop.
+    """
+    wd = plan.wide
+    d, n, kk = plan.d, a.shape[1], plan.k
+    z = a[:d]
+    j = max(1, int(d * _BOUND_FRACTION))
+    eps = float(np.finfo(plan.dtype).eps)
+    ub = work.get("ub", (kk, n))
+    yp = work.get("yk", (d, n))[:j]  # (j, n) C-ordered: yp.T is Fortran-ordered
+    for k in range(kk):
+        np.subtract(z[:j], wd.m[k][:j, None], out=yp)
+        lead = np.asfortranarray(wd.ut[k].T[:j, :j])
+        r = wd.trmm(1.0, lead, yp.T, side=1, lower=0, overwrite_b=1)
+        if not np.shares_memory(r, yp):  # pragma: no cover - BLAS copied its operand
+            yp[...] = r.T
+        np.einsum("dn,dn->n", yp, yp, out=ub[k])
+    # round-off of the bounds and of the full values: a margin of 1 nat plus
+    # many ulps of the largest magnitude involved
+    slack = 1.0 + 16.0 * d * eps * (ub.max(axis=0) + np.abs(plan.const_c).max())
+    ub *= -0.5
+    ub += plan.const_c[:, None]
+    cand = ub.argmax(axis=0)
+    cols = np.arange(n)
+    best = np.empty(n, dtype=plan.dtype)
+    for k in np.unique(cand):
+        idx = np.flatnonzero(cand == k)
+        best[idx] = _wide_rows_log_prob(z, int(k), idx, plan, work)
+    keep = ub >= (best + (_exp_floor(plan.dtype) - slack))[None, :]
+    keep[cand, cols] = False
+    if keep.sum() >= _BOUND_KEEP_MAX * kk * n:
+        work.flag(f"unbounded-{id(plan)}")
+        return None
+    out = work.get("lp", (kk, n))
+    out[...] = -np.inf
+    out[cand, cols] = best
+    for k in range(kk):
+        idx = np.flatnonzero(keep[k])
+        if idx.size:
+            out[k, idx] = _wide_rows_log_prob(z, k, idx, plan, work)
+    return out
+
+
 #: A row whose responsibility for a component is below this fraction of
 #: the block's largest one for that component is left out of that
 #: component's scatter. What is left out is at most ``block_rows * 1e-24``
@@ -687,6 +769,10 @@ class _Workspace:
             buf = self._bufs[name] = np.empty(size, dtype=self.dtype)
         return buf[:size].reshape(shape)
 
+    def marked(self, name: str) -> bool:
+        """Whether ``name`` has been asked for by :meth:`flag` (without asking)."""
+        return name in self._flags
+
     def flag(self, name: str) -> bool:
         """False the first time ``name`` is asked for, True after."""
         seen = name in self._flags
@@ -957,7 +1043,12 @@ def _accumulate_block(
         _accumulate_features(X, plan, hard, acc, work)
         return
     a = _design(X, plan, work)
-    q, ll, lm = _responsibilities(_log_prob_block(a, plan, work), hard)  # (K, n)
+    lp = None
+    if plan.wide is not None and _EXP_FLOOR and plan.k >= _BOUND_MIN_K and not work.marked(f"unbounded-{id(plan)}"):
+        lp = _log_prob_wide_bounded(a, plan, work)
+    if lp is None:
+        lp = _log_prob_block(a, plan, work)
+    q, ll, lm = _responsibilities(lp, hard)  # (K, n)
     acc["loglik"] += ll
     acc["log_map"] += lm
     acc["nk"] += q.sum(axis=1, dtype=np.float64)

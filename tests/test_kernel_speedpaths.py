@@ -481,3 +481,82 @@ def test_wide_scatter_takes_only_the_rows_that_weigh_on_each_component(hard: boo
     g._scatter_wide(a[:d], q, plan, acc, work)
     assert "yk" not in work._bufs  # never the whole block weighted in place
     assert work._bufs["zg"].size <= d * 2 * n / k
+
+
+def _separated(k: int, d: int, n: int, scale: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=scale, size=(k, d))
+    return centres[rng.integers(k, size=n)] + rng.normal(size=(n, d)) * rng.uniform(0.5, 1.5, size=d), centres
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("scale", [0.3, 5.0])
+def test_wide_bounded_log_prob_leaves_out_only_what_the_floor_takes(dtype: str, scale: float) -> None:
+    """The bounded E-step of wide full fits computes a term in full unless its bound says the
+    ``exp`` floor takes it: every term it leaves out (-inf) is in truth more than the floor below
+    its row's largest, every term it computes equals the plain loop's, and so the responsibilities
+    and the log-likelihood are the plain loop's. Separated components (scale 5) leave out most
+    terms; overlapping ones (0.3) none, and the block says so (None: the plain loop)."""
+    k, d, n = 12, 72, 1500
+    X, centres = _separated(k, d, n, scale, seed=int(10 * scale))
+    rng = np.random.default_rng(2)
+    cov = []
+    for _ in range(k):
+        a = rng.normal(size=(d, d)) / np.sqrt(d)
+        cov.append(a @ a.T + np.eye(d) * 0.3)
+    p = g.GaussianParams.from_covariances(np.full(k, 1 / k), centres, np.array(cov), "full")
+    plan = g._make_plan(p, np.dtype(dtype))
+    assert plan.wide is not None
+    a = g._design(X, plan, g._Workspace(np.dtype(dtype)))
+    plain = g._log_prob_wide(a, plan, g._Workspace(np.dtype(dtype))).astype(np.float64)
+    work = g._Workspace(np.dtype(dtype))
+    got = g._log_prob_wide_bounded(a, plan, work)
+    floor = -g._exp_floor(np.dtype(dtype))
+    if scale < 1.0:
+        assert got is None and work.marked(f"unbounded-{id(plan)}")
+        return
+    got = got.astype(np.float64)
+    out = np.isneginf(got)
+    assert out.mean() > 0.6
+    rtol = 1e-12 if dtype == "float64" else 1e-5
+    np.testing.assert_allclose(got[~out], plain[~out], rtol=rtol, atol=rtol * np.abs(plain).max())
+    assert (plain[out] < (plain.max(axis=0) - floor)[None, :].repeat(k, 0)[out]).all()
+    q_got, ll_got, lm_got = g._responsibilities(got.astype(dtype), False)
+    q_plain, ll_plain, lm_plain = g._responsibilities(plain.astype(dtype), False)
+    np.testing.assert_allclose(ll_got, ll_plain, rtol=1e-12 if dtype == "float64" else 1e-6)
+    np.testing.assert_array_equal(q_got == q_got.max(axis=0), q_plain == q_plain.max(axis=0))
+    np.testing.assert_allclose(q_got, q_plain, rtol=rtol, atol=1e-300 if dtype == "float64" else 1e-30)
+
+
+def test_wide_bounded_statistics_near_the_floor_equal_the_reference() -> None:
+    """Components placed so that some terms sit within a few nats of the floor on either side,
+    and one whose separation shows only in the trailing coordinates (the bound from the leading
+    ones cannot leave it out): the statistics equal the textbook ones, component by component."""
+    rng = np.random.default_rng(5)
+    k, d, n = 10, 64, 2000
+    centres = np.zeros((k, d))
+    centres[:, 0] = np.arange(k) * 37.0  # neighbours ~685 nats apart on their rows, next ones far
+    centres[9] = centres[0]
+    centres[9, -1] = 40.0  # apart from component 0 in the last coordinate only
+    X = centres[rng.integers(k, size=n)] + rng.normal(size=(n, d))
+    # trailing coordinates at most rows' centres: there the bound is the term itself (tight)
+    X[: n // 2, d // 2 :] = 0.0
+    p = g.GaussianParams.from_covariances(np.full(k, 1 / k), centres, np.tile(np.eye(d), (k, 1, 1)), "full")
+    lp = _ref_log_prob(X, p)
+    gap = lp.max(axis=1, keepdims=True) - lp
+    assert ((gap > 690) & (gap < 700)).any() and ((gap > 700) & (gap < 710)).any()
+    plan = g._make_plan(p, np.dtype(np.float64))
+    left_out = g._log_prob_wide_bounded(g._design(X, plan), plan, g._Workspace(np.dtype(np.float64)))
+    assert left_out is not None and np.isneginf(left_out).mean() > 0.3  # the bounded path, not the plain one
+    # what it leaves out is what the floor takes; the terms 690-700 nats down are computed
+    out = np.isneginf(left_out.T)
+    assert (gap[out] > 700).all() and not out[(gap > 690) & (gap < 700)].any()
+    mask = np.ones(n, dtype=bool)
+    for hard in (False, True):
+        ref = _ref_stats(X, p, hard, mask)
+        (st,) = g.chunk_statistics(X, [p], hard=hard)
+        np.testing.assert_allclose(st.loglik, ref["loglik"], rtol=1e-12)
+        for j in range(k):
+            np.testing.assert_allclose(st.nk[j], ref["nk"][j], rtol=1e-10, atol=1e-250)
+            sj = np.abs(ref["s2"][j]).max()
+            np.testing.assert_allclose(st.s2[j], ref["s2"][j], rtol=1e-9, atol=1e-9 * sj + 1e-250)
