@@ -75,7 +75,11 @@ class GaussianMixture(BaseMixture):
         so every point is a valid model; step lengths measured in units of
         the data's spread, so the fit does not depend on the columns'
         units), kept only when its log-likelihood is not below the plain EM
-        point's, so the accepted log-likelihood never decreases. It needs a
+        point's, so the accepted log-likelihood never decreases (with
+        ``reg_covar`` an EM step from an extrapolated point can still go down
+        a little: such a step is not recorded, the first one restarts the
+        cycle there and after a second the run goes on as plain EM, under
+        plain EM's rule). It needs a
         fraction of plain EM's passes to the same optimum on slowly
         converging data, and stops on the estimated remaining gain (see
         ``tol``). Restarts share every pass, checkpoints hold the whole
