@@ -428,10 +428,15 @@ def _log_prob_wide(a: np.ndarray, plan: _Plan, work: _Workspace) -> np.ndarray:
 #: components (D in the hundreds) about one a row, and the E-step costs about
 #: a quarter of the full one. Blocks where at least half of the pairs must be
 #: computed in full (overlapping components) make the rest of the chunk take
-#: the plain loop.
+#: the plain loop (tried first on :data:`_BOUND_PROBE_ROWS` rows).
 _BOUND_FRACTION = 0.5
 _BOUND_MIN_K = 4
 _BOUND_KEEP_MAX = 0.5
+
+#: Whether a chunk takes the bounded E-step is tried first on this many rows
+#: of its first block: where it keeps too many pairs (overlapping
+#: components) the chunk pays for this probe only, not for a whole block.
+_BOUND_PROBE_ROWS = 256
 
 
 def _wide_rows_log_prob(z: np.ndarray, k: int, idx: np.ndarray, plan: _Plan, work: _Workspace) -> np.ndarray:
@@ -1045,7 +1050,12 @@ def _accumulate_block(
     a = _design(X, plan, work)
     lp = None
     if plan.wide is not None and _EXP_FLOOR and plan.k >= _BOUND_MIN_K and not work.marked(f"unbounded-{id(plan)}"):
-        lp = _log_prob_wide_bounded(a, plan, work)
+        if not work.marked(f"bounded-{id(plan)}") and a.shape[1] > 2 * _BOUND_PROBE_ROWS:
+            # the chunk's first block: a probe decides (it marks the plan unbounded when it keeps too much)
+            if _log_prob_wide_bounded(a[:, :_BOUND_PROBE_ROWS], plan, work) is not None:
+                work.flag(f"bounded-{id(plan)}")
+        if not work.marked(f"unbounded-{id(plan)}"):
+            lp = _log_prob_wide_bounded(a, plan, work)
     if lp is None:
         lp = _log_prob_block(a, plan, work)
     q, ll, lm = _responsibilities(lp, hard)  # (K, n)
