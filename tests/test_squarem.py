@@ -160,8 +160,13 @@ def toy_machine(rate: float, method="squarem", reject_extrapolated=False, tol=1e
         calls[0] += 1
         return target + rate * (p - target), bool(perturb and perturb(calls[0], stats[1]))
 
-    m = EMAccelerator(
-        np.zeros(3),
+    return vector_machine(np.zeros(3), mstep, objective, method, tol, max_iter), target
+
+
+def vector_machine(x0, mstep, objective, method, tol, max_iter) -> EMAccelerator:
+    """A machine whose parameters are a plain vector (its own extrapolation coordinates)."""
+    return EMAccelerator(
+        x0,
         m_step=mstep,
         objective=objective,
         to_vector=lambda p: p,
@@ -170,7 +175,6 @@ def toy_machine(rate: float, method="squarem", reject_extrapolated=False, tol=1e
         tol=tol,
         max_iter=max_iter,
     )
-    return m, target
 
 
 def run_toy(m):
@@ -692,16 +696,7 @@ def _biased_machine(tol: float, method: str | None = "squarem") -> EMAccelerator
     def mstep(p, x):
         return np.array([1.001 + 0.3 * (x[0] - 1.001), 1.0 + 0.995 * (x[1] - 1.0)]), False
 
-    return EMAccelerator(
-        np.zeros(2),
-        m_step=mstep,
-        objective=objective,
-        to_vector=lambda p: p,
-        from_vector=lambda v, like: v.copy(),
-        method=method,
-        tol=tol,
-        max_iter=3000,
-    )
+    return vector_machine(np.zeros(2), mstep, objective, method, tol, 3000)
 
 
 def test_em_decreasing_after_an_extrapolation_restarts_squarem_then_goes_on_as_plain_em():
