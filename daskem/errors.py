@@ -13,19 +13,21 @@ library already catches:
 * :class:`ConvergenceWarning` -- scikit-learn's, for a fit that reached
   ``max_iter``.
 
-This module imports nothing else of daskem.
+This module imports nothing else of daskem. The two scikit-learn subclasses are
+made on first use (module ``__getattr__``): importing scikit-learn takes 1-2 s,
+and a Dask worker running daskem's passes, or ``daskem generate``, never needs
+them.
 """
 
 from __future__ import annotations
 
-from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
-from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
+import threading
 
 __all__ = [
-    "ConvergenceWarning",
+    "ConvergenceWarning",  # noqa: F822 (made on first use, by __getattr__)
     "InputError",
     "InputNotFoundError",
-    "NotFittedError",
+    "NotFittedError",  # noqa: F822 (made on first use, by __getattr__)
     "OutputRefusedError",
 ]
 
@@ -42,9 +44,31 @@ class OutputRefusedError(InputError):
     """An output path that daskem refuses to write over (exit status 2 on the CLI)."""
 
 
-class NotFittedError(_SklearnNotFittedError):
-    """A method that needs a fitted model was called before ``fit``."""
+def _sklearn_subclasses() -> dict[str, type]:
+    # scikit-learn is imported here, on first use of either class, not with the module (1-2 s)
+    from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning  # (slow: see above)
+    from sklearn.exceptions import NotFittedError as _SklearnNotFittedError  # (slow: see above)
+
+    class NotFittedError(_SklearnNotFittedError):
+        """A method that needs a fitted model was called before ``fit``."""
+
+        __qualname__ = "NotFittedError"
+
+    class ConvergenceWarning(_SklearnConvergenceWarning):
+        """The best run did not converge within ``max_iter``."""
+
+        __qualname__ = "ConvergenceWarning"
+
+    return {"NotFittedError": NotFittedError, "ConvergenceWarning": ConvergenceWarning}
 
 
-class ConvergenceWarning(_SklearnConvergenceWarning):
-    """The best run did not converge within ``max_iter``."""
+_MADE = threading.Lock()
+
+
+def __getattr__(name: str) -> type:
+    if name in ("NotFittedError", "ConvergenceWarning"):
+        with _MADE:  # made once: two threads must not get two different classes
+            if name not in globals():
+                globals().update(_sklearn_subclasses())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
