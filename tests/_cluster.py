@@ -196,27 +196,37 @@ class PeakRSS:
     """Sample the resident memory of processes in a thread; keeps the peak of each.
 
     ``pids`` maps a label to a callable that returns the current pids to sum
-    (so a worker's nanny child can be found again after it starts).
+    (so a worker's nanny child can be found again after it starts). ``start``
+    holds each label's memory when the block began (a test process's own
+    memory depends on the tests it ran before).
     """
 
     def __init__(self, pids: dict, interval: float = 0.05):
         self.pids = pids
         self.interval = interval
         self.peak: dict[str, int] = {k: 0 for k in pids}
+        self.start: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> dict[str, int]:
+        out = {}
+        for label, get in self.pids.items():
+            total = 0
+            for pid in get():
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    total += psutil.Process(pid).memory_info().rss
+            out[label] = total
+        return out
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            for label, get in self.pids.items():
-                total = 0
-                for pid in get():
-                    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                        total += psutil.Process(pid).memory_info().rss
+            for label, total in self._sample().items():
                 self.peak[label] = max(self.peak[label], total)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
+        self.start = self._sample()
         self._thread.start()
         return self
 
