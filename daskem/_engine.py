@@ -145,6 +145,11 @@ class _PassTask:
         return self.block(x, start)[None, :]
 
 
+def _pass_task(model: MixtureModel, params_list: Sequence[Params], split: RowSplit | None) -> _PassTask:
+    """A pass's task: what the model's statistics read of each parameter set (:meth:`~MixtureModel.pass_params`)."""
+    return _PassTask(model, tuple(model.pass_params(p) for p in params_list), split)
+
+
 def _apply_pass(x: np.ndarray, task: _PassTask, block_info: dict | None = None) -> np.ndarray:
     return task(x, block_info)
 
@@ -183,13 +188,14 @@ def pass_parts(
     array (an arbitrary graph) is one task per chunk.
     """
     size = sum(model.packed_size(p) for p in params_list)
-    task = _PassTask(model, tuple(params_list), split)
-    states = [model.params_state(p) for p in params_list]
+    task = _pass_task(model, params_list, split)
     # every pass its own keys: a pass with the same parameters as the last one
     # (a rejected extrapolation, a re-scored fit) must not ask the scheduler for
     # keys whose futures the last pass is releasing (it logs "Couldn't gather"
-    # and recomputes)
-    key = "daskem-pass-params-" + dask.base.tokenize(model, split, states, uuid.uuid4().hex)
+    # and recomputes); the parameters are not hashed into it (67 MB for a full
+    # model of D=256, K=64)
+    key = "daskem-pass-params-" + uuid.uuid4().hex
+    states = [model.params_state(p) for p in task.params_list]
     nbytes = sum(np.asarray(a).nbytes for arrays, _ in states for a in arrays.values())
     source = _row_source(X)
     groups = None
@@ -423,14 +429,14 @@ def reduce_statistics(
     blocks = in_process_blocks(X)
     if blocks is not None:
         cuts = _block_cuts.get(X.name)
-        vec = _local_pass(blocks, _PassTask(model, tuple(params_list), split), progress, cuts, X.name)
+        vec = _local_pass(blocks, _pass_task(model, params_list, split), progress, cuts, X.name)
         return _unpack(vec, model, params_list)
     client = _active_client() if _uses_distributed() else None
     if client is not None and _pass_seconds.get(X.name, math.inf) < ACTOR_PASS_SECONDS:
         size = sum(model.packed_size(p) for p in params_list)
         if X.numblocks[0] * size * 8 <= GATHER_BYTES:
             t0 = time.perf_counter()
-            vec = _actor_pass(client, X, _PassTask(model, tuple(params_list), split), size)
+            vec = _actor_pass(client, X, _pass_task(model, params_list, split), size)
             if vec is not None:
                 _remember(_pass_seconds, X.name, time.perf_counter() - t0)
                 return _unpack(vec, model, params_list)

@@ -1219,6 +1219,9 @@ class PairedHeldout:
             cross[:, 2:] = d.T @ d
         return list(zip(stats, cross))
 
+    def pass_params(self, params: Any) -> Any:
+        return self.inner.pass_params(params)
+
     def packed_size(self, params: Any) -> int:
         return self.inner.packed_size(params) + self.n_sets + 2
 

@@ -126,6 +126,10 @@ def _rows(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
+#: The covariances of :meth:`GaussianModel.pass_params`: not sent (an empty array).
+_NOT_SENT = np.empty(0)
+
+
 @dataclass(frozen=True)
 class GaussianModel:
     """Gaussian mixture model: soft or hard EM, any covariance structure, a NaN policy.
@@ -173,6 +177,19 @@ class GaussianModel:
         return kernel(
             x, list(params_list), hard=self.hard, train_mask=train_mask, dtype=self.dtype, block_rows=self.block_rows
         )
+
+    def pass_params(self, params: GaussianParams) -> GaussianParams:
+        """``params`` without the covariances: the chunk kernel and :meth:`log_prob` read
+        the precision factors. With ``missing='marginalize'`` all of them (those kernels
+        read the observed coordinates' covariances).
+
+        A full model of D=256, K=64 is 67 MB, half of it covariances; sent to two
+        forked worker processes at every pass (20,000 rows), a pass took
+        1.38-1.79 s with them and 1.02-1.15 s without.
+        """
+        if self.missing == "marginalize":
+            return params
+        return dataclasses.replace(params, covariances=_NOT_SENT)
 
     def packed_size(self, params: GaussianParams) -> int:
         return Stats.packed_size(params.covariance_type, params.n_components, params.n_features)

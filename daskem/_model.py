@@ -104,6 +104,15 @@ class MixtureModel(Protocol[Params, Stats]):
         is not lost to one bad chunk.
         """
 
+    def pass_params(self, params: Params) -> Params:
+        """What :meth:`statistics` and :meth:`log_prob` read of ``params``: what a pass sends to the workers.
+
+        The engine sends these (each pass, to every worker process or task)
+        in place of the full parameters; the statistics must be the same to
+        the bit. A model whose parameters hold derived arrays the chunk
+        kernel never reads leaves them out here.
+        """
+
     def packed_size(self, params: Params) -> int:
         """Length of :meth:`pack`'s vector for statistics of ``params``."""
 

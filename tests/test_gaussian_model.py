@@ -10,6 +10,7 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import daskem
 from daskem import _covariance as cov_
+from daskem import _engine as engine
 from daskem import _missing
 from daskem._gaussian import GaussianParams, chunk_statistics, m_step
 from daskem._gaussian_model import GaussianModel
@@ -54,6 +55,30 @@ def test_missing_policy_picks_the_kernel() -> None:
     assert marg.n == 400
     np.testing.assert_array_equal(marg.pack(), _missing.chunk_statistics_missing(X, [p])[0].pack())
     np.testing.assert_array_equal(complete.pack(), chunk_statistics(X, [p])[0].pack())
+
+
+@pytest.mark.parametrize("ct", ["full", "tied", "diag", "spherical", "VEV", "EEI"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_pass_sends_no_covariances_and_gets_the_same_statistics(ct, dtype) -> None:
+    X = make_blobs(n=3000, d=5, k=3, seed=4)
+    X[7, 2] = np.nan
+    p = _params(ct if ct in TYPES else {"VEV": "full", "EEI": "diag"}[ct], d=5)
+    p = GaussianParams(p.weights, p.means, p.covariances, p.precisions_cholesky, ct)
+    mask = np.arange(len(X)) % 5 != 0
+    for model in (GaussianModel(dtype=dtype, block_rows=512), GaussianModel(dtype=dtype, hard=True)):
+        sent = model.pass_params(p)
+        assert sent.covariances.size == 0 and sent.precisions_cholesky is p.precisions_cholesky
+        # what the engine's pass tasks carry
+        (task_params,) = engine._pass_task(model, [p], None).params_list
+        assert task_params.covariances.size == 0
+        # bit for bit: the chunk kernel never reads the covariances
+        np.testing.assert_array_equal(
+            model.statistics(X, [sent], mask)[0].pack(), model.statistics(X, [p], mask)[0].pack()
+        )
+        np.testing.assert_array_equal(model.log_prob(X[8:], sent), model.log_prob(X[8:], p))
+    # the missing-value kernel reads the observed coordinates' covariances: they travel
+    marg = GaussianModel(missing="marginalize", dtype=dtype)
+    assert marg.pass_params(p) is p
 
 
 def test_every_structure_has_a_layout_and_an_m_step() -> None:

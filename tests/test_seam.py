@@ -39,6 +39,9 @@ class MeansOnly:
             )
         return out
 
+    def pass_params(self, mu):
+        return mu
+
     def packed_size(self, mu):
         return 4 + 2 * len(mu)
 
