@@ -21,7 +21,6 @@ import numpy as np
 from . import _covariance as cov_
 from . import _init, _missing
 from ._gaussian import (
-    DEFAULT_BLOCK_ROWS,
     GaussianParams,
     Stats,
     chunk_statistics,
@@ -142,8 +141,10 @@ class GaussianModel:
         Hard (classification) EM: one-hot responsibilities.
     dtype : str
         Compute dtype of the chunk kernel (statistics are float64 always).
-    block_rows : int
-        Rows per block inside a chunk.
+    block_rows : int, optional
+        Rows per block inside a chunk (default: the kernel's, by layout:
+        :data:`daskem._gaussian.DEFAULT_BLOCK_ROWS`,
+        :data:`daskem._gaussian.DIAG_BLOCK_ROWS`).
     missing : {'error', 'marginalize'}
         The NaN policy (see :class:`daskem.GaussianMixture`).
     covariance_type : str
@@ -163,7 +164,7 @@ class GaussianModel:
     reg_covar: float = 1e-6
     hard: bool = False
     dtype: str = "float64"
-    block_rows: int = DEFAULT_BLOCK_ROWS
+    block_rows: int | None = None
     missing: str = "error"
     covariance_type: str = "full"
     run_types: tuple[str, ...] = ()

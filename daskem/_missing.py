@@ -440,7 +440,7 @@ def chunk_statistics_missing(
     hard: bool = False,
     train_mask: np.ndarray | None = None,
     dtype: np.dtype | str | None = None,
-    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_rows: int | None = None,
 ) -> list[Stats]:
     """Sufficient statistics of one chunk with NaN marking missing entries.
 
@@ -462,6 +462,7 @@ def chunk_statistics_missing(
         return chunk_statistics(X, params_list, hard=hard, train_mask=train_mask, dtype=dtype, block_rows=block_rows)
     nan = check_no_inf(X)
     n, d = X.shape
+    rows_with_nan = block_rows if block_rows is not None else DEFAULT_BLOCK_ROWS
     has_nan = nan.any(axis=1)
     empty = nan.all(axis=1)
     complete = ~has_nan
@@ -481,7 +482,7 @@ def chunk_statistics_missing(
     if partial.any():
         xp = np.asarray(X[partial], dtype=np.float64)
         train = None if train_mask is None else np.asarray(train_mask)[partial]
-        _partial_statistics(xp, nan[partial], train, params_list, hard, block_rows, accs)
+        _partial_statistics(xp, nan[partial], train, params_list, hard, rows_with_nan, accs)
     n_empty = float(empty.sum())
     out = []
     for b, a in zip(base, accs):

@@ -560,3 +560,20 @@ def test_wide_bounded_statistics_near_the_floor_equal_the_reference() -> None:
             np.testing.assert_allclose(st.nk[j], ref["nk"][j], rtol=1e-10, atol=1e-250)
             sj = np.abs(ref["s2"][j]).max()
             np.testing.assert_allclose(st.s2[j], ref["s2"][j], rtol=1e-9, atol=1e-9 * sj + 1e-250)
+
+
+def test_the_diagonal_family_takes_taller_blocks_by_default() -> None:
+    """Without ``block_rows``, diag and spherical sets are summed in blocks of DIAG_BLOCK_ROWS rows (the same bits
+    as asking for them), a pass with any full or tied set in blocks of DEFAULT_BLOCK_ROWS."""
+    assert g.DIAG_BLOCK_ROWS > g.DEFAULT_BLOCK_ROWS
+    X = _data(n=2 * g.DIAG_BLOCK_ROWS + 123)
+    diag, sph, full = _params(X, "diag"), _params(X, "spherical"), _params(X, "full")
+
+    def packed(ps, rows=None):
+        return np.concatenate([s.pack() for s in g.chunk_statistics(X, ps, block_rows=rows)])
+
+    for ps in ([diag], [sph], [diag, sph]):
+        np.testing.assert_array_equal(packed(ps), packed(ps, g.DIAG_BLOCK_ROWS))
+        assert not np.array_equal(packed(ps), packed(ps, g.DEFAULT_BLOCK_ROWS))  # the two differ in round-off
+    for ps in ([full], [diag, full]):
+        np.testing.assert_array_equal(packed(ps), packed(ps, g.DEFAULT_BLOCK_ROWS))

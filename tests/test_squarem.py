@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from daskem import _fitloop
-from daskem._gaussian import DEFAULT_BLOCK_ROWS, GaussianParams, chunk_statistics, m_step
+from daskem._gaussian import GaussianParams, chunk_statistics, m_step
 from daskem._gaussian_model import GaussianModel
 from daskem._squarem import EMAccelerator, aitken_remaining, drive, em_remaining
 
@@ -80,7 +80,7 @@ def gaussian_machine(
 
 
 def stats_fn(X: np.ndarray):
-    return lambda plist: chunk_statistics(X, plist, block_rows=DEFAULT_BLOCK_ROWS)
+    return lambda plist: chunk_statistics(X, plist)  # the model's block rows: the kernel's default
 
 
 def trajectory(X: np.ndarray, m: EMAccelerator) -> list[tuple[int, float]]:
