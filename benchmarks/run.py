@@ -823,6 +823,7 @@ def main(argv: list[str] | None = None) -> dict:
             "quick": args.quick,
             "sections": [s for s in SECTIONS if s in sel],
             "block_rows": BLOCK,
+            "diag_block_rows": g.DIAG_BLOCK_ROWS,
             "blas_thread_limit": _blas.blas_limit_available(),
             "onedal": d4p_note,
         },
