@@ -588,17 +588,33 @@ _FEATURES_MAX_D = 48
 #: K=64 41.9 -> 36.7. Tied fits gained nothing there and keep the old rule.
 _FEATURES_WIDE_MAX_D = 96
 
-#: Rows per sub-block of the outer-product kernel: at most 512, fewer as the
-#: (F, rows) features grow (F ~ D^2 / 2), keeping them within
-#: :data:`_FEATURES_BYTES` (256 rows at D=64, 128 at D=80 and 96 measured
-#: best; 512 up to D=48).
+#: Rows per sub-block of the outer-product kernel (:func:`_features_rows`):
+#: as many as keep both of its products (``K x F @ F x rows`` and
+#: ``F x rows @ rows x K``) within :data:`_GEMM_PIECE` multiply-adds, so that
+#: OpenBLAS runs them on its small-matrix path, when that leaves at least
+#: :data:`_FEATURES_MIN_ROWS` rows (a multiple of 16, at most a block). The
+#: per-call costs of a sub-block (the D feature products, the responsibilities'
+#: element-wise steps) are then spread over as many rows as the fast path
+#: allows. One thread, median of 7 in turn, ns a row, 512 rows -> this rule:
+#: D=4 K=8 86 -> 60 (2048 rows), D=8 K=8 132 -> 104 (2048), D=8 K=32 271 -> 239
+#: (688), D=16 K=8 284 -> 274 (816), D=16 K=16 409 -> 334 (400), D=16 K=32
+#: 613 -> 569 (192), D=16 K=64 1058 -> 1063 (96), D=24 K=8 717 -> 533 (384),
+#: D=32 K=8 1285 -> 942 (208), D=32 K=16 1437 -> 1143 (96), D=48 K=8 2570 ->
+#: 2024 (96). Where fewer rows would fit (wider features, more components),
+#: 48 or 32 rows were slower than 512 (D=32 K=32 2016 -> 2052, D=48 K=24 3836
+#: -> 4388, D=16 K=128 1868 -> 2441): the products then take the general path
+#: whatever the rows, and the sub-block is at most :data:`_FEATURES_ROWS`,
+#: fewer as the (F, rows) features grow (F ~ D^2 / 2), within
+#: :data:`_FEATURES_BYTES` (256 rows at D=64, 128 at D=80 and 96 measured best).
 _FEATURES_ROWS = 512
 _FEATURES_BYTES = 5_300_000
+_FEATURES_MIN_ROWS = 64
 
 
-def _features_rows(f_len: int) -> int:
-    """Rows per sub-block: a power of two in [128, :data:`_FEATURES_ROWS`]."""
-    rows = _FEATURES_ROWS
+def _features_rows(f_len: int, k: int) -> int:
+    """Rows per sub-block of the outer-product kernel for ``f_len`` features and ``k`` components."""
+    rows = _GEMM_PIECE // max(1, k * f_len)
+    rows = min(rows - rows % 16, DEFAULT_BLOCK_ROWS) if rows >= _FEATURES_MIN_ROWS else _FEATURES_ROWS
     while rows > 128 and rows * f_len * 8 > _FEATURES_BYTES:
         rows //= 2
     return rows
@@ -676,7 +692,7 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
     ft = plan.features
     d, k = plan.d, plan.k
     f_len = ft.n_pairs + d + 1
-    rows = _features_rows(f_len)
+    rows = _features_rows(f_len, k)
     for start in range(0, X.shape[0], rows):
         xb = X[start : start + rows]
         n = xb.shape[0]

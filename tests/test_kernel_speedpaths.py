@@ -282,8 +282,26 @@ def test_wide_full_fits_with_many_components_take_the_outer_product_kernel(hard:
             _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
     tied = _params(X, "tied", k=16)
     assert g._make_plan(tied, np.dtype(np.float64), features=True).features is None
-    assert g._features_rows(64 * 65 // 2 + 65) == 256
-    assert g._features_rows(16 * 17 // 2 + 17) == 512
+    assert g._features_rows(64 * 65 // 2 + 65, 16) == 256
+
+
+@pytest.mark.parametrize("d", [1, 4, 8, 16, 24, 32, 48, 64, 96])
+@pytest.mark.parametrize("k", [8, 9, 16, 32, 64, 128])
+def test_outer_product_sub_blocks_keep_both_products_on_the_small_matrix_path(d: int, k: int) -> None:
+    """A sub-block holds as many rows as keep ``K x F x rows`` within ``_GEMM_PIECE`` (a multiple
+    of 16, at most a block) when that is at least ``_FEATURES_MIN_ROWS``; else the rule by bytes."""
+    f_len = d * (d + 1) // 2 + d + 1
+    rows = g._features_rows(f_len, k)
+    fit = g._GEMM_PIECE // (k * f_len)
+    if fit >= g._FEATURES_MIN_ROWS:
+        assert rows % 16 == 0 and k * f_len * rows <= g._GEMM_PIECE
+        assert rows == min(fit - fit % 16, g.DEFAULT_BLOCK_ROWS) or rows * f_len * 8 <= g._FEATURES_BYTES
+        assert rows > fit - 16 or rows == g.DEFAULT_BLOCK_ROWS or rows * 2 * f_len * 8 > g._FEATURES_BYTES
+    else:
+        assert rows in (512, 256, 128) and (rows == 128 or rows * f_len * 8 <= g._FEATURES_BYTES)
+    assert g._features_rows(16 * 17 // 2 + 17, 8) == 816
+    assert g._features_rows(16 * 17 // 2 + 17, 16) == 400
+    assert g._features_rows(32 * 33 // 2 + 33, 32) == 512
 
 
 @pytest.mark.parametrize("d", [1, 2, 5, 16, 48])
