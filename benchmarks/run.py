@@ -823,7 +823,11 @@ def main(argv: list[str] | None = None) -> dict:
             "quick": args.quick,
             "sections": [s for s in SECTIONS if s in sel],
             "block_rows": BLOCK,
-            "diag_block_rows": g.DIAG_BLOCK_ROWS,
+            "diag_block_rows": {
+                "b": g.diag_block_rows(16, 8),
+                "e": g.diag_block_rows(256, 64),
+                "f": g.diag_block_rows(32, 256),
+            },
             "blas_thread_limit": _blas.blas_limit_available(),
             "onedal": d4p_note,
         },

@@ -41,16 +41,6 @@ _LOG_2PI = math.log(2.0 * math.pi)
 #: temporaries in cache whatever the chunk size.
 DEFAULT_BLOCK_ROWS = 2048
 
-#: rows per block when every parameter set is of the diagonal family: its
-#: block is a few short numpy calls per row group (two small GEMMs, one exp),
-#: whose fixed costs taller blocks spread. One thread, 200,000 rows, median of
-#: 5 in turn, ns a row, 2048 -> 3840 rows: D=8 K=8 96 -> 75, D=16 K=4 92 -> 70,
-#: D=16 K=8 128 -> 109, D=16 K=16 181 -> 168, D=32 K=8 259 -> 186, D=64 K=8
-#: 439 -> 331 (4096 rows at D=16 K=8 was slower again: 126-138 against 84-105 at
-#: 3072, its moments product of 8 x 4096 x 32 multiply-adds then leaves
-#: OpenBLAS's small-matrix path, see :data:`_GEMM_PIECE`).
-DIAG_BLOCK_ROWS = 3840
-
 #: The block's products are issued in pieces of at most this many
 #: multiply-adds (M x N x K). OpenBLAS (the BLAS numpy and scipy ship) runs
 #: products up to 1e6 multiply-adds through its unpacked "small matrix"
@@ -86,6 +76,52 @@ def _matmul(w: np.ndarray, a: np.ndarray, out: np.ndarray) -> np.ndarray:
     for i in range(0, m, step):
         np.matmul(w[i : i + step], a, out=out[i : i + step])
     return out
+
+
+#: Rows per block when every parameter set is of the diagonal family
+#: (:func:`diag_block_rows`): its block is a few short numpy calls (two thin
+#: GEMMs over the ``[z*z, z, 1]`` design, one ``exp``), whose fixed costs tall
+#: blocks spread, and whose products are fastest on OpenBLAS's small-matrix
+#: path (:data:`_GEMM_PIECE`). So a block holds as many rows as keep
+#: ``sum K x (2D + 1) x rows`` within ``_GEMM_PIECE`` (up to
+#: :data:`_DIAG_MAX_ROWS`) when that is at least :data:`_DIAG_MIN_FIT` rows;
+#: otherwise :data:`_DIAG_WIDE_ROWS` (halved while the design exceeds
+#: :data:`_DIAG_BYTES`). One thread, median of 7 in turn, ns a row, against
+#: the former fixed 3,840 rows: D=16 K=8 87 -> 80 (3,776 rows), D=16 K=16
+#: 127 -> 118 (1,888), D=32 K=8 184 -> 174 (1,920), D=64 K=8 440 -> 283 (960),
+#: D=64 K=32 650 -> 605 (1,024), D=128 K=16 1533 -> 953 (1,024), D=256 K=64
+#: 4528 -> 3306 (512), four restarts of D=16 K=8 224 -> 218 (944); float32
+#: D=64 K=8 231 -> 190 (960); D=8 K=8 48 -> 45 (7,344) and D=32 K=256 1902 ->
+#: 1948 (1,024) within the noise. Just past the bound the products leave the
+#: fast path: D=64 K=8 float32 at 1,024 rows took 252 against 190 at 960.
+_DIAG_MIN_FIT = 768
+_DIAG_MAX_ROWS = 7680
+_DIAG_WIDE_ROWS = 1024
+_DIAG_BYTES = 4_000_000
+
+
+def diag_block_rows(d: int, k: int) -> int:
+    """Rows per block for diagonal-family parameter sets of ``d`` features and ``k`` components in all.
+
+    Parameters
+    ----------
+    d : int
+        Features.
+    k : int
+        Components summed over every parameter set of the pass (their
+        log-densities are one stacked product).
+
+    Returns
+    -------
+    int
+        A multiple of 16 (see :data:`_DIAG_MIN_FIT`).
+    """
+    width = 2 * int(d) + 1
+    rows = _GEMM_PIECE // max(1, int(k) * width)
+    rows = min(rows - rows % 16, _DIAG_MAX_ROWS) if rows >= _DIAG_MIN_FIT else _DIAG_WIDE_ROWS
+    while rows > 512 and rows * width * 8 > _DIAG_BYTES:
+        rows = rows // 2 - (rows // 2) % 16
+    return rows
 
 
 _ILL_DEFINED = (
@@ -1231,7 +1267,7 @@ def chunk_statistics(
         always accumulated in float64.
     block_rows : int, optional
         Rows per block: the temporaries are ``block_rows x K*D`` at most.
-        Default: :data:`DIAG_BLOCK_ROWS` when every parameter set is of the
+        Default: :func:`diag_block_rows` when every parameter set is of the
         diagonal family, else :data:`DEFAULT_BLOCK_ROWS`.
 
     Returns
@@ -1240,8 +1276,10 @@ def chunk_statistics(
         One per parameter set.
     """
     if block_rows is None:
-        diag = all(p.layout in _DIAG_FAMILY for p in params_list)
-        block_rows = DIAG_BLOCK_ROWS if diag else DEFAULT_BLOCK_ROWS
+        if params_list and all(p.layout in _DIAG_FAMILY for p in params_list):
+            block_rows = diag_block_rows(np.shape(X)[1], sum(p.n_components for p in params_list))
+        else:
+            block_rows = DEFAULT_BLOCK_ROWS
     dtype = _compute_dtype(dtype, np.float64)
     X = np.asarray(X)
     n, d = X.shape

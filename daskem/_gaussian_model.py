@@ -144,7 +144,7 @@ class GaussianModel:
     block_rows : int, optional
         Rows per block inside a chunk (default: the kernel's, by layout:
         :data:`daskem._gaussian.DEFAULT_BLOCK_ROWS`,
-        :data:`daskem._gaussian.DIAG_BLOCK_ROWS`).
+        :func:`daskem._gaussian.diag_block_rows`).
     missing : {'error', 'marginalize'}
         The NaN policy (see :class:`daskem.GaussianMixture`).
     covariance_type : str
