@@ -78,26 +78,29 @@ def _matmul(w: np.ndarray, a: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-#: Rows per block when every parameter set is of the diagonal family
-#: (:func:`diag_block_rows`): its block is a few short numpy calls (two thin
-#: GEMMs over the ``[z*z, z, 1]`` design, one ``exp``), whose fixed costs tall
-#: blocks spread, and whose products are fastest on OpenBLAS's small-matrix
-#: path (:data:`_GEMM_PIECE`). So a block holds as many rows as keep
-#: ``sum K x (2D + 1) x rows`` within ``_GEMM_PIECE`` (up to
-#: :data:`_DIAG_MAX_ROWS`) when that is at least :data:`_DIAG_MIN_FIT` rows;
-#: otherwise :data:`_DIAG_WIDE_ROWS` (halved while the design exceeds
-#: :data:`_DIAG_BYTES`). One thread, median of 7 in turn, ns a row, against
-#: the former fixed 3,840 rows: D=16 K=8 87 -> 80 (3,776 rows), D=16 K=16
-#: 127 -> 118 (1,888), D=32 K=8 184 -> 174 (1,920), D=64 K=8 440 -> 283 (960),
-#: D=64 K=32 650 -> 605 (1,024), D=128 K=16 1533 -> 953 (1,024), D=256 K=64
-#: 4528 -> 3306 (512), four restarts of D=16 K=8 224 -> 218 (944); float32
-#: D=64 K=8 231 -> 190 (960); D=8 K=8 48 -> 45 (7,344) and D=32 K=256 1902 ->
-#: 1948 (1,024) within the noise. Just past the bound the products leave the
-#: fast path: D=64 K=8 float32 at 1,024 rows took 252 against 190 at 960.
+#: Rows per block when every parameter set is of the diagonal family, at
+#: most (:func:`diag_block_rows`): its block is a few short numpy calls (two
+#: thin GEMMs over the ``[z*z, z, 1]`` design, one ``exp``), whose fixed costs
+#: taller blocks spread. One thread, 200,000 rows, median of 5 in turn, ns a
+#: row, 2048 -> 3840 rows: D=8 K=8 96 -> 75, D=16 K=4 92 -> 70, D=16 K=8 128 ->
+#: 109, D=16 K=16 181 -> 168, D=32 K=8 259 -> 186, D=64 K=8 439 -> 331.
+DIAG_BLOCK_ROWS = 3840
+
+#: Fewer rows than :data:`DIAG_BLOCK_ROWS` keep both of the block's products
+#: (``sum K x (2D + 1) x rows`` multiply-adds) on OpenBLAS's small-matrix path
+#: (:data:`_GEMM_PIECE`); :func:`diag_block_rows` takes as many rows as fit
+#: when that is at least this many. Two single-threaded processes at once,
+#: median of 5, ns a row, 3,840 rows -> the rows that fit: D=16 K=8 83-84 ->
+#: 76-78 (3,776), D=16 K=16 126-127 -> 122-124 (1,888), D=32 K=8 174-175 ->
+#: 148-165 (1,920), D=64 K=8 448-459 -> 259-311 (960); float32, one thread,
+#: D=64 K=8 231 -> 190 (960), where 1,024 rows, just past the bound, took 252.
+#: Where fewer rows would fit (wider designs, more components) the products
+#: take the general path whatever the rows, and the measurements disagreed:
+#: D=256 K=64 was 28% faster at 512 rows than at 3,840 in a kernel loop, but
+#: not in ``benchmarks/run.py``'s case (e), and case (f) (D=32 K=256) was 15-30%
+#: slower at 1,024 (0.93-0.97 -> 1.11-1.21 s per iteration, two runs each in
+#: turn); those keep :data:`DIAG_BLOCK_ROWS`.
 _DIAG_MIN_FIT = 768
-_DIAG_MAX_ROWS = 7680
-_DIAG_WIDE_ROWS = 1024
-_DIAG_BYTES = 4_000_000
 
 
 def diag_block_rows(d: int, k: int) -> int:
@@ -114,14 +117,14 @@ def diag_block_rows(d: int, k: int) -> int:
     Returns
     -------
     int
-        A multiple of 16 (see :data:`_DIAG_MIN_FIT`).
+        :data:`DIAG_BLOCK_ROWS`, or fewer (a multiple of 16, at least
+        :data:`_DIAG_MIN_FIT`) where that keeps the block's products on the
+        small-matrix path.
     """
-    width = 2 * int(d) + 1
-    rows = _GEMM_PIECE // max(1, int(k) * width)
-    rows = min(rows - rows % 16, _DIAG_MAX_ROWS) if rows >= _DIAG_MIN_FIT else _DIAG_WIDE_ROWS
-    while rows > 512 and rows * width * 8 > _DIAG_BYTES:
-        rows = rows // 2 - (rows // 2) % 16
-    return rows
+    rows = _GEMM_PIECE // max(1, int(k) * (2 * int(d) + 1))
+    if rows < _DIAG_MIN_FIT:
+        return DIAG_BLOCK_ROWS
+    return min(rows - rows % 16, DIAG_BLOCK_ROWS)
 
 
 _ILL_DEFINED = (

@@ -583,18 +583,20 @@ def test_wide_bounded_statistics_near_the_floor_equal_the_reference() -> None:
 def test_the_diagonal_family_takes_blocks_sized_by_its_products() -> None:
     """Without ``block_rows``, diag and spherical sets are summed in blocks of ``diag_block_rows(D, sum K)`` rows
     (the same bits as asking for them), a pass with any full or tied set in blocks of DEFAULT_BLOCK_ROWS."""
-    X = _data(n=2 * 7680 + 123, d=5)
+    X = _data(n=2 * g.DIAG_BLOCK_ROWS + 123, d=16)
     diag, sph, full = _params(X, "diag"), _params(X, "spherical"), _params(X, "full")
-    diag8 = _params(X, "diag", k=8)
+    diag8, sph8 = _params(X, "diag", k=8), _params(X, "spherical", k=8, seed=2)
 
     def packed(ps, rows=None):
         return np.concatenate([s.pack() for s in g.chunk_statistics(X, ps, block_rows=rows)])
 
-    for ps in ([diag], [sph], [diag, sph], [diag8, sph, diag]):
-        rows = g.diag_block_rows(5, sum(p.n_components for p in ps))
-        assert rows != g.DEFAULT_BLOCK_ROWS
+    seen = set()
+    for ps in ([diag], [sph], [diag, sph], [diag8], [diag8, sph8]):
+        rows = g.diag_block_rows(16, sum(p.n_components for p in ps))
+        seen.add(rows)
         np.testing.assert_array_equal(packed(ps), packed(ps, rows))
         assert not np.array_equal(packed(ps), packed(ps, g.DEFAULT_BLOCK_ROWS))  # the two differ in round-off
+    assert seen == {g.DIAG_BLOCK_ROWS, 3776, 1888}
     for ps in ([full], [diag, full]):
         np.testing.assert_array_equal(packed(ps), packed(ps, g.DEFAULT_BLOCK_ROWS))
 
@@ -603,18 +605,13 @@ def test_the_diagonal_family_takes_blocks_sized_by_its_products() -> None:
 @pytest.mark.parametrize("k", [1, 4, 8, 16, 32, 64, 256])
 def test_diagonal_blocks_keep_the_products_on_the_small_matrix_path_where_they_can(d: int, k: int) -> None:
     """``diag_block_rows``: both products (``sum K x (2D + 1) x rows`` multiply-adds) within ``_GEMM_PIECE``
-    when that allows ``_DIAG_MIN_FIT`` rows or more (at most ``_DIAG_MAX_ROWS``, a multiple of 16, the most
-    that fit up to 16); else ``_DIAG_WIDE_ROWS``, halved while the design is over ``_DIAG_BYTES``."""
+    when that allows ``_DIAG_MIN_FIT`` rows or more (at most ``DIAG_BLOCK_ROWS``, a multiple of 16, the most
+    that fit up to 16); else ``DIAG_BLOCK_ROWS``."""
     rows = g.diag_block_rows(d, k)
-    width = 2 * d + 1
-    fit = g._GEMM_PIECE // (k * width)
-    wanted = min(fit - fit % 16, g._DIAG_MAX_ROWS) if fit >= g._DIAG_MIN_FIT else g._DIAG_WIDE_ROWS
-    assert rows % 16 == 0 and 0 < rows <= wanted
-    assert rows <= 512 or rows * width * 8 <= g._DIAG_BYTES
-    if rows < wanted:  # only ever halved for the bytes
-        assert wanted * width * 8 > g._DIAG_BYTES and (
-            rows <= 512 or 2 * rows * width * 8 > g._DIAG_BYTES - 16 * width * 8
-        )
+    fit = g._GEMM_PIECE // (k * (2 * d + 1))
     if fit >= g._DIAG_MIN_FIT:
-        assert k * width * rows <= g._GEMM_PIECE
-    assert (g.diag_block_rows(16, 8), g.diag_block_rows(64, 8), g.diag_block_rows(256, 64)) == (3776, 960, 512)
+        assert rows % 16 == 0 and k * (2 * d + 1) * rows <= g._GEMM_PIECE
+        assert rows == g.DIAG_BLOCK_ROWS or fit - rows < 16
+    else:
+        assert rows == g.DIAG_BLOCK_ROWS
+    assert (g.diag_block_rows(16, 8), g.diag_block_rows(64, 8), g.diag_block_rows(256, 64)) == (3776, 960, 3840)
