@@ -43,6 +43,7 @@ import numpy as np
 from . import _engine as engine
 from . import _kmeans
 from ._blas import single_threaded_blas
+from ._durations import format_seconds
 from ._model import MixtureModel
 from ._numeric import logsumexp_rows
 from ._squarem import EMAccelerator
@@ -765,22 +766,6 @@ def say(message: str, snapshot: dict | None = None) -> None:
     logger.info(message, extra={"daskem_progress": snapshot})
     if not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
         print(message, file=sys.stderr, flush=True)
-
-
-def format_seconds(seconds: float) -> str:
-    """A duration for people: ``2.7 ms``, ``0.41 s``, ``36 s``, ``4 min 12 s``, ``2 h 05 min``."""
-    if not math.isfinite(seconds):
-        return "?"
-    if seconds < 0.1:
-        return f"{seconds * 1000:.1f} ms"
-    if seconds < 10:
-        return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s"
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def run_name(run: Run) -> str:

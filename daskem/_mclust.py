@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
-import scipy.linalg
 
 __all__ = [
     "ALIASES",
@@ -530,6 +529,8 @@ def _eve_mm(W, nk, omega, Dt, shape, tol, max_iter):
     the same objective finish from where it is (:func:`_orientation_jacobi`). Returns the orientation, the
     inner iterations (MM iterations plus sweeps) and the last relative change.
     """
+    import scipy.linalg  # here: the command line's parser reads this module's model names
+
     trgt_prev = np.finfo(np.float64).max / 2
     err, it, checked = np.inf, 0, np.inf
     while True:

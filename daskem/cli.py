@@ -28,31 +28,21 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask
 import numpy as np
-from distributed import Client, LocalCluster
-from scipy.optimize import linear_sum_assignment
 
 from . import __version__, _outputs, jobs
 from ._covariance import COVARIANCE_TYPES
-from ._fitloop import format_seconds
-from .datasets import check_generate_target, generate_zarr, sample_chunk, truth_path
+from ._durations import format_seconds
 from .errors import InputError, InputNotFoundError
-from .mixture import GaussianMixture
-from .report import write_summary
-from .security import find_security
-from .workflows import (
-    anomaly_threshold,
-    fit_and_report,
-    load_model_dir,
-    open_data,
-    parse_covariance_types,
-    parse_k_values,
-    store_chunk_rows,
-    write_predictions,
-)
+
+if TYPE_CHECKING:
+    from .mixture import GaussianMixture
+
+# Dask, scikit-learn and the fit are imported by the commands that use them:
+# ``daskem --help``, ``--version``, ``status`` and ``result`` start in a
+# fraction of a second.
 
 #: spread of the demo's true means: overlapping enough that EM has work to do
 DEMO_SEPARATION = 3.0
@@ -244,6 +234,15 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
     (:func:`daskem.security.find_security`). The local cluster listens on
     127.0.0.1 only, its dashboard too.
     """
+    # lazy: see the note at the top
+    import dask
+
+    # lazy: see the note at the top
+    from distributed import Client, LocalCluster
+
+    # lazy: see the note at the top
+    from .security import find_security
+
     defaults = defaults or {}
     scheduler = getattr(args, "scheduler", None) or (
         None if getattr(args, "scheduler_file", None) else defaults.get("scheduler")
@@ -310,6 +309,13 @@ def _say_written(args: argparse.Namespace, target: _outputs.OutputTarget) -> Non
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    # lazy: see the note at the top
+    from .datasets import (
+        check_generate_target,
+        generate_zarr,
+        truth_path,
+    )
+
     target = check_generate_target(args.out, overwrite=args.overwrite)
     args._out_target = target
     t0 = time.perf_counter()
@@ -334,6 +340,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    # lazy: see the note at the top
+    from .mixture import GaussianMixture
+
+    # lazy: see the note at the top
+    from .workflows import fit_and_report, open_data
+
     opts = model_options(args)
     GaussianMixture(n_components=args.k, **opts)._validate_params()
     target = _out_target(args, "fit", [args.data, opts.get("checkpoint")])
@@ -359,6 +371,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_select_k(args: argparse.Namespace) -> int:
+    # lazy: see the note at the top
+    from .mixture import GaussianMixture
+
+    # lazy: see the note at the top
+    from .workflows import (
+        fit_and_report,
+        open_data,
+        parse_covariance_types,
+        parse_k_values,
+    )
+
     ks = parse_k_values(args.k)
     opts = model_options(args)
     types = parse_covariance_types(opts.pop("covariance_type")) if opts.get("covariance_type") else None
@@ -461,6 +484,15 @@ def selection_table_lines(table: Sequence[dict]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    # lazy: see the note at the top
+    from .workflows import (
+        anomaly_threshold,
+        load_model_dir,
+        open_data,
+        store_chunk_rows,
+        write_predictions,
+    )
+
     gm, summary = load_model_dir(args.model_dir)
     threshold = None
     if args.anomaly_quantile is not None:
@@ -497,6 +529,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    # lazy: see the note at the top
+    from .workflows import load_model_dir, open_data
+
     gm, _ = load_model_dir(args.model_dir)
     X = open_data(args.data, args.array)
     _check_columns(gm, X, args)
@@ -510,6 +545,21 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import zarr  # slow import, only to check the demo's labels
+
+    # lazy: see the note at the top
+    from .datasets import generate_zarr, sample_chunk
+
+    # lazy: see the note at the top
+    from .report import write_summary
+
+    # lazy: see the note at the top
+    from .workflows import (
+        fit_and_report,
+        load_model_dir,
+        open_data,
+        parse_k_values,
+        write_predictions,
+    )
 
     ks = parse_k_values(args.k)
     target = _out_target(args, "demo")
@@ -574,6 +624,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _matched_agreement(truth: Any, pred: Any) -> float:
     """Fraction of rows whose predicted component matches the true one under the best matching."""
+    # lazy: see the note at the top
+    from scipy.optimize import linear_sum_assignment
+
     kt, kp = int(truth.max()) + 1, int(pred.max()) + 1
     c = np.zeros((kt, kp))
     np.add.at(c, (truth, pred), 1)
@@ -1033,6 +1086,9 @@ def _quiet_interrupts(args: argparse.Namespace) -> Iterator[None]:
     if not hasattr(args, "n_workers"):  # commands that start no cluster
         yield
         return
+    # lazy: see the note at the top
+    import dask
+
     preload = dask.config.get("distributed.worker.preload", None) or []
     preload = [preload] if isinstance(preload, str) else list(preload)
     previous = signal.getsignal(signal.SIGINT)

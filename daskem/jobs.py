@@ -69,24 +69,13 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from distributed import Client, fire_and_forget
 
 from . import _outputs
-from ._fitloop import observe_progress
 from .errors import InputError, InputNotFoundError
-from .io import atomic_write_text
-from .mixture import GaussianMixture
-from .security import find_security
-from .workflows import (
-    anomaly_threshold,
-    fit_and_report,
-    load_model_dir,
-    open_data,
-    parse_covariance_types,
-    parse_k_values,
-    store_chunk_rows,
-    write_predictions,
-)
+
+# scikit-learn, Dask's client and the fit loop are imported where a job is
+# checked, run or submitted: ``daskem status`` and ``daskem result`` only read
+# JSON files and start in a fraction of the time.
 
 try:
     import tomllib
@@ -147,6 +136,15 @@ def load_job(path: str | Path) -> dict:
         For a missing or malformed file, unknown sections or keys, or
         missing required keys.
     """
+    # lazy: see the note at the top
+    from .mixture import GaussianMixture
+
+    # lazy: see the note at the top
+    from .workflows import (
+        parse_covariance_types,
+        parse_k_values,
+    )
+
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"no such job file: {path}")
@@ -245,6 +243,9 @@ def _read_json(p: Path) -> dict | None:
 
 def write_state(job: dict, job_id: str, state: str, **fields: Any) -> dict:
     """Record the job's state in ``<output>/job.json`` (atomically)."""
+    # lazy: see the note at the top
+    from .io import atomic_write_text
+
     out = Path(job["output"]["path"])
     old = _read_json(out / "job.json") or {}
     if old.get("id") != job_id:
@@ -264,6 +265,9 @@ def write_state(job: dict, job_id: str, state: str, **fields: Any) -> dict:
 
 def register(job_id: str, job: dict, mode: str, **fields: Any) -> None:
     """Record ``job_id`` → output folder in the registry (``$DASKEM_HOME/jobs``)."""
+    # lazy: see the note at the top
+    from .io import atomic_write_text
+
     doc = {
         "id": job_id,
         "mode": mode,
@@ -304,6 +308,8 @@ def job_status(job_id: str) -> dict:
 
 def _progress_writer(out: Path, job_id: str) -> Callable[[dict], None]:
     """An observer of the fit loop (:func:`daskem._fitloop.observe_progress`): ``<output>/progress.json``."""
+    # lazy: see the note at the top
+    from .io import atomic_write_text
 
     def write(snapshot: dict) -> None:
         doc = {"id": job_id, "updated": _now(), **snapshot}
@@ -555,6 +561,12 @@ def run_job(
 
 
 def _run_locked(job: dict, job_id: str, out: Path, *, verbose: int, fresh: bool, say: Callable[[str], None]) -> dict:
+    # lazy: see the note at the top
+    from ._fitloop import observe_progress
+
+    # lazy: see the note at the top
+    from .workflows import open_data
+
     write_state(
         job,
         job_id,
@@ -611,6 +623,15 @@ def _run_locked(job: dict, job_id: str, out: Path, *, verbose: int, fresh: bool,
 
 
 def _fit_job(job: dict, job_id: str, X: Any, work: Path, options: dict, verbose: int) -> None:
+    # lazy: see the note at the top
+    from .workflows import (
+        anomaly_threshold,
+        fit_and_report,
+        load_model_dir,
+        store_chunk_rows,
+        write_predictions,
+    )
+
     extra = {"command": "job", "job_id": job_id, "job": job}
     sel = job["select"]
     report = work / "report"
@@ -691,6 +712,12 @@ def submit(job: dict, *, connect_timeout: str = "20s", overwrite: bool = False, 
     OutputRefusedError
         For an output path daskem will not write to.
     """
+    # lazy: see the note at the top
+    from distributed import Client, fire_and_forget
+
+    # lazy: see the note at the top
+    from .security import find_security
+
     c = job["cluster"]
     if not (c.get("scheduler") or c.get("scheduler_file")):
         raise InputError(

@@ -13,8 +13,9 @@ from _cli_helpers import LOCAL, assert_one_line_error, daskem
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from daskem.cli import build_parser, main, parse_k_values
+from daskem.cli import build_parser, main
 from daskem.io import InputError
+from daskem.workflows import parse_k_values
 
 # real processes (the CLI, clusters) or long fits: not in the quick subset
 pytestmark = pytest.mark.slow

@@ -17,6 +17,9 @@ Layers, bottom up:
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,3 +162,29 @@ def test_package_imports_are_at_the_top() -> None:
                     assert "#" in here or above.strip().startswith("#"), f"{f.name}:{sub.lineno}: {here.strip()}"
         checked += 1
     assert checked >= 15
+
+
+HEAVY = ("sklearn", "distributed", "dask", "scipy", "zarr", "matplotlib")
+
+
+@pytest.mark.parametrize(
+    "argv", [["--version"], ["--help"], ["fit", "--help"], ["status"], ["result", "no-such-job"]], ids=" ".join
+)
+def test_the_light_commands_import_no_heavy_package(argv: list[str], tmp_path: Path) -> None:
+    """``daskem --help``, ``--version``, ``status`` and ``result`` read no data and fit nothing: they start
+    without scikit-learn, Dask, SciPy or Zarr (1.3-2 s of imports on the machines measured), which the
+    commands that compute import when they run."""
+    code = (
+        "import sys\n"
+        "from daskem import cli\n"
+        "try:\n"
+        f"    rc = cli.main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    rc = exc.code\n"
+        f"print('RC', rc, sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    env = {**os.environ, "DASKEM_HOME": str(tmp_path), "PYTHONPATH": str(PACKAGE.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    last = out.stdout.strip().splitlines()[-1]
+    expected_rc = 2 if argv[0] == "result" else 0
+    assert last == f"RC {expected_rc} []", (last, out.stderr[-2000:])
