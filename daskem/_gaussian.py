@@ -644,7 +644,10 @@ _FEATURES_WIDE_MAX_D = 96
 #: -> 4388, D=16 K=128 1868 -> 2441): the products then take the general path
 #: whatever the rows, and the sub-block is at most :data:`_FEATURES_ROWS`,
 #: fewer as the (F, rows) features grow (F ~ D^2 / 2), within
-#: :data:`_FEATURES_BYTES` (256 rows at D=64, 128 at D=80 and 96 measured best).
+#: :data:`_FEATURES_BYTES`, and at least 256: 256 rows at D=64 to 96 (128 at
+#: D=80 and 96 until the moments' product took the general path's layout;
+#: since, one thread, ns a row, 128 -> 256 rows: D=80 K=24 18440 -> 17382,
+#: K=32 15447 -> 13983; D=96 K=32 16599 -> 14748, K=64 26653 -> 23547).
 _FEATURES_ROWS = 512
 _FEATURES_BYTES = 5_300_000
 _FEATURES_MIN_ROWS = 64
@@ -654,7 +657,7 @@ def _features_rows(f_len: int, k: int) -> int:
     """Rows per sub-block of the outer-product kernel for ``f_len`` features and ``k`` components."""
     rows = _GEMM_PIECE // max(1, k * f_len)
     rows = min(rows - rows % 16, DEFAULT_BLOCK_ROWS) if rows >= _FEATURES_MIN_ROWS else _FEATURES_ROWS
-    while rows > 128 and rows * f_len * 8 > _FEATURES_BYTES:
+    while rows > 256 and rows * f_len * 8 > _FEATURES_BYTES:
         rows //= 2
     return rows
 
@@ -732,6 +735,12 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
     d, k = plan.d, plan.k
     f_len = ft.n_pairs + d + 1
     rows = _features_rows(f_len, k)
+    # the moments' product: on OpenBLAS's small-matrix path ``features @ q.T`` (F, K) is the faster
+    # layout (1.7-2x at D=16-48), on its general path ``q @ features.T`` (K, F) (0.76-0.9x the time at
+    # D=64-96, one thread)
+    small = k * f_len * rows <= _GEMM_PIECE
+    if not small and "fm_t" not in acc:
+        acc["fm_t"] = np.zeros((k, f_len))
     for start in range(0, X.shape[0], rows):
         xb = X[start : start + rows]
         n = xb.shape[0]
@@ -747,15 +756,20 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
         q, ll, lm = _responsibilities(lp, hard)
         acc["loglik"] += ll
         acc["log_map"] += lm
-        qt = work.get("qt", (n, k))
-        np.copyto(qt, q.T)
-        acc["fm"] += np.matmul(f, qt, out=work.get("fmb", (f_len, k)))
+        if small:
+            qt = work.get("qt", (n, k))
+            np.copyto(qt, q.T)
+            acc["fm"] += np.matmul(f, qt, out=work.get("fmb", (f_len, k)))
+        else:
+            acc["fm_t"] += np.matmul(q, f.T, out=work.get("fmb_t", (k, f_len)))
 
 
 def _unfold_features(acc: dict, plan: _Plan) -> None:
     """Move ``acc["fm"]`` (the outer-product kernel's moments) into ``nk``, ``c1``, ``c2``."""
     ft = plan.features
     fm = acc.pop("fm")
+    if "fm_t" in acc:
+        fm = fm + acc.pop("fm_t").T
     d, k = plan.d, plan.k
     acc["nk"] = acc["nk"] + fm[-1]
     acc["c1"] = acc["c1"] + fm[ft.n_pairs : ft.n_pairs + d].T

@@ -298,7 +298,7 @@ def test_outer_product_sub_blocks_keep_both_products_on_the_small_matrix_path(d:
         assert rows == min(fit - fit % 16, g.DEFAULT_BLOCK_ROWS) or rows * f_len * 8 <= g._FEATURES_BYTES
         assert rows > fit - 16 or rows == g.DEFAULT_BLOCK_ROWS or rows * 2 * f_len * 8 > g._FEATURES_BYTES
     else:
-        assert rows in (512, 256, 128) and (rows == 128 or rows * f_len * 8 <= g._FEATURES_BYTES)
+        assert rows in (512, 256) and (rows == 256 or rows * f_len * 8 <= g._FEATURES_BYTES)
     assert g._features_rows(16 * 17 // 2 + 17, 8) == 816
     assert g._features_rows(16 * 17 // 2 + 17, 16) == 400
     assert g._features_rows(32 * 33 // 2 + 33, 32) == 512
