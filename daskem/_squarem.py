@@ -442,12 +442,20 @@ class EMAccelerator:
         ``tests/test_accelerated_fit.py``: 1e-5 per row below plain EM's end
         at ``tol=1e-8``). The first such decrease starts a new cycle at the EM
         image with the stopping rule's memory cleared; the second makes the
-        rest plain EM (:meth:`_receive_plain_tail`).
+        rest plain EM (:meth:`_receive_plain_tail`). Before the run's first
+        extrapolation its points are plain EM's own, and so is this decrease:
+        plain EM from the same start stops here (its pass changed the
+        log-likelihood by less than ``tol``), one pass lower, and so does the
+        run, converged (a start at the sample's optimum, e.g. data no larger
+        than the sample, whose EM step goes down by ``reg_covar``'s bias).
         """
         drop = self.lower_bound - ll
         if drop <= _ROUNDOFF * max(1.0, abs(ll)):
             self._accept(ll, image)
         if drop < self.tol and drop > _ROUNDOFF * max(1.0, abs(ll)):
+            if self.n_extrapolations == 0:
+                self.converged = self.done = True
+                return True
             self.n_drops += 1
             self.points = {"x0": image, "result": self.points["result"]}
             self.stage = "A"

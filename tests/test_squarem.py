@@ -685,7 +685,7 @@ def test_a_restart_far_below_a_finished_one_of_its_k_stops():
     assert not b.dominated
 
 
-def _biased_machine(tol: float, method: str | None = "squarem") -> EMAccelerator:
+def _biased_machine(tol: float, method: str | None = "squarem", start: tuple = (0.0, 0.0)) -> EMAccelerator:
     """A map whose fixed point is not the maximiser of L (as with ``reg_covar``): coordinate 0 goes
     to 1.001 at rate 0.3 while L peaks at 1; coordinate 1 climbs slowly (rate 0.995) to 1. An
     extrapolated point lands nearer the peak than the fixed point, and EM's next step goes down."""
@@ -696,7 +696,7 @@ def _biased_machine(tol: float, method: str | None = "squarem") -> EMAccelerator
     def mstep(p, x):
         return np.array([1.001 + 0.3 * (x[0] - 1.001), 1.0 + 0.995 * (x[1] - 1.0)]), False
 
-    return vector_machine(np.zeros(2), mstep, objective, method, tol, 3000)
+    return vector_machine(np.array(start, dtype=float), mstep, objective, method, tol, 3000)
 
 
 def test_em_decreasing_after_an_extrapolation_restarts_squarem_then_goes_on_as_plain_em():
@@ -733,3 +733,20 @@ def test_em_decreasing_after_an_extrapolation_restarts_squarem_then_goes_on_as_p
     while (p := plain.proposal()) is not None:
         plain.receive(p)
     assert m.lower_bound >= plain.lower_bound and m.n_iter < plain.n_iter / 10
+
+
+def test_em_decreasing_before_any_extrapolation_stops_where_plain_em_stops():
+    """A start above the map's fixed point (the sample's optimum reached by an accelerated polish,
+    with ``reg_covar``'s bias): EM's first step goes down by less than ``tol``. No extrapolation has
+    happened, so the run is plain EM so far, and it stops where plain EM stops, converged, keeping
+    the start (higher than plain EM's last point) as its best point."""
+    tol = 1e-6
+    # the start is L's peak; the map's fixed point (1.001, 1) lies below it
+    m = _biased_machine(tol, start=(1.0, 1.0))
+    plain = _biased_machine(tol, method=None, start=(1.0, 1.0))
+    for machine in (m, plain):
+        while (p := machine.proposal()) is not None:
+            machine.receive(p)
+    assert m.converged and plain.converged and m.n_extrapolations == 0 and m.n_drops == 0
+    assert m.n_iter == plain.n_iter == 2
+    assert m.history == [0.0] and m.lower_bound == 0.0 > plain.lower_bound > -tol
