@@ -18,6 +18,7 @@ import dask.array as da
 import numpy as np
 import pytest
 from conftest import make_blobs, sklearn_init
+from sklearn.datasets import load_digits
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import daskem
@@ -515,3 +516,20 @@ def test_two_estimators_of_the_same_k_fitted_together_do_not_stop_each_other():
     for est in (a, b):
         (run,) = est.runs_
         assert run["converged"] and not run["dominated"]
+
+
+@pytest.mark.parametrize("ctype", ["full", "diag"])
+def test_data_no_larger_than_the_sample_is_fitted_in_three_or_four_passes(ctype):
+    """scikit-learn's digits (1,797 rows, all in the initialisation's sample): the start is EM's
+    optimum on every row already, so the fit only confirms it (the sample, two or three passes).
+    An EM step that goes down there by ``reg_covar``'s bias, before any extrapolation, stops the run
+    as plain EM's rule would; it had restarted SQUAREM's cycle and taken 5-7 passes (issue 12)."""
+    X = load_digits().data.astype(np.float64)
+    passes = []
+    for seed in range(5):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = daskem.GaussianMixture(10, covariance_type=ctype, random_state=seed).fit(X)
+        assert gm.converged_
+        passes.append(gm.n_passes_)
+    assert max(passes) <= 4 and passes.count(3) >= 3, passes
