@@ -712,20 +712,23 @@ def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
         return pool
 
 
-def local_map(fn: Callable[[Any], Any], items: Sequence[Any], name: str | None = None) -> list[Any]:
+def local_map(
+    fn: Callable[[Any], Any], items: Sequence[Any], name: str | None = None, *, holds_gil: bool = False
+) -> list[Any]:
     """``fn(item)`` for every item, in item order, BLAS single-threaded in each.
 
     In the worker processes of :func:`local_workers` when the array ``name``
     has them (``fn`` and the items are pickled to them: a module-level
     function or a :func:`functools.partial` of one), else on the in-process
     pass's thread pool (:func:`_local_threads` threads); in the calling
-    thread when there is one thread or one item.
+    thread when there is one thread or one item, or when ``holds_gil`` says
+    that threads would only take turns.
     """
     threads = _local_threads()
     workers = _forked.get(name) if name is not None else None
     if workers is not None and len(items) > 1:
         return workers.map(fn, items)
-    if threads == 1 or len(items) <= 1:
+    if threads == 1 or len(items) <= 1 or holds_gil:
         with single_threaded_blas():
             return [fn(x) for x in items]
 

@@ -572,8 +572,8 @@ class Passes:
         runs = [Run(p, tag={"lloyd": i}) for i, p in enumerate(params_list)]
         return iterate(self, model, runs, tol=tol, max_iter=max_iter)
 
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        return engine.local_map(fn, items, name=self.X.name)
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], *, holds_gil: bool = False) -> list[Any]:
+        return engine.local_map(fn, items, name=self.X.name, holds_gil=holds_gil)
 
 
 def iterate(

@@ -135,13 +135,18 @@ SCORE_EM_ITER = 15
 #: median final log-likelihood over 10 seeds -1.232 with 5, -1.201 with 15).
 SCORE_WORK = 10**10
 SCORE_MIN_EM_ITER = 5
-#: A restart's candidates are scored side by side on the fit's threads
-#: (:meth:`daskem._model.DataPasses.map`) when each candidate's EM on the sample
-#: is at least this many multiply-adds (as in :data:`SCORE_WORK`) in at least
-#: :data:`PARALLEL_SCORE_MIN_D` columns; the scores do not change. Measured on 2
+#: A restart's candidates are scored side by side (:meth:`daskem._model.DataPasses.map`)
+#: when each candidate's EM on the sample is at least this many multiply-adds
+#: (as in :data:`SCORE_WORK`); the scores do not change. On threads (a fit on a
+#: cluster scores on the client's threads; ``DASKEM_FORK=0``) only in at least
+#: :data:`PARALLEL_SCORE_MIN_D` columns (``holds_gil`` below). Measured on 2
 #: cores (6 candidates, threads / one thread): D=64 K=10 full on digits 0.67,
 #: D=64 K=10 diag 10,000 rows 0.57, D=32 K=8 full 0.85; at D=16 the kernel is
-#: mostly element-wise numpy holding the GIL, and threads were 0.91-1.46x.
+#: mostly element-wise numpy holding the GIL, and threads were 0.91-1.46x. On
+#: the forked workers of an in-process fit at every D: 1e6 x 16 rows, K=8 full,
+#: 3 seeds in turn, the initialisation's candidates took 0.33-0.39 s one after
+#: another and 0.20-0.26 s side by side, the fit 0.83-0.86 s and 0.71-0.73 s,
+#: with the same log-likelihood and passes.
 PARALLEL_SCORE_WORK = 5 * 10**7
 PARALLEL_SCORE_MIN_D = 32
 #: The chosen candidate's EM then goes on, accelerated, on the same scored rows (in
@@ -459,7 +464,7 @@ def _best_kmeans(
     rngs: Sequence[np.random.Generator],
     covariance_type: str | Sequence[str],
     reg_covar: float,
-    map_items: Callable[[Callable, Sequence], list] | None = None,
+    map_items: Callable[..., list] | None = None,
     polish: tuple[MixtureModel, float] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[GaussianParams | None]]:
     """Per restart, the best of the :data:`KMEANS_CANDIDATES` on the sample.
@@ -529,8 +534,8 @@ def _best_kmeans(
 
             score = functools.partial(_sample_score, scored, run_type, reg_covar, n_iter)
             work = n_iter * scored.shape[0] * _row_work(k, d, run_type)
-            if map_items is not None and d >= PARALLEL_SCORE_MIN_D and work >= PARALLEL_SCORE_WORK:
-                results = map_items(score, cands)
+            if map_items is not None and work >= PARALLEL_SCORE_WORK:
+                results = map_items(score, cands, holds_gil=d < PARALLEL_SCORE_MIN_D)
             else:
                 results = [score(c) for c in cands]
             # no candidate gave a well-defined model on the sample (a component with too
@@ -559,8 +564,8 @@ def _best_kmeans(
         run = functools.partial(_polish, scored, model, reg_covar, tol)
         items = [(cap, fitted[i]) for i, cap in zip(todo, caps)]
         work = sum(cap * w for cap, w in zip(caps, step))
-        if map_items is not None and len(items) > 1 and d >= PARALLEL_SCORE_MIN_D and work >= PARALLEL_SCORE_WORK:
-            done = map_items(run, items)
+        if map_items is not None and len(items) > 1 and work >= PARALLEL_SCORE_WORK:
+            done = map_items(run, items, holds_gil=d < PARALLEL_SCORE_MIN_D)
         else:
             done = [run(item) for item in items]
         for i, p in zip(todo, done):

@@ -71,13 +71,15 @@ class DataPasses(Protocol):
         """Run ``model``'s EM from each parameter set, in shared passes; returns the runs
         (:class:`daskem._fitloop.Run`: ``params``, ``n_iter``, ``history``, ``converged``)."""
 
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], *, holds_gil: bool = False) -> list[Any]:
         """``fn(item)`` for every item, in item order: in-memory work between passes
         (e.g. scoring candidate starts on :meth:`sample`), on the threads or
         forked processes an in-process pass uses, BLAS single-threaded in each.
         Reads no data. ``fn`` must not depend on the order in which the items
         run, and ``fn`` and the items must pickle (a module-level function or
-        a :func:`functools.partial` of one)."""
+        a :func:`functools.partial` of one). ``holds_gil``: each item's work is
+        mostly short numpy calls, which hold Python's GIL: on threads the items
+        then run one after another, on processes side by side."""
 
 
 class MixtureModel(Protocol[Params, Stats]):

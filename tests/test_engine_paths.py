@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -331,10 +332,29 @@ def test_forked_workers_give_the_threads_bits_and_stop_with_their_scope() -> Non
         np.testing.assert_array_equal(a.pack(), c.pack())
 
 
+def _thread_of(_: object) -> int:
+    return threading.get_ident()
+
+
 def _square_or_fail(x: float) -> float:
     if x < 0:
         raise ValueError("negative item")
     return x * x
+
+
+@pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")
+def test_local_map_of_work_that_holds_the_gil_runs_on_the_forked_workers_not_on_threads() -> None:
+    """``holds_gil``: with an in-process fit's forked workers the items still run there, side by
+    side; without them (threads only) they run one after another in the calling process."""
+    X = make_blobs(n=2_000, d=3, k=2, seed=33)
+    local = engine.local_array(X)
+    with dask.config.set(num_workers=2):
+        here = threading.get_ident()
+        assert engine.local_map(_thread_of, list(range(4)), name=local.name, holds_gil=True) == [here] * 4
+        assert set(engine.local_map(_thread_of, list(range(8)), name=local.name)) != {here}  # the pool's threads
+        with engine.local_workers(local):
+            pids = engine.local_map(_pid_of, list(range(6)), name=local.name, holds_gil=True)
+            assert set(pids) == {p.pid for p in _pass_workers()} and os.getpid() not in pids
 
 
 @pytest.mark.skipif(not engine._fork_available(), reason="forked pass workers are for Linux")

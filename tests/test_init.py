@@ -362,18 +362,39 @@ def test_candidates_scored_side_by_side_give_the_same_start() -> None:
     Z, centre, scale = _kmeans.standardize(X)
     calls = []
 
-    def threaded(fn, items):
-        calls.append(len(items))
+    def threaded(fn, items, *, holds_gil=False):
+        calls.append((len(items), holds_gil))
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             return list(pool.map(fn, items))
 
     args = (X, Z, centre, scale, [4], None, "full", 1e-6)
     seq = _init._best_kmeans(*args[:5], _init._restart_rngs([4], 9), *args[6:])
     par = _init._best_kmeans(*args[:5], _init._restart_rngs([4], 9), *args[6:], map_items=threaded)
-    assert calls == [len(_init.KMEANS_CANDIDATES["full"])]
+    assert calls == [(len(_init.KMEANS_CANDIDATES["full"]), False)]
     for a, b in zip(seq[:2], par[:2]):
         np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(seq[2][0].precisions_cholesky, par[2][0].precisions_cholesky)
+
+
+def test_candidates_below_32_columns_are_offered_to_the_map_as_holding_the_gil() -> None:
+    """Heavy candidates in fewer than 32 columns go to the fit's map too, marked ``holds_gil``: on
+    threads they run one after another, on an in-process fit's forked workers side by side."""
+    from daskem import _init, _kmeans
+
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(6000, 16)) + 4.0 * rng.integers(0, 4, size=(6000, 1))
+    Z, centre, scale = _kmeans.standardize(X)
+    calls = []
+
+    def serial(fn, items, *, holds_gil=False):
+        calls.append((len(items), holds_gil))
+        return [fn(x) for x in items]
+
+    args = (X, Z, centre, scale, [4])
+    seq = _init._best_kmeans(*args, _init._restart_rngs([4], 9), "full", 1e-6)
+    par = _init._best_kmeans(*args, _init._restart_rngs([4], 9), "full", 1e-6, map_items=serial)
+    assert calls == [(len(_init.KMEANS_CANDIDATES["full"]), True)]
+    np.testing.assert_array_equal(seq[0][0], par[0][0])
 
 
 def _unequal(n: int, seed: int = 12) -> np.ndarray:
