@@ -351,14 +351,15 @@ def test_a_restart_with_an_ill_defined_start_is_dropped_not_the_fit() -> None:
         _hard_pass_params(passes, [bad, bad], "full", model)
 
 
-def test_candidates_scored_side_by_side_give_the_same_start() -> None:
-    """Heavy candidates (D >= 32) are scored on the fit's threads: same scores, same choice."""
+def _scored_with_and_without_a_map(n: int, d: int, seed: int) -> tuple[list, tuple, tuple]:
+    """``_best_kmeans`` on 4 blobs in ``d`` columns, without a map and with one on two threads that
+    records each call's (items, holds_gil)."""
     import concurrent.futures
 
     from daskem import _init, _kmeans
 
-    rng = np.random.default_rng(5)
-    X = rng.normal(size=(3000, 40)) + 4.0 * rng.integers(0, 4, size=(3000, 1))
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)) + 4.0 * rng.integers(0, 4, size=(n, 1))
     Z, centre, scale = _kmeans.standardize(X)
     calls = []
 
@@ -367,9 +368,17 @@ def test_candidates_scored_side_by_side_give_the_same_start() -> None:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             return list(pool.map(fn, items))
 
-    args = (X, Z, centre, scale, [4], None, "full", 1e-6)
-    seq = _init._best_kmeans(*args[:5], _init._restart_rngs([4], 9), *args[6:])
-    par = _init._best_kmeans(*args[:5], _init._restart_rngs([4], 9), *args[6:], map_items=threaded)
+    args = (X, Z, centre, scale, [4])
+    seq = _init._best_kmeans(*args, _init._restart_rngs([4], 9), "full", 1e-6)
+    par = _init._best_kmeans(*args, _init._restart_rngs([4], 9), "full", 1e-6, map_items=threaded)
+    return calls, seq, par
+
+
+def test_candidates_scored_side_by_side_give_the_same_start() -> None:
+    """Heavy candidates (D >= 32) are scored on the fit's threads: same scores, same choice."""
+    from daskem import _init
+
+    calls, seq, par = _scored_with_and_without_a_map(3000, 40, 5)
     assert calls == [(len(_init.KMEANS_CANDIDATES["full"]), False)]
     for a, b in zip(seq[:2], par[:2]):
         np.testing.assert_array_equal(a[0], b[0])
@@ -379,20 +388,9 @@ def test_candidates_scored_side_by_side_give_the_same_start() -> None:
 def test_candidates_below_32_columns_are_offered_to_the_map_as_holding_the_gil() -> None:
     """Heavy candidates in fewer than 32 columns go to the fit's map too, marked ``holds_gil``: on
     threads they run one after another, on an in-process fit's forked workers side by side."""
-    from daskem import _init, _kmeans
+    from daskem import _init
 
-    rng = np.random.default_rng(6)
-    X = rng.normal(size=(6000, 16)) + 4.0 * rng.integers(0, 4, size=(6000, 1))
-    Z, centre, scale = _kmeans.standardize(X)
-    calls = []
-
-    def serial(fn, items, *, holds_gil=False):
-        calls.append((len(items), holds_gil))
-        return [fn(x) for x in items]
-
-    args = (X, Z, centre, scale, [4])
-    seq = _init._best_kmeans(*args, _init._restart_rngs([4], 9), "full", 1e-6)
-    par = _init._best_kmeans(*args, _init._restart_rngs([4], 9), "full", 1e-6, map_items=serial)
+    calls, seq, par = _scored_with_and_without_a_map(6000, 16, 6)
     assert calls == [(len(_init.KMEANS_CANDIDATES["full"]), True)]
     np.testing.assert_array_equal(seq[0][0], par[0][0])
 
