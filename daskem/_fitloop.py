@@ -754,6 +754,26 @@ def observe_progress(callback: Callable[[dict], None]) -> Iterator[None]:
         _observers.reset(token)
 
 
+#: lists that receive every fit's initialisation sample in this context (:func:`keep_sample`)
+_kept_samples: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar("daskem_kept_samples", default=())
+
+
+@contextlib.contextmanager
+def keep_sample() -> Iterator[list]:
+    """Collect the training rows each fit run in this block drew for its initialisation.
+
+    Yields a list; every fit (:func:`fit`) that drew a sample appends it (the
+    rows :meth:`Passes.sample` read, held-out rows excluded). A report built
+    after the fit can use them instead of reading the data once more.
+    """
+    kept: list = []
+    token = _kept_samples.set((*_kept_samples.get(), kept))
+    try:
+        yield kept
+    finally:
+        _kept_samples.reset(token)
+
+
 def say(message: str, snapshot: dict | None = None) -> None:
     """One progress line: to the ``daskem.fit`` logger at INFO, and to stderr when logging would not show it.
 
@@ -1105,6 +1125,9 @@ def _fit(
                 RuntimeWarning,
                 stacklevel=3,
             )
+    if passes._sample is not None:
+        for kept in _kept_samples.get():
+            kept.append(passes._sample)
     return FitResult(runs, counter.n, seed)
 
 

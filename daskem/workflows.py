@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _covariance as cov_
 from . import _engine as engine
-from . import _outputs
+from . import _fitloop, _outputs
 from .errors import InputError
 from .io import model_folder, open_array
 from .mixture import GaussianMixture, load
@@ -93,9 +93,23 @@ def open_data(path: str, array: str | None = None, chunk_bytes: int | None = Non
     return open_array(path, array=array, chunk_bytes=chunk_bytes)
 
 
-def report_sample(X: da.Array, seed: int | None) -> np.ndarray:
-    """The rows drawn for the plots and the training log-density quantiles."""
-    return engine.sample_rows(X, REPORT_SAMPLE_ROWS, 0 if seed is None else int(seed))
+def report_sample(X: da.Array, seed: int | None, kept: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """The rows for the plots and the training log-density quantiles.
+
+    The last of ``kept`` (the training rows the fit drew for its
+    initialisation, :func:`daskem._fitloop.keep_sample`), at most
+    :data:`REPORT_SAMPLE_ROWS` of them picked at random, when there is one:
+    drawing anew would read the data once more, up to a whole pass over a
+    large store. Else :data:`REPORT_SAMPLE_ROWS` rows drawn from ``X``.
+    """
+    seed = 0 if seed is None else int(seed)
+    if kept:
+        rows = kept[-1]
+        if rows.shape[0] > REPORT_SAMPLE_ROWS:
+            pick = np.random.default_rng(seed).choice(rows.shape[0], size=REPORT_SAMPLE_ROWS, replace=False)
+            rows = rows[np.sort(pick)]
+        return rows
+    return engine.sample_rows(X, REPORT_SAMPLE_ROWS, seed)
 
 
 def load_model_dir(path: str | os.PathLike) -> tuple[GaussianMixture, dict | None]:
@@ -151,35 +165,41 @@ def fit_and_report(
     target = _target(out, "select-k" if k_values is not None else "fit")
     t0 = time.perf_counter()
     table = best_k = runs = best_type = at_edge = None
-    if k_values is not None and covariance_types is not None and len(covariance_types) > 1:
-        opts = {name: v for name, v in options.items() if name != "covariance_type"}
-        res = select_model(
-            X,
-            list(k_values),
-            list(covariance_types),
-            criterion=criterion,
-            validation_fraction=validation_fraction,
-            **opts,
-            verbose=verbose,
-        )
-        gm, table, best_k = res.best_model, [dict(r) for r in res.table], int(res.best_k)
-        best_type, at_edge = res.best_covariance_type, bool(res.at_range_edge)
-        runs = [r for pair in res.models for r in getattr(res.models[pair], "runs_", [])]
-    elif k_values is not None:
-        if covariance_types:
-            options = {**options, "covariance_type": covariance_types[0]}
-        res = select_k(
-            X, list(k_values), criterion=criterion, validation_fraction=validation_fraction, **options, verbose=verbose
-        )
-        gm, table, best_k = res.best_model, [dict(r) for r in res.table], int(res.best_k)
-        best_type, at_edge = str(gm.covariance_type), bool(res.at_range_edge)
-        models = getattr(res, "models", None) or {best_k: gm}
-        runs = [r for k in sorted(models) for r in getattr(models[k], "runs_", [])]
-    else:
-        gm = GaussianMixture(n_components=k, **options, verbose=verbose)
-        gm.fit(X)
+    with _fitloop.keep_sample() as kept:
+        if k_values is not None and covariance_types is not None and len(covariance_types) > 1:
+            opts = {name: v for name, v in options.items() if name != "covariance_type"}
+            res = select_model(
+                X,
+                list(k_values),
+                list(covariance_types),
+                criterion=criterion,
+                validation_fraction=validation_fraction,
+                **opts,
+                verbose=verbose,
+            )
+            gm, table, best_k = res.best_model, [dict(r) for r in res.table], int(res.best_k)
+            best_type, at_edge = res.best_covariance_type, bool(res.at_range_edge)
+            runs = [r for pair in res.models for r in getattr(res.models[pair], "runs_", [])]
+        elif k_values is not None:
+            if covariance_types:
+                options = {**options, "covariance_type": covariance_types[0]}
+            res = select_k(
+                X,
+                list(k_values),
+                criterion=criterion,
+                validation_fraction=validation_fraction,
+                **options,
+                verbose=verbose,
+            )
+            gm, table, best_k = res.best_model, [dict(r) for r in res.table], int(res.best_k)
+            best_type, at_edge = str(gm.covariance_type), bool(res.at_range_edge)
+            models = getattr(res, "models", None) or {best_k: gm}
+            runs = [r for k in sorted(models) for r in getattr(models[k], "runs_", [])]
+        else:
+            gm = GaussianMixture(n_components=k, **options, verbose=verbose)
+            gm.fit(X)
     seconds = time.perf_counter() - t0
-    sample = report_sample(X, options.get("random_state"))
+    sample = report_sample(X, options.get("random_state"), kept)
     with _outputs.atomic_output(target) as tmp:
         summary = write_report(
             tmp,

@@ -100,3 +100,32 @@ def test_write_report(tmp_path, fitted):
     doc = json.loads((tmp_path / "summary.json").read_text())
     assert doc["model"]["n_components"] == 3 and doc["note"] == "x"
     assert len(doc["training_log_density_quantiles"]["value"]) == 1001
+
+
+@pytest.mark.parametrize("k_values", [None, (2, 3)], ids=["fit", "select-k"])
+def test_the_report_reads_no_more_data_than_the_fit(tmp_path, k_values) -> None:
+    """``fit`` and ``select-k`` report on the training rows the fit drew for its initialisation: a real
+    Zarr store's chunks are each read once per counted pass, and never again for the plots and the
+    training log-density quantiles (which drew 20,000 rows anew, a whole pass over a large store)."""
+    import dask
+    import dask.array as da
+    import zarr
+    from conftest import CountingStore, make_blobs, write_zarr
+    from zarr.storage import LocalStore
+
+    from daskem import workflows
+
+    X = make_blobs(n=30_000, d=3, k=3, seed=4)
+    path = write_zarr(tmp_path / "x.zarr", X, chunk_rows=3_000)
+    store = CountingStore(LocalStore(path, read_only=True))
+    z = zarr.open_array(store, mode="r")
+    Xd = da.from_zarr(z, chunks=z.chunks)
+    options = {"random_state": 0, "covariance_type": "full", "cache": False}
+    with dask.config.set(scheduler="threads"):
+        summary = workflows.fit_and_report(
+            Xd, tmp_path / "out", k=None if k_values else 3, k_values=k_values, options=options, verbose=0
+        )
+    reads = {key: n for key, n in store.reads.items() if key.startswith("c/")}
+    passes = summary["model"]["n_passes"]
+    assert len(reads) == 10 and set(reads.values()) == {passes}, (passes, sorted(set(reads.values())))
+    assert len(summary["training_log_density_quantiles"]["value"]) == 1001
