@@ -78,6 +78,14 @@ def _matmul(w: np.ndarray, a: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+def _small_path_rows(k: int, width: int, minimum: int, cap: int) -> int | None:
+    """The most rows (a multiple of 16, at most ``cap``) that keep a block's products of
+    ``k x width x rows`` multiply-adds within :data:`_GEMM_PIECE`, or None when fewer than
+    ``minimum`` rows would."""
+    rows = _GEMM_PIECE // max(1, int(k) * int(width))
+    return None if rows < minimum else min(rows - rows % 16, cap)
+
+
 #: Rows per block when every parameter set is of the diagonal family, at
 #: most (:func:`diag_block_rows`): its block is a few short numpy calls (two
 #: thin GEMMs over the ``[z*z, z, 1]`` design, one ``exp``), whose fixed costs
@@ -121,10 +129,8 @@ def diag_block_rows(d: int, k: int) -> int:
         :data:`_DIAG_MIN_FIT`) where that keeps the block's products on the
         small-matrix path.
     """
-    rows = _GEMM_PIECE // max(1, int(k) * (2 * int(d) + 1))
-    if rows < _DIAG_MIN_FIT:
-        return DIAG_BLOCK_ROWS
-    return min(rows - rows % 16, DIAG_BLOCK_ROWS)
+    rows = _small_path_rows(k, 2 * int(d) + 1, _DIAG_MIN_FIT, DIAG_BLOCK_ROWS)
+    return DIAG_BLOCK_ROWS if rows is None else rows
 
 
 _ILL_DEFINED = (
@@ -655,8 +661,7 @@ _FEATURES_MIN_ROWS = 64
 
 def _features_rows(f_len: int, k: int) -> int:
     """Rows per sub-block of the outer-product kernel for ``f_len`` features and ``k`` components."""
-    rows = _GEMM_PIECE // max(1, k * f_len)
-    rows = min(rows - rows % 16, DEFAULT_BLOCK_ROWS) if rows >= _FEATURES_MIN_ROWS else _FEATURES_ROWS
+    rows = _small_path_rows(k, f_len, _FEATURES_MIN_ROWS, DEFAULT_BLOCK_ROWS) or _FEATURES_ROWS
     while rows > 256 and rows * f_len * 8 > _FEATURES_BYTES:
         rows //= 2
     return rows
@@ -681,12 +686,24 @@ class _Features:
     products, e.g. one row of ``z`` against all of it, run 2-2.5x slower an
     element). ``pairs_i[f], pairs_j[f]`` is the pair of feature ``f``;
     ``weight`` (K, F) gives ``log pi_k + log N(x | k)`` as ``weight @ features``.
+    A block is taken ``rows`` rows at a time (:func:`_features_rows`). The
+    moments' product is ``features @ q.T`` (F, K) where its ``K x F x rows``
+    multiply-adds are on OpenBLAS's small-matrix path, the faster layout there
+    (1.7-2x at D=16-48), and ``q @ features.T`` (K, F) on the general path
+    (``moments_kf``; 0.76-0.9x the time at D=64-96, one thread).
     """
 
     pairs_i: np.ndarray
     pairs_j: np.ndarray
     n_pairs: int
     weight: np.ndarray  # (K, n_pairs + D + 1) float64
+    rows: int
+    moments_kf: bool
+
+    @property
+    def moments_shape(self) -> tuple[int, int]:
+        """Shape of the accumulated moments: (K, F) or (F, K)."""
+        return self.weight.shape if self.moments_kf else self.weight.shape[::-1]
 
 
 def _feature_layout(d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -719,28 +736,25 @@ def _make_features(params: GaussianParams, m: np.ndarray, const: np.ndarray, dty
     weight[:, :n_pairs] = prec[:, pi, pj] * np.where(pi == pj, -0.5, -1.0)
     weight[:, n_pairs : n_pairs + d] = np.einsum("kij,kj->ki", prec, m)
     weight[:, n_pairs + d] = const - 0.5 * spread
-    return _Features(pi, pj, n_pairs, weight)
+    f_len = n_pairs + d + 1
+    rows = _features_rows(f_len, k)
+    return _Features(pi, pj, n_pairs, weight, rows, k * f_len * rows > _GEMM_PIECE)
 
 
 def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work: _Workspace) -> None:
     """:func:`_accumulate_block` through the outer-product features (full, tied; float64).
 
-    Per sub-block of :func:`_features_rows` rows: the features ``[z_i z_j, z, 1]``
+    Per sub-block of ``features.rows`` rows: the features ``[z_i z_j, z, 1]``
     (F, n), ``log pi_k N(x | k) = weight @ features`` (one GEMM), the
-    responsibilities, and ``features @ q.T`` (F, K) (one GEMM): every
-    component's ``sum q z_i z_j``, ``sum q z`` and ``N_k`` at once, accumulated
-    in ``acc["fm"]`` and unfolded by :func:`_finish`.
+    responsibilities, and the moments' product (one GEMM, in the layout of
+    ``features.moments_kf``): every component's ``sum q z_i z_j``, ``sum q z``
+    and ``N_k`` at once, accumulated in ``acc["fm"]`` and unfolded by
+    :func:`_finish`.
     """
     ft = plan.features
     d, k = plan.d, plan.k
     f_len = ft.n_pairs + d + 1
-    rows = _features_rows(f_len, k)
-    # the moments' product: on OpenBLAS's small-matrix path ``features @ q.T`` (F, K) is the faster
-    # layout (1.7-2x at D=16-48), on its general path ``q @ features.T`` (K, F) (0.76-0.9x the time at
-    # D=64-96, one thread)
-    small = k * f_len * rows <= _GEMM_PIECE
-    if not small and "fm_t" not in acc:
-        acc["fm_t"] = np.zeros((k, f_len))
+    rows = ft.rows
     for start in range(0, X.shape[0], rows):
         xb = X[start : start + rows]
         n = xb.shape[0]
@@ -756,20 +770,20 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
         q, ll, lm = _responsibilities(lp, hard)
         acc["loglik"] += ll
         acc["log_map"] += lm
-        if small:
+        if ft.moments_kf:
+            acc["fm"] += np.matmul(q, f.T, out=work.get("fmb", (k, f_len)))
+        else:
             qt = work.get("qt", (n, k))
             np.copyto(qt, q.T)
             acc["fm"] += np.matmul(f, qt, out=work.get("fmb", (f_len, k)))
-        else:
-            acc["fm_t"] += np.matmul(q, f.T, out=work.get("fmb_t", (k, f_len)))
 
 
 def _unfold_features(acc: dict, plan: _Plan) -> None:
     """Move ``acc["fm"]`` (the outer-product kernel's moments) into ``nk``, ``c1``, ``c2``."""
     ft = plan.features
     fm = acc.pop("fm")
-    if "fm_t" in acc:
-        fm = fm + acc.pop("fm_t").T
+    if ft.moments_kf:
+        fm = fm.T
     d, k = plan.d, plan.k
     acc["nk"] = acc["nk"] + fm[-1]
     acc["c1"] = acc["c1"] + fm[ft.n_pairs : ft.n_pairs + d].T
@@ -1328,7 +1342,7 @@ def chunk_statistics(
             "log_map": 0.0,
         }
         if plan.features is not None:
-            acc["fm"] = np.zeros((plan.features.weight.shape[1], k))
+            acc["fm"] = np.zeros(plan.features.moments_shape)
         accs.append(acc)
     with single_threaded_blas():
         for start in range(0, n, block_rows):

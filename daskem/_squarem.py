@@ -71,8 +71,8 @@ follows higher): the first such drop starts a new cycle at that EM image,
 with the stopping rule's memory cleared; after the second the run goes on
 as plain EM, stopped by plain EM's rule (a pass's change below ``tol``).
 Before the run's first extrapolation its points are plain EM's, and such a
-drop stops it as plain EM's rule stops plain EM. Drops within the round-off of a mean over all rows (``64 eps |L|``) are
-recorded as they come.
+drop stops it as plain EM's rule stops plain EM. Drops within the round-off
+of a mean over all rows (``64 eps |L|``) are recorded as they come.
 
 The result of a run, in both modes, follows scikit-learn: ``params`` is the
 M-step image of the last accepted point and ``lower_bound`` that point's
