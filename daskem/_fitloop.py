@@ -46,9 +46,10 @@ from ._blas import single_threaded_blas
 from ._durations import format_seconds
 from ._model import MixtureModel
 from ._numeric import logsumexp_rows
+from ._outputs import atomic_write_text
 from ._squarem import EMAccelerator
 from .errors import ConvergenceWarning, InputError
-from .io import atomic_savez, atomic_write_text
+from .io import atomic_savez
 
 #: rows of the init sample (seeding, re-seeding of empty components) when the fit does not size it;
 #: :func:`fit` asks for :func:`daskem._kmeans.sample_size` of the largest K and the data's D

@@ -349,6 +349,15 @@ def atomic_output(target: OutputTarget) -> Iterator[Path]:
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary name and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_companion(path: str | os.PathLike, kind: str, doc: dict) -> None:
     """Write a JSON file that belongs to an output (marked with its kind), atomically."""
     path = Path(path)

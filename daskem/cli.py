@@ -234,14 +234,10 @@ def cluster_client(args: argparse.Namespace, defaults: dict | None = None) -> It
     (:func:`daskem.security.find_security`). The local cluster listens on
     127.0.0.1 only, its dashboard too.
     """
-    # lazy: see the note at the top
-    import dask
+    import dask  # lazy: see the top
+    from distributed import Client, LocalCluster  # lazy: see the top
 
-    # lazy: see the note at the top
-    from distributed import Client, LocalCluster
-
-    # lazy: see the note at the top
-    from .security import find_security
+    from .security import find_security  # lazy: see the top
 
     defaults = defaults or {}
     scheduler = getattr(args, "scheduler", None) or (
@@ -309,12 +305,7 @@ def _say_written(args: argparse.Namespace, target: _outputs.OutputTarget) -> Non
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    # lazy: see the note at the top
-    from .datasets import (
-        check_generate_target,
-        generate_zarr,
-        truth_path,
-    )
+    from .datasets import check_generate_target, generate_zarr, truth_path  # lazy: see the top
 
     target = check_generate_target(args.out, overwrite=args.overwrite)
     args._out_target = target
@@ -340,11 +331,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    # lazy: see the note at the top
-    from .mixture import GaussianMixture
-
-    # lazy: see the note at the top
-    from .workflows import fit_and_report, open_data
+    from .mixture import GaussianMixture  # lazy: see the top
+    from .workflows import fit_and_report, open_data  # lazy: see the top
 
     opts = model_options(args)
     GaussianMixture(n_components=args.k, **opts)._validate_params()
@@ -371,11 +359,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_select_k(args: argparse.Namespace) -> int:
-    # lazy: see the note at the top
-    from .mixture import GaussianMixture
-
-    # lazy: see the note at the top
-    from .workflows import (
+    from .mixture import GaussianMixture  # lazy: see the top
+    from .workflows import (  # lazy: see the top
         fit_and_report,
         open_data,
         parse_covariance_types,
@@ -484,8 +469,7 @@ def selection_table_lines(table: Sequence[dict]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    # lazy: see the note at the top
-    from .workflows import (
+    from .workflows import (  # lazy: see the top
         anomaly_threshold,
         load_model_dir,
         open_data,
@@ -529,8 +513,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    # lazy: see the note at the top
-    from .workflows import load_model_dir, open_data
+    from .workflows import load_model_dir, open_data  # lazy: see the top
 
     gm, _ = load_model_dir(args.model_dir)
     X = open_data(args.data, args.array)
@@ -546,14 +529,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import zarr  # slow import, only to check the demo's labels
 
-    # lazy: see the note at the top
-    from .datasets import generate_zarr, sample_chunk
-
-    # lazy: see the note at the top
-    from .report import write_summary
-
-    # lazy: see the note at the top
-    from .workflows import (
+    from .datasets import generate_zarr, sample_chunk  # lazy: see the top
+    from .report import write_summary  # lazy: see the top
+    from .workflows import (  # lazy: see the top
         fit_and_report,
         load_model_dir,
         open_data,
@@ -624,8 +602,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _matched_agreement(truth: Any, pred: Any) -> float:
     """Fraction of rows whose predicted component matches the true one under the best matching."""
-    # lazy: see the note at the top
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # lazy: see the top
 
     kt, kp = int(truth.max()) + 1, int(pred.max()) + 1
     c = np.zeros((kt, kp))
@@ -1086,8 +1063,7 @@ def _quiet_interrupts(args: argparse.Namespace) -> Iterator[None]:
     if not hasattr(args, "n_workers"):  # commands that start no cluster
         yield
         return
-    # lazy: see the note at the top
-    import dask
+    import dask  # lazy: see the top
 
     preload = dask.config.get("distributed.worker.preload", None) or []
     preload = [preload] if isinstance(preload, str) else list(preload)

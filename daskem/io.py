@@ -226,15 +226,6 @@ def _as_float(arr: da.Array) -> da.Array:
 # --------------------------------------------------------------------------
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary name and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """``np.savez`` through a temporary name and a rename."""
     path = Path(path)

@@ -71,6 +71,7 @@ from typing import Any
 import psutil
 
 from . import _outputs
+from ._outputs import atomic_write_text
 from .errors import InputError, InputNotFoundError
 
 # scikit-learn, Dask's client and the fit loop are imported where a job is
@@ -136,14 +137,8 @@ def load_job(path: str | Path) -> dict:
         For a missing or malformed file, unknown sections or keys, or
         missing required keys.
     """
-    # lazy: see the note at the top
-    from .mixture import GaussianMixture
-
-    # lazy: see the note at the top
-    from .workflows import (
-        parse_covariance_types,
-        parse_k_values,
-    )
+    from .mixture import GaussianMixture  # lazy: see the top
+    from .workflows import parse_covariance_types, parse_k_values  # lazy: see the top
 
     path = Path(path)
     if not path.exists():
@@ -243,9 +238,6 @@ def _read_json(p: Path) -> dict | None:
 
 def write_state(job: dict, job_id: str, state: str, **fields: Any) -> dict:
     """Record the job's state in ``<output>/job.json`` (atomically)."""
-    # lazy: see the note at the top
-    from .io import atomic_write_text
-
     out = Path(job["output"]["path"])
     old = _read_json(out / "job.json") or {}
     if old.get("id") != job_id:
@@ -265,9 +257,6 @@ def write_state(job: dict, job_id: str, state: str, **fields: Any) -> dict:
 
 def register(job_id: str, job: dict, mode: str, **fields: Any) -> None:
     """Record ``job_id`` → output folder in the registry (``$DASKEM_HOME/jobs``)."""
-    # lazy: see the note at the top
-    from .io import atomic_write_text
-
     doc = {
         "id": job_id,
         "mode": mode,
@@ -308,8 +297,6 @@ def job_status(job_id: str) -> dict:
 
 def _progress_writer(out: Path, job_id: str) -> Callable[[dict], None]:
     """An observer of the fit loop (:func:`daskem._fitloop.observe_progress`): ``<output>/progress.json``."""
-    # lazy: see the note at the top
-    from .io import atomic_write_text
 
     def write(snapshot: dict) -> None:
         doc = {"id": job_id, "updated": _now(), **snapshot}
@@ -561,11 +548,8 @@ def run_job(
 
 
 def _run_locked(job: dict, job_id: str, out: Path, *, verbose: int, fresh: bool, say: Callable[[str], None]) -> dict:
-    # lazy: see the note at the top
-    from ._fitloop import observe_progress
-
-    # lazy: see the note at the top
-    from .workflows import open_data
+    from ._fitloop import observe_progress  # lazy: see the top
+    from .workflows import open_data  # lazy: see the top
 
     write_state(
         job,
@@ -623,8 +607,7 @@ def _run_locked(job: dict, job_id: str, out: Path, *, verbose: int, fresh: bool,
 
 
 def _fit_job(job: dict, job_id: str, X: Any, work: Path, options: dict, verbose: int) -> None:
-    # lazy: see the note at the top
-    from .workflows import (
+    from .workflows import (  # lazy: see the top
         anomaly_threshold,
         fit_and_report,
         load_model_dir,
@@ -712,11 +695,9 @@ def submit(job: dict, *, connect_timeout: str = "20s", overwrite: bool = False, 
     OutputRefusedError
         For an output path daskem will not write to.
     """
-    # lazy: see the note at the top
-    from distributed import Client, fire_and_forget
+    from distributed import Client, fire_and_forget  # lazy: see the top
 
-    # lazy: see the note at the top
-    from .security import find_security
+    from .security import find_security  # lazy: see the top
 
     c = job["cluster"]
     if not (c.get("scheduler") or c.get("scheduler_file")):

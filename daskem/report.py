@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ._covariance import dense_covariances
-from .io import atomic_write_text
+from ._outputs import atomic_write_text
 
 #: 20 colours for components: Okabe–Ito's six colour-blind-safe hues (without its black and yellow), then 14
 #: more, each chosen greedily as the candidate farthest (CIELAB distance) from those already chosen, among colours of
