@@ -99,8 +99,12 @@ What ``tol`` means
   three cycle starts' log-likelihoods (before there are three, a run stops
   only when an EM step, a cycle's first or the one to its start, gains less
   than ``tol / 10,000``: from a start as close as the initialisation's,
-  EM's fast modes look converged after one cycle while a slow one is left),
-  and that of the cycle's own EM step: gain ``g = L(x1) - L(x0)`` and EM's
+  EM's fast modes look converged after one cycle while a slow one is left;
+  or, with a ``prior_rate``, EM's rate measured by plain EM steps on the
+  fit's sample at the start (:func:`probe_rate`), which sees the slow
+  modes, when the bound ``g c^2 / (1 - c^2)`` below with the larger of that
+  rate and the run's own is under ``tol / 30``: a fast mixture then ends
+  after one cycle), and that of the cycle's own EM step: gain ``g = L(x1) - L(x0)`` and EM's
   rate ``c``, the largest residual ratio ``||x2 - x1|| / ||x1 - x0||`` of
   the last three cycles, give ``g c^2 / (1 - c^2)``. Each estimate is
   infinite when its rate is negative, not below 1 or divides by (nearly)
@@ -163,6 +167,14 @@ _EARLY_GAIN = 3e-3
 #: 1/30 had ended within 1e-4 in only 88% of them without a ``max_iter`` cap, 1/100 in 93%.
 REMAINING_FRACTION = 1.0 / 30.0
 
+#: Plain EM steps :func:`probe_rate` takes at most, and the relative agreement of two successive
+#: step ratios at which it stops sooner.
+PROBE_STEPS = 8
+_PROBE_AGREE = 0.05
+
+#: A step of the parameter vector this small against the vector itself is round-off (:func:`probe_rate`).
+_PROBE_ROUNDOFF = 1e-11
+
 
 # --------------------------------------------------------------------------
 # stopping
@@ -223,6 +235,73 @@ def em_remaining(gain: float, rate: float, floor: float = 0.0) -> float:
     return gain * rho / (1.0 - rho)
 
 
+def probe_rate(
+    params: Params,
+    em_map: Callable[[Params], Params | None],
+    to_vector: Callable[[Params], np.ndarray],
+    scale: Callable[[Params], np.ndarray | None] | None = None,
+    max_steps: int = PROBE_STEPS,
+) -> float | None:
+    """EM's rate near ``params``, measured by plain EM steps from there (power iteration).
+
+    Near a fixed point the steps ``d_j = ||x_(j+1) - x_j||`` of plain EM shrink
+    by the Jacobian's eigenvalues, and their ratio ``d_j / d_(j-1)`` tends to
+    the largest one (the rate of EM's slowest mode) as the faster modes die
+    out. Steps are taken until two successive ratios agree within 5%, a step
+    is round-off (relative to the vector), or ``max_steps``; the larger of
+    the last two ratios is returned (the ratios approach the rate from
+    below). ``em_map`` is one EM iteration on rows held in memory (e.g. a
+    sample of the data, whose EM has the data's rate up to sampling error);
+    it returns None when the step is not EM's own (a component emptied, an
+    ill-defined M-step).
+
+    Parameters
+    ----------
+    params : Params
+        Where to measure: e.g. the initialisation's start, already
+        converged on the sample.
+    em_map : callable ``params -> params or None``
+    to_vector : callable
+        The parameterisation the norms are taken in (as SQUAREM's).
+    scale : callable, optional
+        Weights of the vector's coordinates at ``params`` (as SQUAREM's).
+    max_steps : int
+
+    Returns
+    -------
+    float or None
+        The rate in ``[0, inf)`` (0 when the first steps already reach
+        round-off: nothing is left to converge), or None when a step failed.
+    """
+    v_prev = np.asarray(to_vector(params), dtype=np.float64)
+    w = scale(params) if scale is not None else None
+
+    def norm(a: np.ndarray) -> float:
+        return float(np.linalg.norm(a if w is None else w * a))
+
+    floor = _PROBE_ROUNDOFF * max(norm(v_prev), np.finfo(np.float64).tiny)
+    p, d_prev = params, math.nan
+    ratios: list[float] = []
+    for _ in range(max_steps):
+        nxt = em_map(p)
+        if nxt is None:
+            return None
+        p = nxt
+        v = np.asarray(to_vector(p), dtype=np.float64)
+        d = norm(v - v_prev)
+        v_prev = v
+        if not math.isfinite(d):
+            return None
+        if d <= floor:
+            break  # round-off: the ratio would be noise
+        if math.isfinite(d_prev):
+            ratios.append(d / d_prev)
+            if len(ratios) >= 2 and abs(ratios[-1] - ratios[-2]) <= _PROBE_AGREE * max(ratios[-2:]):
+                break
+        d_prev = d
+    return max(ratios[-2:]) if ratios else 0.0
+
+
 # --------------------------------------------------------------------------
 # the state machine
 # --------------------------------------------------------------------------
@@ -262,6 +341,13 @@ class EMAccelerator:
     stabilise : bool
         Whether an extrapolated point below ``L(x1)`` gets ``squarem1``'s
         stabilisation step (stage D) before it is judged.
+    prior_rate : float, optional
+        EM's rate measured near the start by other means (:func:`probe_rate`
+        on a sample of the rows). Until there are three cycle starts for
+        Aitken's estimate, the stopping rule then also stops when the
+        remaining gain it bounds with the larger of it and the run's own
+        observed rates (:func:`em_remaining`) is below the tolerance, not
+        only when an EM step gains less than ``tol / 10,000``.
 
     Attributes
     ----------
@@ -298,6 +384,7 @@ class EMAccelerator:
         step_max0: float = 1.0,
         mstep: float = 4.0,
         stabilise: bool = True,
+        prior_rate: float | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -317,6 +404,7 @@ class EMAccelerator:
         self.step_max0 = float(step_max0)
         self.mstep = float(mstep)
         self.stabilise = bool(stabilise)
+        self.prior_rate = None if prior_rate is None else float(prior_rate)
         # the step bounds (only step_max moves: step_min stays >= 1)
         self.step_min = self.step_min0
         self.step_max = self.step_max0
@@ -616,6 +704,11 @@ class EMAccelerator:
             # the tolerance ends it (well above round-off, which the order of
             # summation decides)
             cycles = 0.0 if gain <= max(floor, self.tol * REMAINING_FRACTION * _EARLY_GAIN) else math.inf
+            if self.prior_rate is not None:
+                # or EM's rate measured where the run started (:func:`probe_rate` on the
+                # sample), which sees the slow modes that this run's first steps cannot,
+                # bounds what is left (:func:`em_remaining`, with the larger rate)
+                cycles = min(cycles, em_remaining(gain, max([self.prior_rate, *self.rates]), floor))
         em = em_remaining(gain, max(self.rates), floor) if self.rates else math.inf
         return max(cycles, em)
 
@@ -662,6 +755,7 @@ class EMAccelerator:
             "rates": [_jfloat(v) for v in self.rates],
             "estimate": _jfloat(self.estimate),
             "stabilise": self.stabilise,
+            "prior_rate": None if self.prior_rate is None else _jfloat(self.prior_rate),
             "n_iter": self.n_iter,
             "history": [_jfloat(v) for v in self.history],
             "starts": [_jfloat(v) for v in self.starts],
@@ -709,6 +803,7 @@ class EMAccelerator:
             step_max0=meta["step_max0"],
             mstep=meta["mstep"],
             stabilise=meta["stabilise"],
+            prior_rate=None if meta.get("prior_rate") is None else _pfloat(meta["prior_rate"]),
         )
         self.points = points
         self.step_min = float(meta["step_min"])

@@ -533,3 +533,32 @@ def test_data_no_larger_than_the_sample_is_fitted_in_three_or_four_passes(ctype)
         assert gm.converged_
         passes.append(gm.n_passes_)
     assert max(passes) <= 4 and passes.count(3) >= 3, passes
+
+
+def separated(n: int = 40_000, seed: int = 3) -> np.ndarray:
+    """Six well-separated 5-D Gaussians, more rows than the initialisation's sample (20,000)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=10.0, size=(6, 5))
+    return centres[rng.integers(6, size=n)] + rng.standard_normal((n, 5))
+
+
+@pytest.mark.parametrize("ctype", ["full", "diag"])
+def test_em_rate_measured_on_the_sample_ends_a_fast_fit_after_one_cycle(ctype):
+    """Well-separated components: EM's rate on the sample is about 0 (``prior_rate``), so the bound on the
+    remaining gain after the first cycle is 0 and the fit ends there: the sample, then two EM passes
+    (it took three: the first cycle could not tell a fast mixture from a slow mode). The model is plain
+    EM's optimum from the same start; counted chunk reads."""
+    X = separated()
+    reader = CountingBlocks()
+    Xd = da.from_array(X, chunks=(5000, 5)).map_blocks(reader, dtype=X.dtype)
+    with dask.config.set(scheduler="synchronous"):
+        gm = fit(Xd, n_components=6, covariance_type=ctype, random_state=0, cache=False)
+    (run,) = gm.runs_
+    assert gm.converged_ and run["prior_rate"] is not None and run["prior_rate"] < 0.05
+    assert gm.n_passes_ == 3 and gm.n_iter_ == 2
+    assert set(reader.reads.values()) == {3}
+    plain = fit(X, n_components=6, covariance_type=ctype, random_state=0, accelerate=None, tol=1e-10)
+    assert gm.lower_bound_ == pytest.approx(plain.lower_bound_, abs=1e-9)
+    # on overlapping components the rate is large and the rule waits for more cycles, as before
+    slow = fit(overlapping_2d(30_000, noise=0.6), n_components=3, covariance_type=ctype, random_state=0)
+    assert slow.runs_[0]["prior_rate"] > 0.3 and slow.n_iter_ > 2

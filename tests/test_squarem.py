@@ -19,7 +19,7 @@ import pytest
 from daskem import _fitloop
 from daskem._gaussian import GaussianParams, chunk_statistics, m_step
 from daskem._gaussian_model import GaussianModel
-from daskem._squarem import EMAccelerator, aitken_remaining, drive, em_remaining
+from daskem._squarem import EMAccelerator, aitken_remaining, drive, em_remaining, probe_rate
 
 REG = 1e-6
 TYPES = ("full", "tied", "diag", "spherical")
@@ -247,6 +247,65 @@ def test_before_aitken_a_negligible_em_step_to_a_cycle_start_ends_the_run_there(
     m, _ = toy_machine(1e-3, tol=1e-3)
     stages, _ = run_toy(m)
     assert stages[:4] == ["A", "B", "A", "B"] and m.converged
+
+
+def _linear_map(rates, target):
+    rates, target = np.asarray(rates, float), np.asarray(target, float)
+    return lambda x: target + rates * (x - target)
+
+
+def test_probe_rate_finds_the_slowest_mode_of_a_linear_map():
+    # modes 0.9, 0.5 and 0.1, the fast ones larger at the start: the step ratios climb from 0.27 towards
+    # 0.9 as the fast modes die out; two successive ratios agree within 5% at 0.84 and 0.88 (7 steps)
+    target = np.array([1.0, -2.0, 3.0])
+    em = _linear_map([0.9, 0.5, 0.1], target)
+    steps = []
+
+    def counted(x):
+        steps.append(x)
+        return em(x)
+
+    rate = probe_rate(target + 1.0, counted, lambda p: p)
+    assert 0.85 <= rate <= 0.9 and len(steps) == 7
+    # within max_steps the estimate is what the steps show, from below: 3 steps see 0.53
+    assert 0.5 < probe_rate(target + 1.0, em, lambda p: p, max_steps=3) < 0.6
+    # the norms are taken in the metric ``scale`` gives: weighting the slow coordinate away leaves 0.5
+    assert probe_rate(target + 1.0, em, lambda p: p, scale=lambda p: np.array([0.0, 1.0, 1.0])) == pytest.approx(0.5, rel=1e-3)
+    # a map that lands on its fixed point at once has nothing left to converge: 0
+    assert probe_rate(target + 1.0, lambda x: target.copy(), lambda p: p) == 0.0
+    # a step that is not EM's own (a component emptied, an ill-defined M-step): no estimate
+    assert probe_rate(target + 1.0, lambda x: None, lambda p: p) is None
+
+
+def test_a_prior_rate_ends_the_run_after_its_first_cycle_when_it_bounds_the_remaining_gain():
+    # x -> t + 1e-3 (x - t) from 0 (L = -||x - t||^2 = -14): the first cycle gains 14 (1 - 1e-6). Without a
+    # prior the run waits for a later cycle (4 passes, the test above); with EM's true rate as the prior the
+    # bound gain * rate^2 / (1 - rate^2) = 1.4e-5 is below tol / 30 after the cycle's second pass: 2 passes,
+    # the result x2 = M(x1)
+    for prior, stages_expected in ((1e-3, ["A", "B"]), (None, ["A", "B", "A", "B"])):
+        m, target = toy_machine(1e-3, tol=1e-3)
+        m.prior_rate = prior
+        stages, _ = run_toy(m)
+        assert stages == stages_expected and m.converged
+        assert np.allclose(m.params, target, atol=1e-8)
+    # a prior that says EM is slow does not end the first cycle: the bound 14 * 0.98 / 0.02 is far above
+    # tol / 30 (the second cycle's gains, 1e-11, end the run by the rule without a prior)
+    m, _ = toy_machine(1e-3, tol=1e-3)
+    m.prior_rate = 0.99
+    stages, _ = run_toy(m)
+    assert stages == ["A", "B", "A", "B"] and m.converged
+    # the prior is part of the machine's state
+    m, _ = toy_machine(0.5)
+    m.prior_rate = 0.25
+    arrays, meta = m.state(lambda p: ({"x": p}, {}))
+    back = EMAccelerator.from_state(
+        arrays, json.loads(json.dumps(meta)), lambda a, meta: a["x"],
+        m_step=m.m_step,
+        objective=m.objective,
+        to_vector=m.to_vector,
+        from_vector=m.from_vector,
+    )
+    assert back.prior_rate == 0.25
 
 
 def test_max_iter_counts_every_pass_in_both_modes():
