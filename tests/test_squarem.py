@@ -270,7 +270,9 @@ def test_probe_rate_finds_the_slowest_mode_of_a_linear_map():
     # within max_steps the estimate is what the steps show, from below: 3 steps see 0.53
     assert 0.5 < probe_rate(target + 1.0, em, lambda p: p, max_steps=3) < 0.6
     # the norms are taken in the metric ``scale`` gives: weighting the slow coordinate away leaves 0.5
-    assert probe_rate(target + 1.0, em, lambda p: p, scale=lambda p: np.array([0.0, 1.0, 1.0])) == pytest.approx(0.5, rel=1e-3)
+    assert probe_rate(target + 1.0, em, lambda p: p, scale=lambda p: np.array([0.0, 1.0, 1.0])) == pytest.approx(
+        0.5, rel=1e-3
+    )
     # a map that lands on its fixed point at once has nothing left to converge: 0
     assert probe_rate(target + 1.0, lambda x: target.copy(), lambda p: p) == 0.0
     # a step that is not EM's own (a component emptied, an ill-defined M-step): no estimate
@@ -299,7 +301,9 @@ def test_a_prior_rate_ends_the_run_after_its_first_cycle_when_it_bounds_the_rema
     m.prior_rate = 0.25
     arrays, meta = m.state(lambda p: ({"x": p}, {}))
     back = EMAccelerator.from_state(
-        arrays, json.loads(json.dumps(meta)), lambda a, meta: a["x"],
+        arrays,
+        json.loads(json.dumps(meta)),
+        lambda a, meta: a["x"],
         m_step=m.m_step,
         objective=m.objective,
         to_vector=m.to_vector,
