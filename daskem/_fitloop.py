@@ -48,7 +48,7 @@ from ._durations import format_seconds
 from ._model import MixtureModel
 from ._numeric import logsumexp_rows
 from ._outputs import atomic_write_text
-from ._squarem import EMAccelerator, probe_rate
+from ._squarem import PROBE_STEPS, EMAccelerator, probe_rate
 from .errors import ConvergenceWarning, InputError
 from .io import atomic_savez
 
@@ -1141,6 +1141,11 @@ def _fit(
 
 #: Sample rows :func:`probe_rates` measures EM's rate on, at most (a fixed random subset of the fit's sample).
 PROBE_ROWS = 10_000
+#: Fewer rows than this within :data:`PROBE_WORK`: no probe.
+PROBE_MIN_ROWS = 2_000
+#: The probes of all runs together, at most, in rows x statistics values x steps (the packed statistics'
+#: length stands for a row's work: K (D^2 + D + 1) for full covariances, K (2D + 1) for diagonal ones).
+PROBE_WORK = 4 * 10**9
 
 
 def probe_rates(passes: Passes, model: MixtureModel, runs: Sequence[Run]) -> None:
@@ -1154,14 +1159,20 @@ def probe_rates(passes: Passes, model: MixtureModel, runs: Sequence[Run]) -> Non
     cycle when the remaining gain it bounds is below the tolerance (a start
     already converged on the sample and a fast-converging mixture) instead of
     after the three cycles Aitken's estimate needs. Cost: at most
-    :data:`daskem._squarem.PROBE_STEPS` EM iterations on those rows per run.
+    :data:`daskem._squarem.PROBE_STEPS` EM iterations on those rows per run,
+    and :data:`PROBE_WORK` for all runs together (fewer rows when it would be
+    more; none below :data:`PROBE_MIN_ROWS`).
     """
     todo = [r for r in runs if isinstance(r, AcceleratedRun) and not r.done and r.params is not None]
     if not todo or passes._sample is None:
         return
     rows = passes._sample
-    if rows.shape[0] > PROBE_ROWS:
-        pick = np.random.default_rng(rows.shape[0]).choice(rows.shape[0], size=PROBE_ROWS, replace=False)
+    width = sum(model.packed_size(r.params) for r in todo)
+    n = min(rows.shape[0], PROBE_ROWS, PROBE_WORK // max(PROBE_STEPS * width, 1))
+    if n < min(PROBE_MIN_ROWS, rows.shape[0]):
+        return  # too heavy a model for its sample's rows: the rule without a prior
+    if rows.shape[0] > n:
+        pick = np.random.default_rng(rows.shape[0]).choice(rows.shape[0], size=n, replace=False)
         rows = rows[np.sort(pick)]
     fn = functools.partial(_probe_one, rows, model)
     items = [r.params for r in todo]
