@@ -1161,10 +1161,13 @@ def probe_rates(passes: Passes, model: MixtureModel, runs: Sequence[Run]) -> Non
     after the three cycles Aitken's estimate needs. Cost: at most
     :data:`daskem._squarem.PROBE_STEPS` EM iterations on those rows per run,
     and :data:`PROBE_WORK` for all runs together (fewer rows when it would be
-    more; none below :data:`PROBE_MIN_ROWS`).
+    more; none below :data:`PROBE_MIN_ROWS`). Not made when the sample holds
+    every row (data no larger than the sample).
     """
     todo = [r for r in runs if isinstance(r, AcceleratedRun) and not r.done and r.params is not None]
-    if not todo or passes._sample is None:
+    if not todo or passes._sample is None or passes._sample.shape[0] >= passes.X.shape[0]:
+        # no sample, or the sample is every row: EM on it is the fit's own, whose first steps
+        # tell as much (iris: the probe cost 40% of the fit and saved nothing)
         return
     rows = passes._sample
     width = sum(model.packed_size(r.params) for r in todo)
