@@ -219,8 +219,6 @@ class AcceleratedRun(Run):
 
     method: str = "squarem"
     machine: EMAccelerator | None = field(default=None, repr=False)
-    #: EM's rate measured on the fit's sample at the start (:func:`probe_rates`), for the stopping rule
-    prior_rate: float | None = None
 
     def _machine(self) -> EMAccelerator:
         if self.machine is None:
@@ -234,7 +232,6 @@ class AcceleratedRun(Run):
                 method=self.method,
                 tol=0.0,
                 max_iter=2**62,
-                prior_rate=self.prior_rate,
             )
             self.machine.n_iter = self.n_iter
         return self.machine
@@ -276,6 +273,11 @@ class AcceleratedRun(Run):
         m.max_iter = int(step.max_iter)
         return m
 
+    @property
+    def prior_rate(self) -> float | None:
+        """EM's rate measured on the fit's sample at the start (:func:`probe_rates`), for the stopping rule."""
+        return self._machine().prior_rate
+
     def proposal(self) -> list:
         p = self._machine().proposal()
         return [] if p is None else [p]
@@ -316,7 +318,7 @@ class AcceleratedRun(Run):
             accelerate=self.method,
             n_extrapolations=m.n_extrapolations,
             n_rejected=m.n_rejected,
-            prior_rate=self.prior_rate,
+            prior_rate=m.prior_rate,
             history=list(self.history),
         )
         return out
@@ -335,7 +337,6 @@ class AcceleratedRun(Run):
             from_vector=_unbound,
         )
         self.method = self.machine.method
-        self.prior_rate = self.machine.prior_rate
         self._sync()
 
 
@@ -1174,15 +1175,13 @@ def probe_rates(passes: Passes, model: MixtureModel, runs: Sequence[Run]) -> Non
     n = min(rows.shape[0], PROBE_ROWS, PROBE_WORK // max(PROBE_STEPS * width, 1))
     if n < min(PROBE_MIN_ROWS, rows.shape[0]):
         return  # too heavy a model for its sample's rows: the rule without a prior
-    if rows.shape[0] > n:
-        pick = np.random.default_rng(rows.shape[0]).choice(rows.shape[0], size=n, replace=False)
-        rows = rows[np.sort(pick)]
-    fn = functools.partial(_probe_one, rows, model)
-    items = [r.params for r in todo]
+    rows = _kmeans.subsample(rows, n)
     # at small D the kernel is element-wise numpy that holds the GIL: side by side only on processes
-    rates = passes.map(fn, items, holds_gil=rows.shape[1] < 32) if len(items) > 1 else [fn(items[0])]
+    rates = passes.map(
+        functools.partial(_probe_one, rows, model), [r.params for r in todo], holds_gil=rows.shape[1] < 32
+    )
     for r, rate in zip(todo, rates):
-        r.prior_rate = rate
+        r._machine().prior_rate = rate
 
 
 def _probe_one(rows: np.ndarray, model: MixtureModel, params: Any) -> float | None:
@@ -1194,7 +1193,8 @@ def _probe_one(rows: np.ndarray, model: MixtureModel, params: Any) -> float | No
             return None
         return None if np.any(empty) else new
 
-    with single_threaded_blas(), warnings.catch_warnings(), np.errstate(all="ignore"):
+    # (BLAS is single-threaded in every item of ``Passes.map``)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         return probe_rate(params, em_map, model.to_vector, getattr(model, "vector_scale", None))
 

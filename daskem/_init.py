@@ -504,11 +504,8 @@ def _best_kmeans(
     white = _kmeans.whiten(Z) if any(sp == "white" for _, sp in all_kinds) else None
     # one common scale: the root mean column variance
     iso = float(np.sqrt(np.mean(variances)))
-    scored = rows
-    if rows.shape[0] > SCORE_ROWS:
-        # a fixed subset (the sample is in row order): the same for every run
-        pick = np.random.default_rng(rows.shape[0]).choice(rows.shape[0], size=SCORE_ROWS, replace=False)
-        scored = rows[np.sort(pick)]
+    # a fixed subset (the sample is in row order): the same for every run
+    scored = _kmeans.subsample(rows, SCORE_ROWS)
     spaces: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray], np.ndarray]] = {
         "std": (Z, lambda c: centre + scale * c, variances)
     }

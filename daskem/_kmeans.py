@@ -42,6 +42,15 @@ def sample_size(n_components: int, n_features: int) -> int:
     return int(max(min(want, cap), 2 * int(n_components)))
 
 
+def subsample(rows: np.ndarray, n: int) -> np.ndarray:
+    """At most ``n`` of ``rows``, in row order: a random subset fixed by the rows' count
+    (the same one for every caller that holds the same sample)."""
+    if rows.shape[0] <= n:
+        return rows
+    pick = np.random.default_rng(rows.shape[0]).choice(rows.shape[0], size=n, replace=False)
+    return rows[np.sort(pick)]
+
+
 def standardize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Columns of ``X`` centred and scaled to unit variance.
 
