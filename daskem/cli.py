@@ -331,12 +331,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    opts = model_options(args)
+    # --out first: a refused target is answered before the slow imports below
+    target = _out_target(args, "fit", [args.data, opts.get("checkpoint")])
     from .mixture import GaussianMixture  # lazy: see the top
     from .workflows import fit_and_report, open_data  # lazy: see the top
 
-    opts = model_options(args)
     GaussianMixture(n_components=args.k, **opts)._validate_params()
-    target = _out_target(args, "fit", [args.data, opts.get("checkpoint")])
     X = open_data(args.data, args.array, opts.get("chunk_bytes"))
     with cluster_client(args):
         summary = fit_and_report(
@@ -359,6 +360,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_select_k(args: argparse.Namespace) -> int:
+    opts = model_options(args)
+    # --out first: a refused target is answered before the slow imports below
+    target = _out_target(args, "select-k", [args.data, opts.get("checkpoint")])
     from .mixture import GaussianMixture  # lazy: see the top
     from .workflows import (  # lazy: see the top
         fit_and_report,
@@ -368,14 +372,12 @@ def cmd_select_k(args: argparse.Namespace) -> int:
     )
 
     ks = parse_k_values(args.k)
-    opts = model_options(args)
     types = parse_covariance_types(opts.pop("covariance_type")) if opts.get("covariance_type") else None
     if types is not None and len(types) == 1:
         opts["covariance_type"] = types[0]
     GaussianMixture(n_components=max(ks), **opts)._validate_params()
     if args.validation_fraction is not None and not 0.0 <= args.validation_fraction < 1.0:
         raise InputError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
-    target = _out_target(args, "select-k", [args.data, opts.get("checkpoint")])
     X = open_data(args.data, args.array, opts.get("chunk_bytes"))
     with cluster_client(args):
         summary = fit_and_report(
@@ -469,6 +471,8 @@ def selection_table_lines(table: Sequence[dict]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    # --out first: a refused target is answered before the slow imports below
+    target = _out_target(args, "predictions", [args.data, args.model_dir])
     from .workflows import (  # lazy: see the top
         anomaly_threshold,
         load_model_dir,
@@ -481,7 +485,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     threshold = None
     if args.anomaly_quantile is not None:
         threshold = anomaly_threshold(summary, args.anomaly_quantile)
-    target = _out_target(args, "predictions", [args.data, args.model_dir])
     X = open_data(args.data, args.array)
     _check_columns(gm, X, args)
     with cluster_client(args):
@@ -527,6 +530,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # --out first: a refused target is answered before the slow imports below
+    target = _out_target(args, "demo")
     import zarr  # slow import, only to check the demo's labels
 
     from .datasets import generate_zarr, sample_chunk  # lazy: see the top
@@ -540,7 +545,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
     ks = parse_k_values(args.k)
-    target = _out_target(args, "demo")
     with _outputs.atomic_output(target) as tmp:
         data = tmp / "data.zarr"
         _say(args, f"generating {args.n_samples:,} rows, {args.n_features} features, {args.n_components} components")
