@@ -616,8 +616,9 @@ def _matched_agreement(truth: Any, pred: Any) -> float:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # the output first: a refused target is answered before the model options' slow imports
+    target = jobs.check_job_output(jobs.job_paths(args.job), overwrite=args.overwrite)
     job = jobs.load_job(args.job)
-    target = jobs.check_job_output(job, overwrite=args.overwrite)
     args._checkpoint = job["model"].get("checkpoint") or str(Path(job["output"]["path"]) / "checkpoint")
     with jobs.job_output(job, "run", target=target):
         job_id = jobs.new_job_id()

@@ -128,18 +128,8 @@ def _resolve(base: Path, p: str) -> str:
     return str(q if q.is_absolute() else (base / q).resolve())
 
 
-def load_job(path: str | Path) -> dict:
-    """Read and check a TOML job file; paths come back absolute.
-
-    Raises
-    ------
-    InputError
-        For a missing or malformed file, unknown sections or keys, or
-        missing required keys.
-    """
-    from .mixture import GaussianMixture  # lazy: see the top
-    from .workflows import parse_covariance_types, parse_k_values  # lazy: see the top
-
+def _read_job(path: str | Path) -> tuple[Path, dict]:
+    """The job file's TOML, checked for its sections, keys and the two paths it must give."""
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"no such job file: {path}")
@@ -158,12 +148,41 @@ def load_job(path: str | Path) -> dict:
             raise InputError(f"{path}: [{name}] must be a table")
         if keys is not None and set(sec) - keys:
             raise InputError(f"{path}: unknown key(s) {sorted(set(sec) - keys)} in [{name}]; known: {sorted(keys)}")
+    if "path" not in doc.get("input", {}):
+        raise InputError(f"{path}: [input] needs a path")
+    if "path" not in doc.get("output", {}):
+        raise InputError(f"{path}: [output] needs a path")
+    return path, doc
+
+
+def job_paths(path: str | Path) -> dict:
+    """What :func:`check_job_output` reads of a job file (its input and output paths, absolute),
+    without the checks of its model options (and their slow imports): a command can refuse the
+    output first. Raises what :func:`load_job` raises for the file itself."""
+    path, doc = _read_job(path)
+    base = path.resolve().parent
+    return {
+        "job_file": str(path.resolve()),
+        "input": {"path": _resolve(base, doc["input"]["path"])},
+        "output": {"path": _resolve(base, doc["output"]["path"])},
+    }
+
+
+def load_job(path: str | Path) -> dict:
+    """Read and check a TOML job file; paths come back absolute.
+
+    Raises
+    ------
+    InputError
+        For a missing or malformed file, unknown sections or keys, or
+        missing required keys.
+    """
+    path, doc = _read_job(path)
+    from .mixture import GaussianMixture  # lazy: see the top
+    from .workflows import parse_covariance_types, parse_k_values  # lazy: see the top
+
     base = path.resolve().parent
     inp, out = doc.get("input", {}), doc.get("output", {})
-    if "path" not in inp:
-        raise InputError(f"{path}: [input] needs a path")
-    if "path" not in out:
-        raise InputError(f"{path}: [output] needs a path")
     model = dict(doc.get("model", {}))
     valid = set(GaussianMixture().get_params()) - {"weights_init", "means_init", "precisions_init", "verbose"}
     bad = set(model) - valid
