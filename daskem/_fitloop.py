@@ -269,6 +269,7 @@ class AcceleratedRun(Run):
         m.to_vector = model.to_vector
         m.from_vector = model.from_vector
         m.scale = getattr(model, "vector_scale", None)
+        m.surrogate_gain = getattr(model, "surrogate_gain", None)
         m.tol = float(step.tol)
         m.max_iter = int(step.max_iter)
         return m
@@ -298,7 +299,7 @@ class AcceleratedRun(Run):
             # in a reference cycle with the machine: unbind them, so that the data are released with the
             # fit, not at the next garbage collection
             m.m_step = m.objective = m.to_vector = m.from_vector = _unbound
-            m.scale = None
+            m.scale = m.surrogate_gain = None
         self._sync()
 
     def _sync(self) -> None:

@@ -1437,6 +1437,47 @@ def m_step(
     return GaussianParams.from_covariances(weights, means, cov, ctype), empty
 
 
+def expected_complete_loglik(stats: Stats, at: GaussianParams, params: GaussianParams) -> float:
+    """EM's surrogate ``Q(params | at)``: the expected complete-data log-likelihood, summed over rows.
+
+    ``stats`` are the statistics computed at ``at`` (moments about its
+    reference points; with missing entries, their conditional expectations),
+    so no pass over the data is needed for any ``params`` of the same
+    layout. With ``n_k``, the responsibility-weighted means ``m_k`` and the
+    scatter ``W_k`` about them,
+    ``Q = sum_k n_k log pi_k + n_k log|U_k| - (tr(U_k^T W_k U_k) + n_k |U_k^T (m_k - mu_k)|^2) / 2``
+    (``U_k`` the precision Cholesky factor), less ``n D log(2 pi) / 2``,
+    which any difference of two values cancels and which is left out. The
+    M-step maximises it (up to ``reg_covar``); an EM step's gain in ``Q``
+    bounds what EM still has to gain (:func:`daskem._squarem.surrogate_remaining`).
+    """
+    lay = cov_.layout(at.covariance_type)
+    if cov_.layout(params.covariance_type) != lay:
+        raise ValueError("the statistics and the parameters must share a layout")
+    nk = np.asarray(stats.nk, dtype=np.float64)
+    safe = np.where(nk > 0, nk, 1.0)
+    delta = stats.s1 / safe[:, None]
+    e = at.reference() + delta - params.means  # (K, D): responsibility-weighted means less params'
+    s2 = np.asarray(stats.s2, dtype=np.float64)
+    U = np.asarray(params.precisions_cholesky, dtype=np.float64)
+    d = params.n_features
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logw = np.where(nk > 0, nk * np.log(params.weights), 0.0)
+    logdet = nk * _log_det_cholesky(U, lay, d)
+    if lay == "full":
+        W = s2 - nk[:, None, None] * np.einsum("ki,kj->kij", delta, delta)
+        quad = np.einsum("kij,kia,kja->k", W, U, U) + nk * (np.einsum("ki,kia->ka", e, U) ** 2).sum(axis=1)
+    elif lay == "tied":
+        W = s2 - np.einsum("k,ki,kj->ij", nk, delta, delta)
+        quad = np.full(nk.shape, np.einsum("ij,ia,ja->", W, U, U) / max(nk.size, 1))
+        quad = quad + nk * ((e @ U) ** 2).sum(axis=1)
+    else:
+        W = s2 - nk[:, None] * delta**2 + nk[:, None] * e**2  # (K, D): scatter about params' means
+        prec = U**2 if lay == "diag" else (U**2)[:, None]
+        quad = (W * prec).sum(axis=1)
+    return float(np.sum(logw + logdet - 0.5 * quad))
+
+
 def reseed_empty(params: GaussianParams, empty: np.ndarray, pool: np.ndarray) -> GaussianParams:
     """Move empty components onto the rows of ``pool`` the model explains worst.
 

@@ -11,6 +11,7 @@ from :mod:`daskem._covariance`. No Dask here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from ._gaussian import (
     chunk_statistics,
     covariances_from_precision_cholesky,
     estimate_weighted_log_prob,
+    expected_complete_loglik,
     m_step,
     reseed_empty,
 )
@@ -250,6 +252,19 @@ class GaussianModel:
 
     def m_step(self, stats: Stats, params: GaussianParams) -> tuple[GaussianParams, np.ndarray]:
         return m_step(stats, params, self.reg_covar)
+
+    def surrogate_gain(self, stats: Stats, params: GaussianParams, new: GaussianParams) -> float:
+        """EM's surrogate gain per training row, ``(Q(new | params) - Q(params | params)) / n``.
+
+        ``stats`` are those computed at ``params`` and ``new`` their M-step
+        (:func:`daskem._gaussian.expected_complete_loglik`; no pass). NaN for
+        hard EM, whose surrogate is another (the classification likelihood).
+        """
+        if self.hard or not stats.n:
+            return math.nan
+        q1 = expected_complete_loglik(stats, params, new)
+        q0 = expected_complete_loglik(stats, params, params)
+        return (q1 - q0) / stats.n
 
     def reseed(self, params: GaussianParams, empty: np.ndarray, pool: np.ndarray) -> GaussianParams:
         return reseed_empty(params, empty, _missing.fill_nan(pool))

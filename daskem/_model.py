@@ -36,7 +36,12 @@ in which persisted chunks are laid out for the kernel (default ``"C"``).
 Optional too: a ``vector_scale(params)`` method, positive weights of
 :meth:`MixtureModel.to_vector`'s coordinates for SQUAREM's norms (its step
 lengths and EM's observed rate), e.g. to make them independent of the data's
-units (default: plain Euclidean norms).
+units (default: plain Euclidean norms). And a
+``surrogate_gain(stats, params, new_params)`` method: the gain per training
+row of EM's surrogate (the expected complete-data log-likelihood given the
+statistics computed at ``params``) from ``params`` to ``new_params``, their
+M-step, or NaN; with it an accelerated run whose EM rate was measured on the
+sample may end after its first pass (:func:`daskem._squarem.surrogate_remaining`).
 
 A minimal complete implementation (a 1-D two-component mean model) lives in
 ``tests/test_seam.py``; :class:`daskem._gaussian_model.GaussianModel` is the

@@ -104,7 +104,13 @@ What ``tol`` means
   fit's sample at the start (:func:`probe_rate`), which sees the slow
   modes, when the bound ``g c^2 / (1 - c^2)`` below with the larger of that
   rate and the run's own is under ``tol / 30``: a fast mixture then ends
-  after one cycle), and that of the cycle's own EM step: gain ``g = L(x1) - L(x0)`` and EM's
+  after one cycle; at the run's very first pass, when no gain is known yet,
+  with the model's ``surrogate_gain``: EM's surrogate gains ``q`` from ``x0``
+  to ``x1 = M(x0)``, known from that pass's statistics, and with that rate
+  ``q c^2 / (1 - c)`` bounds what is left after ``x1``
+  (:func:`surrogate_remaining`): a well-separated mixture from the sample's
+  optimum then ends after one pass, its lower bound EM's at ``x1``,
+  ``L(x0) + q``), and that of the cycle's own EM step: gain ``g = L(x1) - L(x0)`` and EM's
   rate ``c``, the largest residual ratio ``||x2 - x1|| / ||x1 - x0||`` of
   the last three cycles, give ``g c^2 / (1 - c^2)``. Each estimate is
   infinite when its rate is negative, not below 1 or divides by (nearly)
@@ -235,6 +241,33 @@ def em_remaining(gain: float, rate: float, floor: float = 0.0) -> float:
     return gain * rho / (1.0 - rho)
 
 
+def surrogate_remaining(q_gain: float, rate: float, floor: float = 0.0) -> float:
+    """``L_inf - L(x1)`` after one EM step ``x1 = M(x0)``, from the gain of EM's surrogate and EM's rate.
+
+    The M-step raises EM's surrogate ``Q( . | x0)`` (the expected
+    complete-data log-likelihood, a function of the statistics of the pass
+    at ``x0``) by ``q_gain = Q(x1 | x0) - Q(x0 | x0)``: known without a
+    pass at ``x1``. Near a fixed point, with the complete-data information
+    ``I_c`` and EM's Jacobian ``J = I_c^-1 I_mis`` (its eigenvalues are
+    EM's rates ``c_i``), the observed information is ``I_c (1 - J)``. Along
+    mode ``i``, with error ``e_i`` at ``x0`` and ``l_i`` its ``I_c`` norm,
+    the step is ``(1 - c_i) e_i``, the surrogate gains
+    ``l_i (1 - c_i)^2 e_i^2 / 2`` and the log-likelihood still lacks
+    ``l_i (1 - c_i) c_i^2 e_i^2 / 2`` at ``x1``: ``q_gain_i c_i^2 / (1 - c_i)``.
+    With every ``c_i <= rate`` the sum is at most ``q_gain rate^2 / (1 - rate)``
+    (the same bound as :func:`em_remaining`'s, whose ``gain`` is the
+    log-likelihood's: ``(1 + c) q_gain`` along a mode). ``inf`` when ``rate``
+    is not in ``[0, 1)`` or ``q_gain`` is not finite; 0 when ``q_gain <= floor``.
+    """
+    if not (math.isfinite(q_gain) and math.isfinite(rate)):
+        return math.inf
+    if q_gain <= floor:
+        return 0.0
+    if not (0.0 <= rate < 1.0 - 1e-12):
+        return math.inf
+    return q_gain * rate * rate / (1.0 - rate)
+
+
 def probe_rate(
     params: Params,
     em_map: Callable[[Params], Params | None],
@@ -348,13 +381,22 @@ class EMAccelerator:
         remaining gain it bounds with the larger of it and the run's own
         observed rates (:func:`em_remaining`) is below the tolerance, not
         only when an EM step gains less than ``tol / 10,000``.
+    surrogate_gain : callable ``(stats, params, new_params) -> float``, optional
+        The gain per row of EM's surrogate from ``params`` (where ``stats``
+        were computed) to ``new_params`` (their M-step), or NaN. With a
+        ``prior_rate``, the run's first pass then bounds what is left after
+        its EM step (:func:`surrogate_remaining`) and stops there when that
+        is below the tolerance: a fast mixture from a start near its optimum
+        takes one pass.
 
     Attributes
     ----------
     params : Params
         The result so far (the M-step image of the last accepted point).
     lower_bound : float
-        The last accepted point's mean log-likelihood.
+        The last accepted point's mean log-likelihood (after a stop at the
+        run's first pass, EM's lower bound at the result ``x1``: ``L(x0)``
+        plus the surrogate's gain).
     history : list of float
         The accepted log-likelihoods, in order.
     n_iter : int
@@ -385,6 +427,7 @@ class EMAccelerator:
         mstep: float = 4.0,
         stabilise: bool = True,
         prior_rate: float | None = None,
+        surrogate_gain: Callable[[Stats, Params, Params], float] | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -405,6 +448,7 @@ class EMAccelerator:
         self.mstep = float(mstep)
         self.stabilise = bool(stabilise)
         self.prior_rate = None if prior_rate is None else float(prior_rate)
+        self.surrogate_gain = surrogate_gain
         # the step bounds (only step_max moves: step_min stays >= 1)
         self.step_min = self.step_min0
         self.step_max = self.step_max0
@@ -565,10 +609,23 @@ class EMAccelerator:
 
     def _receive_a(self, stats: Stats, ll: float) -> None:
         before = self.lower_bound  # the last accepted point's: x0 is its EM image
-        x1, perturbed = self._em_point(stats, self.points["x0"], ll)
+        x0 = self.points["x0"]
+        x1, perturbed = self._em_point(stats, x0, ll)
         if self._accept_em(ll, x1):
             return
-        if (
+        if not perturbed and before == -math.inf:
+            # the run's first pass: no gain yet, but the surrogate's and the sample's rate bound
+            # what is left after this EM step (:meth:`_first_remaining`)
+            first, q_gain = self._first_remaining(stats, x0, x1, ll)
+            if first < self.tol * REMAINING_FRACTION:
+                # the result is x1, whose log-likelihood no pass measured: EM's lower bound
+                # there, L(x0) + Q(x1 | x0) - Q(x0 | x0) (Jensen's inequality: exact, not
+                # asymptotic), is the run's lower bound; the history keeps what passes measured
+                self.lower_bound = ll + max(q_gain, 0.0)
+                self.estimate = first
+                self.converged = self.done = True
+                return
+        elif (
             not perturbed
             and len(self.starts) < 2
             and self._remaining(ll - before, False) < self.tol * REMAINING_FRACTION
@@ -691,6 +748,22 @@ class EMAccelerator:
         """Estimated ``L_inf - L`` at the last accepted point (SQUAREM; see the module docstring)."""
         return self._remaining(self.l1 - self.l0, len(self.starts) == 3)
 
+    def _first_remaining(self, stats: Stats, x0: Params, x1: Params, ll: float) -> tuple[float, float]:
+        """What is left after the run's first EM step, ``x0 -> x1``, before any gain is known, and
+        the surrogate's gain per row.
+
+        With a ``prior_rate`` (EM's rate measured on the sample) and the
+        model's ``surrogate_gain``: :func:`surrogate_remaining`. Without
+        either, ``(inf, nan)`` (the run goes on). A start at the sample's optimum
+        is within the sample's estimation error of the data's, where the
+        quadratic model of :func:`surrogate_remaining` holds; the rate is
+        the sample's (:func:`probe_rate`), as the second cycle's rule uses it.
+        """
+        if self.prior_rate is None or self.surrogate_gain is None:
+            return math.inf, math.nan
+        q_gain = float(self.surrogate_gain(stats, x0, x1))
+        return surrogate_remaining(q_gain, self.prior_rate, _ROUNDOFF * max(1.0, abs(ll))), q_gain
+
     def _remaining(self, gain: float, aitken_ready: bool) -> float:
         """The estimate from an EM step's ``gain``, with Aitken's from the cycle starts when ready."""
         # the mean log-likelihood's round-off: changes below it say nothing
@@ -783,6 +856,7 @@ class EMAccelerator:
         to_vector: Callable[[Params], np.ndarray] | None = None,
         from_vector: Callable[[np.ndarray, Params], Params | None] | None = None,
         scale: Callable[[Params], np.ndarray | None] | None = None,
+        surrogate_gain: Callable[[Stats, Params, Params], float] | None = None,
     ) -> EMAccelerator:
         """Rebuild a machine from :meth:`state`'s output; it continues exactly where that one was."""
         points = {
@@ -796,6 +870,7 @@ class EMAccelerator:
             to_vector=to_vector,
             from_vector=from_vector,
             scale=scale,
+            surrogate_gain=surrogate_gain,
             method=meta["method"],
             tol=meta["tol"],
             max_iter=meta["max_iter"],

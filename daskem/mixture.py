@@ -56,7 +56,9 @@ class GaussianMixture(BaseMixture):
         and one from EM's observed rate of convergence, checked every cycle
         of three passes; before Aitken's estimate has three cycles, EM's rate
         measured on the initialisation's sample bounds the remaining gain, so
-        that a fast-converging mixture ends after one cycle). The estimates
+        that a fast-converging mixture ends after one cycle, or after its
+        first pass when that rate and the gain of EM's surrogate, known from
+        that pass, bound what is left below ``tol / 30``). The estimates
         are local and miss slow modes (a tiny
         component, a plateau), hence the factor: on ``benchmarks/passes.py``
         the defaults end within 1e-4 per row of the optimum of plain EM run
@@ -198,7 +200,13 @@ class GaussianMixture(BaseMixture):
         Passes over the data of the chosen run (EM iterations; with
         ``accelerate``, extrapolated points included).
     lower_bound_ : float
-        Mean log-likelihood per row of the chosen run at its last E-step.
+        Mean log-likelihood per row of the chosen run at its last E-step
+        (scikit-learn's meaning: the fitted parameters are that point's
+        M-step, whose log-likelihood is at least this). A run that ended
+        after its first pass reports EM's own lower bound at its result,
+        ``L(x0) + Q(x1 | x0) - Q(x0 | x0)`` (the surrogate's gain added to
+        the measured ``L(x0)``; at most the result's log-likelihood, by
+        Jensen's inequality).
     lower_bounds_ : list of float
         Mean log-likelihood per row after each iteration of the chosen run
         (with ``accelerate``: of each accepted point, non-decreasing; shorter
