@@ -395,6 +395,67 @@ def test_candidates_below_32_columns_are_offered_to_the_map_as_holding_the_gil()
     np.testing.assert_array_equal(seq[0][0], par[0][0])
 
 
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag", "spherical"])
+def test_a_candidates_em_stops_at_its_fixed_point_with_the_same_score(covariance_type, monkeypatch) -> None:
+    """Well-separated components: a candidate's EM on the sample reaches its fixed point to round-off in
+    2 iterations, and the 13 left of 15 would change nothing: the score is the same to round-off, the
+    parameters within 1e-9 of their spread, for 3 E-steps instead of 16. On overlapping components EM is
+    still moving after 15 and all are taken."""
+    from daskem import _init
+
+    counted = []
+    kernel = _init.chunk_statistics
+
+    def counting(*a, **kw):
+        counted.append(1)
+        return kernel(*a, **kw)
+
+    monkeypatch.setattr(_init, "chunk_statistics", counting)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=3.0, size=(8, 16))
+    sep = centres[rng.integers(8, size=10_000)] + rng.standard_normal((10_000, 16))
+    overlap = centres[rng.integers(8, size=10_000)] / 3.0 + rng.standard_normal((10_000, 16))
+    start = centres + 0.3 * rng.standard_normal(centres.shape)
+    fixed_point = _init.SCORE_FIXED_POINT
+    for X, c, e_steps in ((sep, start, 3), (overlap, start / 3.0, 16)):
+        ends = {}
+        for floor in (fixed_point, -1.0):
+            monkeypatch.setattr(_init, "SCORE_FIXED_POINT", floor)
+            counted.clear()
+            ends[floor] = _init._sample_score(X, covariance_type, 1e-6, 15, (c, np.ones(16)))
+            if floor > 0:
+                assert len(counted) == e_steps
+        (v, p), (v_all, p_all) = ends.values()
+        assert v == pytest.approx(v_all, rel=1e-13, abs=0.0)
+        assert _init._em_step_size(p_all, p) <= 1e-9
+
+
+def test_em_step_size_is_free_of_the_columns_units_and_offsets() -> None:
+    """The same EM step on ``X`` and on ``X diag(s) + b`` (s from 1e-3 to 1e3; spherical: one common s,
+    its model's equivariance) measures the same."""
+    from daskem import _init
+    from daskem._gaussian import GaussianParams, chunk_statistics, m_step
+
+    X = make_blobs(3000, 4, 3, seed=1)
+    b = np.random.default_rng(1).normal(scale=1e4, size=4)
+    for ctype in ("full", "tied", "diag", "spherical"):
+        s = np.full(4, 1e3) if ctype == "spherical" else np.array([1e-3, 1.0, 10.0, 1e3])
+        p0 = _init._assign_params(X[[0, 1000, 2000]], ctype)
+        p = m_step(chunk_statistics(X, [p0], hard=True)[0], _init._as_type(p0, ctype), 0.0)[0]
+        cov = p.covariances
+        if ctype in ("full", "tied"):
+            scaled = cov * s[:, None] * s[None, :]
+        else:
+            scaled = cov * (s**2 if ctype == "diag" else s[0] ** 2)
+        sizes = []
+        for Y, start in (
+            (X, p),
+            (X * s + b, GaussianParams.from_covariances(p.weights, p.means * s + b, scaled, ctype)),
+        ):
+            sizes.append(_init._em_step_size(start, m_step(chunk_statistics(Y, [start])[0], start, 0.0)[0]))
+        assert 1e-6 < sizes[0] < 10.0 and sizes[1] == pytest.approx(sizes[0], rel=1e-6)
+
+
 def _unequal(n: int, seed: int = 12) -> np.ndarray:
     """``benchmarks/passes.py``'s very unequal weights: 0.85, 0.1, 0.04, 0.009, 0.001 in 4 dimensions."""
     rng = np.random.default_rng(seed)
