@@ -53,7 +53,7 @@ an out-of-core Zarr store, new defaults / today's defaults (<= 0.4).
 400 MB memory limit each) and fits it with ``cache=False`` (streamed from
 the store every pass, as a store larger than memory is), K=8, diag,
 ``random_state=0``: today's defaults and the new defaults alternately, 3
-rounds after one untimed fit of each, median seconds. Timings on a shared
+rounds (``--ooc-rounds``) after one untimed fit of each, median seconds. Timings on a shared
 machine drift; the ratio is measured in turn so that both see the same
 load.
 
@@ -465,6 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--ooc-only", action="store_true", help="only the out-of-core section (the JSON keeps its earlier cases)"
     )
     ap.add_argument("--ooc-rows", type=int, default=1_000_000)
+    ap.add_argument("--ooc-rounds", type=int, default=3, help="timed rounds of the out-of-core section")
     ap.add_argument(
         "--c", nargs="*", default=[], metavar="KEY=VALUE", help="options of (c) other than the defaults (tuning)"
     )
@@ -509,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
         earlier = json.loads(Path(args.json).read_text())
         cases = earlier.get("cases", [])  # keep the earlier run's cases
     summary = summarise(cases) if cases else {}
-    ooc = out_of_core(args.ooc_rows) if (args.out_of_core or args.ooc_only) else None
+    ooc = out_of_core(args.ooc_rows, args.ooc_rounds) if (args.out_of_core or args.ooc_only) else None
     res = {
         "command": "PYTHONPATH=$PWD python benchmarks/passes.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
