@@ -77,10 +77,14 @@ class DaskCluster:
             )
         )
         deadline = time.monotonic() + 60
-        while not self.scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert self.scheduler_file.exists(), (self.folder / "cluster.log").read_text()
-        self.address = json.loads(self.scheduler_file.read_text())["address"]
+        self.address = ""
+        while not self.address and time.monotonic() < deadline:
+            # the scheduler writes its file in place: under load it can be seen empty or half-written
+            try:
+                self.address = json.loads(self.scheduler_file.read_text())["address"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                time.sleep(0.2)
+        assert self.address, (self.folder / "cluster.log").read_text()
         for i in range(self.n_workers):
             self.procs.append(
                 subprocess.Popen(
