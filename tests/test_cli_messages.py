@@ -220,3 +220,34 @@ def test_missing_scheduler_file_is_an_input_not_found_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no such scheduler file"):
         with cli.cluster_client(args, {"scheduler_file": str(missing)}):
             pass
+
+
+@pytest.mark.parametrize("command", ["fit", "select-k", "predict", "demo", "run"])
+def test_a_refused_output_is_answered_before_the_slow_imports(tmp_path, iris_npy, command):
+    """A refused ``--out`` (a folder of the user's) is the one message, given before scikit-learn and
+    Dask's arrays are imported: the check costs the interpreter's start, not theirs (a fresh process,
+    the modules it holds when it answers)."""
+    import subprocess
+    import sys
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("do not lose me\n")
+    job = tmp_path / "job.toml"
+    job.write_text(f'[input]\npath = "{iris_npy}"\n[model]\nn_components = 2\n[output]\npath = "{mine}"\n')
+    argv = {
+        "fit": ["fit", str(iris_npy), "--k", "2", "--out", str(mine)],
+        "select-k": ["select-k", str(iris_npy), "--k", "2:3", "--out", str(mine)],
+        "predict": ["predict", str(iris_npy), str(tmp_path / "model"), "--out", str(mine)],
+        "demo": ["demo", "--out", str(mine)],
+        "run": ["run", str(job)],
+    }[command]
+    code = (
+        "import sys\nfrom daskem import cli\n"
+        f"rc = cli.main({argv!r})\n"
+        "print(rc, [m for m in ('sklearn', 'dask.array', 'distributed') if m in sys.modules])\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout.split("\n")[0] == "2 []", (p.stdout, p.stderr)
+    assert p.stderr.startswith(f"daskem: error: refusing to write to {mine}:"), p.stderr
+    assert sorted(q.name for q in mine.iterdir()) == ["notes.txt"]
