@@ -1468,14 +1468,13 @@ def expected_complete_loglik(stats: Stats, at: GaussianParams, params: GaussianP
         W = s2 - nk[:, None, None] * np.einsum("ki,kj->kij", delta, delta)
         quad = np.einsum("kij,kia,kja->k", W, U, U) + nk * (np.einsum("ki,kia->ka", e, U) ** 2).sum(axis=1)
     elif lay == "tied":
-        W = s2 - np.einsum("k,ki,kj->ij", nk, delta, delta)
-        quad = np.full(nk.shape, np.einsum("ij,ia,ja->", W, U, U) / max(nk.size, 1))
-        quad = quad + nk * ((e @ U) ** 2).sum(axis=1)
+        W = s2 - np.einsum("k,ki,kj->ij", nk, delta, delta)  # the scatter of all components together
+        quad = np.einsum("ij,ia,ja->", W, U, U) + np.sum(nk * ((e @ U) ** 2).sum(axis=1))
     else:
         W = s2 - nk[:, None] * delta**2 + nk[:, None] * e**2  # (K, D): scatter about params' means
         prec = U**2 if lay == "diag" else (U**2)[:, None]
         quad = (W * prec).sum(axis=1)
-    return float(np.sum(logw + logdet - 0.5 * quad))
+    return float(np.sum(logw + logdet) - 0.5 * np.sum(quad))
 
 
 def reseed_empty(params: GaussianParams, empty: np.ndarray, pool: np.ndarray) -> GaussianParams:

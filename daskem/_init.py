@@ -368,22 +368,11 @@ def _em_step_size(p: GaussianParams, q: GaussianParams) -> float:
     (``|dSigma_ij| / (sd_i sd_j)``): free of the data's units and offsets.
     """
     k, d = q.means.shape
+    cq = cov_.dense_covariances(np.asarray(q.covariances, dtype=np.float64), q.covariance_type, k, d)
+    cp = cov_.dense_covariances(np.asarray(p.covariances, dtype=np.float64), p.covariance_type, k, d)
     with np.errstate(divide="ignore", invalid="ignore"):
-        cov = np.asarray(q.covariances, dtype=np.float64)
-        dcov = np.abs(cov - np.asarray(p.covariances, dtype=np.float64))
-        lay = q.layout
-        if lay == "full":
-            sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
-            rel_cov = dcov / (sd[:, :, None] * sd[:, None, :])
-        elif lay == "tied":
-            sd = np.broadcast_to(np.sqrt(np.diag(cov)), (k, d))
-            rel_cov = dcov / np.outer(sd[0], sd[0])
-        elif lay == "diag":
-            sd = np.sqrt(cov)
-            rel_cov = dcov / cov
-        else:
-            sd = np.broadcast_to(np.sqrt(cov)[:, None], (k, d))
-            rel_cov = dcov / cov
+        sd = np.sqrt(np.diagonal(cq, axis1=1, axis2=2))
+        rel_cov = np.abs(cq - cp) / (sd[:, :, None] * sd[:, None, :])
         rel_means = np.abs(q.means - p.means) / sd
         steps = (np.abs(q.weights - p.weights).max(), rel_means.max(), rel_cov.max())
     return float(max(steps)) if all(np.isfinite(steps)) else np.inf

@@ -155,17 +155,20 @@ def _read_job(path: str | Path) -> tuple[Path, dict]:
     return path, doc
 
 
-def job_paths(path: str | Path) -> dict:
-    """What :func:`check_job_output` reads of a job file (its input and output paths, absolute),
-    without the checks of its model options (and their slow imports): a command can refuse the
-    output first. Raises what :func:`load_job` raises for the file itself."""
-    path, doc = _read_job(path)
+def _paths(path: Path, doc: dict) -> dict:
     base = path.resolve().parent
     return {
         "job_file": str(path.resolve()),
         "input": {"path": _resolve(base, doc["input"]["path"])},
         "output": {"path": _resolve(base, doc["output"]["path"])},
     }
+
+
+def job_paths(path: str | Path) -> dict:
+    """What :func:`check_job_output` reads of a job file (its input and output paths, absolute),
+    without the checks of its model options (and their slow imports): a command can refuse the
+    output first. Raises what :func:`load_job` raises for the file itself."""
+    return _paths(*_read_job(path))
 
 
 def load_job(path: str | Path) -> dict:
@@ -228,13 +231,14 @@ def load_job(path: str | Path) -> dict:
     q = out.get("anomaly_quantile")
     if q is not None and not 0 < float(q) < 1:
         raise InputError(f"{path}: [output] anomaly_quantile must be between 0 and 1")
+    paths = _paths(path, doc)
     return {
-        "job_file": str(path.resolve()),
-        "input": {"path": _resolve(base, inp["path"]), "array": inp.get("array")},
+        "job_file": paths["job_file"],
+        "input": {**paths["input"], "array": inp.get("array")},
         "model": model,
         "select": select,
         "output": {
-            "path": _resolve(base, out["path"]),
+            **paths["output"],
             "predict": bool(out.get("predict", False)),
             "proba": bool(out.get("proba", False)),
             "anomaly_quantile": None if q is None else float(q),
