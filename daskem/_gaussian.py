@@ -425,49 +425,7 @@ class _Plan:
 #: D=64 K=2 1.01 -> 0.90, K=8 3.55 -> 3.11, K=16 7.8 -> 5.96, K=32 16.2 -> 11.7;
 #: D=80 K=16 11.4 -> 8.0; D=96 K=16 16.0 -> 10.5; D=48 and D=40: level.
 #: (On a loaded machine with threads sharing the GIL D=64 had measured level.)
-#: On AMD CPUs with AVX-512 (:data:`_WIDE_FIRST`) full fits take it from D=40,
-#: ahead of the outer-product kernel.
 _WIDE_MIN_D = 64
-
-
-def _amd_avx512() -> bool:
-    """Whether the CPU is an AMD one with AVX-512 (Zen 4 and later), from ``/proc/cpuinfo``."""
-    vendor, flags = "", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "vendor_id":
-                    vendor = value.strip()
-                elif key == "flags":
-                    flags = value
-                    break
-    except OSError:
-        return False
-    return vendor == "AuthenticAMD" and "avx512f" in flags.split()
-
-
-#: Where the wide kernel beats the outer-product one for full fits from D=40,
-#: whatever K. The crossover depends on the CPU: the same two kernels (numpy's
-#: and scipy's OpenBLAS, both on its SkylakeX kernels where AVX-512 is there)
-#: measured, one thread, ns a row, outer-product -> wide (``chunk_statistics``,
-#: best of 5 in turn; 4e8 / (K D^2) rows):
-#:
-#: * AMD EPYC with AVX-512 (Zen 4; 2026-12-02): D=32 K=8 1075 -> 930, K=16
-#:   1990 -> 1997, K=32 2906 -> 3399 (outer-product kept below D=40); D=40 K=8
-#:   1541 -> 1372, K=16 3673 -> 2506, K=32 4738 -> 4523; D=48 K=8 2864 -> 1675,
-#:   K=16 4244 -> 2698, K=32 7633 -> 6078, K=48 9618 -> 7910; D=56 K=16 4897 ->
-#:   3504; D=64 K=16 7091 -> 4468, K=32 11937 -> 8915; D=80 K=32 27862 -> 12932.
-#: * Intel Xeon with AVX-512 (session 15): D=64 K=16 level (5311-5360 against
-#:   5219-5606).
-#: * AMD EPYC with AVX2 (session 13): the outer-product kernel 12% faster at
-#:   D=64 K=16, and the figures with :data:`_FEATURES_WIDE_MAX_D`.
-#:
-#: Only the first is taken here: the others keep the rule they were measured with.
-_WIDE_FIRST = _amd_avx512()
-if _WIDE_FIRST:
-    _WIDE_MIN_D = 40
 
 
 @dataclass(frozen=True, eq=False)
@@ -762,7 +720,6 @@ def _make_features(params: GaussianParams, m: np.ndarray, const: np.ndarray, dty
         params.layout not in ("full", "tied")
         or dtype != np.float64
         or k < _FEATURES_MIN_K
-        or (_WIDE_FIRST and params.layout == "full" and d >= _WIDE_MIN_D)
         or not (1 <= d <= _FEATURES_MAX_D or (params.layout == "full" and d <= _FEATURES_WIDE_MAX_D and 4 * k >= d))
     ):
         return None

@@ -266,14 +266,9 @@ def test_outer_product_kernel_equals_reference(ctype: str, hard: bool, d: int) -
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
-def test_wide_full_fits_with_many_components_take_the_outer_product_kernel(
-    hard: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_wide_full_fits_with_many_components_take_the_outer_product_kernel(hard: bool) -> None:
     """Full fits beyond D=48 take the outer-product kernel while K >= D / 4 (in sub-blocks
-    of fewer rows), the wide kernel below; both equal the textbook statistics. (Where the
-    CPU puts the wide kernel first, see the next test.)"""
-    monkeypatch.setattr(g, "_WIDE_FIRST", False)
-    monkeypatch.setattr(g, "_WIDE_MIN_D", 64)
+    of fewer rows), the wide kernel below; both equal the textbook statistics."""
     X = _data(n=1500, d=64, k=16, offset=50.0)
     mask = np.random.default_rng(3).random(len(X)) > 0.2
     for k, features in ((16, True), (15, False)):
@@ -288,31 +283,6 @@ def test_wide_full_fits_with_many_components_take_the_outer_product_kernel(
     tied = _params(X, "tied", k=16)
     assert g._make_plan(tied, np.dtype(np.float64), features=True).features is None
     assert g._features_rows(64 * 65 // 2 + 65, 16) == 256
-
-
-@pytest.mark.parametrize("wide_first", [False, True])
-def test_where_the_cpu_puts_the_wide_kernel_first_full_fits_take_it_from_d_40(
-    wide_first: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On AMD CPUs with AVX-512 full fits from D=40 take the wide kernel, whatever K; below,
-    and for tied fits, nothing changes. The choice is the CPU's, read once: the same machine
-    always takes the same kernel. Both kernels equal the textbook statistics."""
-    assert g._WIDE_FIRST is g._amd_avx512() and g._WIDE_MIN_D == (40 if g._WIDE_FIRST else 64)
-    monkeypatch.setattr(g, "_WIDE_FIRST", wide_first)
-    monkeypatch.setattr(g, "_WIDE_MIN_D", 40 if wide_first else 64)
-    for d, k, kernel in ((32, 32, "features"), (40, 8, "wide"), (48, 16, "wide"), (64, 16, "wide")):
-        if not wide_first:
-            kernel = {40: "features", 48: "features", 64: "features"}.get(d, kernel)
-        X = _data(n=700, d=d, k=k, offset=50.0)
-        p = _params(X, "full", k=k)
-        plan = g._make_plan(p, np.dtype(np.float64), features=True)
-        assert ("features" if plan.features is not None else "wide" if plan.wide is not None else "stacked") == kernel
-        mask = np.random.default_rng(3).random(len(X)) > 0.2
-        ref = _ref_stats(X, p, False, mask)
-        (st,) = g.chunk_statistics(X, [p], train_mask=mask, block_rows=300)
-        _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
-        tied = g._make_plan(_params(X, "tied", k=k), np.dtype(np.float64), features=True)
-        assert tied.wide is None and (tied.features is not None) is (d <= g._FEATURES_MAX_D)
 
 
 @pytest.mark.parametrize("d", [1, 4, 8, 16, 24, 32, 48, 64, 96])
