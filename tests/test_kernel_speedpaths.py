@@ -615,3 +615,30 @@ def test_diagonal_blocks_keep_the_products_on_the_small_matrix_path_where_they_c
     else:
         assert rows == g.DIAG_BLOCK_ROWS
     assert (g.diag_block_rows(16, 8), g.diag_block_rows(64, 8), g.diag_block_rows(256, 64)) == (3776, 960, 3840)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize(("d", "k"), [(40, 8), (64, 16)])
+def test_a_chunk_with_sparse_responsibilities_takes_the_wide_kernel(d: int, k: int, hard: bool) -> None:
+    """Full fits on the outer-product kernel from D=40: a chunk whose first sub-block finds
+    the responsibilities sparse (separated components, or hard EM) takes the wide kernel for
+    its other rows; overlapping components keep the outer-product kernel. Either way the
+    statistics equal the textbook ones, held-out rows included."""
+    rng = np.random.default_rng(5)
+    for scale, sparse in ((4.0, True), (0.05, hard)):
+        centres = rng.normal(scale=scale, size=(k, d)) + 50.0
+        X = centres[rng.integers(k, size=2500)] + rng.standard_normal((2500, d))
+        means = centres + rng.normal(scale=0.1, size=(k, d))
+        p = g.GaussianParams.from_covariances(np.full(k, 1 / k), means, np.tile(np.eye(d) * 1.2, (k, 1, 1)), "full")
+        plan = g._make_plan(p, np.dtype(np.float64), features=True)
+        assert plan.features is not None and plan.wide is not None
+        work = g._Workspace(np.dtype(np.float64))
+        acc = {"loglik": 0.0, "log_map": 0.0, "nk": np.zeros(k), "c1": np.zeros((k, d)), "c2": np.zeros((k * d, d))}
+        acc["fm"] = np.zeros(plan.features.moments_shape)
+        g._accumulate_block(X[:1000], p, hard, np.dtype(np.float64), acc, plan, work)
+        assert work.marked(f"sparse-{id(plan)}") is sparse, (scale, hard)
+        mask = rng.random(len(X)) > 0.2
+        ref = _ref_stats(X, p, hard, mask)
+        for block_rows in (700, 4096):
+            (st,) = g.chunk_statistics(X, [p], hard=hard, train_mask=mask, block_rows=block_rows)
+            _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
