@@ -320,22 +320,25 @@ def read_seconds(path: Path) -> float:
 # --------------------------------------------------------------------------
 
 
-def kernel_flops_per_row(ctype: str, d: int, k: int) -> float:
-    """Useful flops of one row in the fused kernel (what a careful hand count gives).
+def kernel_flops_per_row(ctype: str, d: int, k: int, stacked: bool = False) -> float:
+    """Useful flops of one row (what a careful hand count gives), the same for every kernel of a type.
 
-    full: E-step ``[z,1] @ W`` (2 K D (D+1)), squares and sums (2 K D), the
-    ``q``-weighted rows (K D), the scatter ``sum q z z^T`` (2 K D^2) and first
-    moments (2 K D); from ``D >= _gaussian._WIDE_MIN_D`` the count is the wide
-    kernel's, with half the products: per component the triangular
-    ``(x - mu_k) U_k`` (D^2), the shift, squares and sums (3 D), ``sqrt(q) z``
-    (D) and the one-triangle scatter (D (D+1)), first moments (2 D). (Where
-    such a fit takes the outer-product kernel instead, ``K >= D / 4``, its two
-    products over the ``D (D+3) / 2 + 1`` features come to the same count
-    within 1%.)
+    full: the fewest flops of a per-component dense E-step and scatter: per
+    component the triangular ``(x - mu_k) U_k`` (D^2), the shift, squares and
+    sums (3 D), ``sqrt(q) z`` (D), the one-triangle scatter (D (D+1)) and
+    first moments (2 D). That is what the wide kernel executes; the
+    outer-product kernel's two products over the ``D (D+3) / 2 + 1`` features
+    come within 2% of it (D=16 K=8: 4,992 against 5,100). With ``stacked``
+    (the count of runs before 2026-12-02 below D=64, and of the stacked
+    kernel, which computes both halves of every product): the E-step
+    ``[z,1] @ W`` (2 K D (D+1)), squares and sums (2 K D), the ``q``-weighted
+    rows (K D), the whole scatter (2 K D^2) and first moments (2 K D), about
+    twice as many.
+    tied: the stacked count.
     diag/spherical: E-step ``[z*z, z, 1] @ W`` (2 K (2D+1)), the design (2 D)
     and both moments in one product (2 K 2D).
     """
-    if ctype == "full" and d >= g._WIDE_MIN_D:
+    if ctype == "full" and not stacked:
         return k * (d * d + 3 * d + d + d * (d + 1) + 2 * d)
     if ctype in ("full", "tied"):
         return 2 * k * d * (d + 1) + 2 * k * d + k * d + 2 * k * d * d + 2 * k * d
@@ -1126,6 +1129,10 @@ def run_case(name, X, Xd, Xl, p, k, ctype, rounds, per_call, client, pids, cores
     fl = kernel_flops_per_row(ctype, X.shape[1], k) * X.shape[0]
     row["kernel_GFLOP_per_iter"] = round(fl / 1e9, 3)
     row["daskem_GFLOPs"] = round(fl / r["s_per_iter"] / 1e9, 2)
+    if ctype == "full":
+        # the former count (twice as many flops below D=64): comparable with runs before 2026-12-02
+        fs = kernel_flops_per_row(ctype, X.shape[1], k, stacked=True) * X.shape[0]
+        row["daskem_GFLOPs_stacked_count"] = round(fs / r["s_per_iter"] / 1e9, 2)
     kt = r.get("kernel_task_s_per_iter") or row.get("daskem_tasks", {}).get("kernel_task_s_per_iter")
     if kt:
         # the chunk kernel alone: its tasks' compute seconds, every worker busy
@@ -1248,6 +1255,8 @@ def compute_ratios(res: dict) -> None:
                 R[f"{name}_in_process_GFLOPs_over_blas_limit"] = round(gflops / limit, 3)
             if "kernel_GFLOPs" in row:
                 R[f"{name}_kernel_GFLOPs_over_blas_limit"] = round(row["kernel_GFLOPs"] / limit, 3)
+            if "daskem_GFLOPs_stacked_count" in row:
+                R[f"{name}_GFLOPs_stacked_count_over_blas_limit"] = round(row["daskem_GFLOPs_stacked_count"] / limit, 3)
         if "bandwidth_bound_in_turn" in row:
             bound = row["bandwidth_bound_in_turn"]["s"]
             for where, s in ours.items():
