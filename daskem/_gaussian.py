@@ -574,7 +574,8 @@ _SCATTER_GATHER_MAX = 0.6
 #: A full fit that takes the outer-product kernel (one GEMM for every
 #: component's moments, whatever the responsibilities) has the wide kernel's
 #: factors too from this D on, and a chunk whose first sub-block finds at most
-#: :data:`_SPARSE_KEPT_MAX` of its (component, row) pairs weighing on the
+#: :data:`_SPARSE_KEPT_MAX` (from ``D = _WIDE_MIN_D``:
+#: :data:`_SPARSE_KEPT_MAX_WIDE`) of its (component, row) pairs weighing on the
 #: scatter (:func:`_kept_fraction`) takes the wide kernel for the rest: each
 #: component's ``syrk`` then runs over its own rows only. The choice is the
 #: data's (the same chunk always takes the same kernel), and both kernels give
@@ -588,12 +589,21 @@ _SCATTER_GATHER_MAX = 0.6
 #: * D=48 K=32: kept 0.76 6573 / 6357 / 10908; kept 0.27 6281 / 6580 / 6694;
 #:   kept 0.03 5573 / 5175 / 4345;
 #: * D=40 K=8: kept 0.95 1566 / 1567 / 2009; kept 0.46 1802 / 1753 / 1895;
-#:   kept 0.13 1706 / 1216 / 1239.
+#:   kept 0.13 1706 / 1216 / 1239;
+#: * (s = 0.7-1.2) D=48 K=32: kept 0.43 7551 / - / 8651, 0.21 7694 / - / 6556;
+#:   D=40 K=8: kept 0.51-0.57 1787-1842 / - / 1930-2079, 0.21 1862 / - / 1507.
 #:
 #: Where the components overlap the wide kernel is up to 1.7x slower, which is
-#: why the choice is not made by D and K alone.
+#: why the choice is not made by D and K alone. From ``D = _WIDE_MIN_D`` the
+#: wide kernel wins up to about 0.6 kept (:data:`_SPARSE_KEPT_MAX_WIDE`;
+#: 3e9 / (K D^2) rows): D=64 K=16 kept 0.53 8493 / 7414 (outer-product / wide),
+#: kept 0.60 7731 / 7236, and on the trajectory of ``benchmarks/run.py``'s case
+#: (c) kept 1.00 6498 / 7627, 0.77 6906 / 6282, 0.32 6220 / 5478, 0.14 5784 /
+#: 4520; D=80 K=32 kept 0.20-0.26 23548-24512 / 13394-13785; D=96 K=32 kept
+#: 0.10-0.13 37941-40631 / 16016-17797.
 _SPARSE_WIDE_MIN_D = 40
 _SPARSE_KEPT_MAX = 0.25
+_SPARSE_KEPT_MAX_WIDE = 0.5
 
 
 def _scatter_wide(z: np.ndarray, q: np.ndarray, plan: _Plan, acc: dict, work: _Workspace) -> None:
@@ -808,7 +818,7 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
             acc["fm"] += np.matmul(f, qt, out=work.get("fmb", (f_len, k)))
         if probe:
             probe = False
-            if _kept_fraction(q) <= _SPARSE_KEPT_MAX:
+            if _kept_fraction(q) <= (_SPARSE_KEPT_MAX if d < _WIDE_MIN_D else _SPARSE_KEPT_MAX_WIDE):
                 work.flag(f"sparse-{id(plan)}")
                 return start + n
     return X.shape[0]

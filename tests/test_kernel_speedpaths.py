@@ -642,3 +642,15 @@ def test_a_chunk_with_sparse_responsibilities_takes_the_wide_kernel(d: int, k: i
         for block_rows in (700, 4096):
             (st,) = g.chunk_statistics(X, [p], hard=hard, train_mask=mask, block_rows=block_rows)
             _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+
+
+def test_kept_fraction_counts_the_pairs_the_wide_scatter_computes() -> None:
+    """A pair counts when its responsibility is at least ``_SCATTER_DROP`` of its component's
+    largest in the sub-block: one-hot rows keep 1/K; a 1e-20 share is kept, a 1e-30 one is not."""
+    q = np.zeros((4, 8))
+    q[np.arange(8) % 4, np.arange(8)] = 1.0
+    assert g._kept_fraction(q) == 0.25
+    q[0, 1] = 1e-20
+    q[0, 2] = 1e-30
+    assert g._kept_fraction(q) == 9 / 32
+    assert g._SCATTER_DROP == 1e-24
