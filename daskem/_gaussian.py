@@ -1110,7 +1110,10 @@ class Stats:
 #: subnormal: next to the row's largest term, 1, it vanishes in every sum
 #: (the log-likelihood is unchanged to the last bit), and a component's
 #: responsibilities differ by at most 1e-304 a row. Rows whose every term is
-#: ``-inf`` are left as they were.
+#: ``-inf`` are left as they were. A block with no term below the floor
+#: (overlapping components) skips it: one read of the block instead of a read
+#: and a write (diag, D=16 K=8, one thread: 80-82 -> 76-78 ns a row, with the
+#: ``N_k`` taken from the moments' product).
 _EXP_FLOOR = True
 
 
@@ -1140,7 +1143,9 @@ def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float, 
         amax[~np.isfinite(amax)] = 0.0
     logp -= amax
     if finite and _EXP_FLOOR:
-        np.maximum(logp, _exp_floor(logp.dtype), out=logp)
+        floor = _exp_floor(logp.dtype)
+        if logp.min() < floor:  # a read; the floor is a read and a write
+            np.maximum(logp, floor, out=logp)
     np.exp(logp, out=logp)
     total = logp.sum(axis=0)
     with np.errstate(divide="ignore"):
@@ -1163,7 +1168,9 @@ def _responsibilities_stacked(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         amax[~np.isfinite(amax)] = 0.0
     logp -= amax[:, None, :]
     if finite and _EXP_FLOOR:
-        np.maximum(logp, _exp_floor(logp.dtype), out=logp)
+        floor = _exp_floor(logp.dtype)
+        if logp.min() < floor:
+            np.maximum(logp, floor, out=logp)
     np.exp(logp, out=logp)
     total = logp.sum(axis=1)
     with np.errstate(divide="ignore"):
@@ -1212,9 +1219,9 @@ def _accumulate_block(
     q, ll, lm = _responsibilities(lp, hard)  # (K, n)
     acc["loglik"] += ll
     acc["log_map"] += lm
-    acc["nk"] += q.sum(axis=1, dtype=np.float64)
     n, d, k = X.shape[0], plan.d, plan.k
     if plan.ctype in ("full", "tied"):
+        acc["nk"] += q.sum(axis=1, dtype=np.float64)
         z = a[:d]  # (D, n)
         acc["c1"] += q @ z.T
         if plan.wide is not None:
@@ -1231,8 +1238,10 @@ def _accumulate_block(
             # sum_k q_nk = 1 for every row, so the tied scatter does not need q
             acc["c2"] += z @ z.T
     else:
-        # [z*z, z] weighted by q: second and first moments in one GEMM
-        acc["c2"] += _matmul(q, a[: 2 * d].T, work.get("mom", (k, 2 * d)))
+        # [z*z, z, 1] weighted by q: second and first moments and N_k in one GEMM
+        mom = _matmul(q, a.T, work.get("mom", (k, 2 * d + 1)))
+        acc["c2"] += mom[:, : 2 * d]
+        acc["nk"] += mom[:, 2 * d]
 
 
 def _finish(acc: dict, params: GaussianParams, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
