@@ -826,8 +826,10 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
 
 def _kept_fraction(q: np.ndarray) -> float:
     """The share of (component, row) pairs of ``q`` (K, n) that the wide kernel's scatter computes
-    (:data:`_SCATTER_DROP`)."""
-    return float(np.count_nonzero(q >= q.max(axis=1, keepdims=True) * _SCATTER_DROP)) / q.size
+    (:data:`_SCATTER_DROP`; none of a component no row weighs on)."""
+    least = q.max(axis=1, keepdims=True) * _SCATTER_DROP
+    least[least <= 0.0] = np.inf
+    return float(np.count_nonzero(q >= least)) / q.size
 
 
 def _unfold_features(acc: dict, plan: _Plan) -> None:

@@ -646,7 +646,8 @@ def test_a_chunk_with_sparse_responsibilities_takes_the_wide_kernel(d: int, k: i
 
 def test_kept_fraction_counts_the_pairs_the_wide_scatter_computes() -> None:
     """A pair counts when its responsibility is at least ``_SCATTER_DROP`` of its component's
-    largest in the sub-block: one-hot rows keep 1/K; a 1e-20 share is kept, a 1e-30 one is not."""
+    largest in the sub-block: one-hot rows keep 1/K; a 1e-20 share is kept, a 1e-30 one is not;
+    a component with no weight in the sub-block keeps none."""
     q = np.zeros((4, 8))
     q[np.arange(8) % 4, np.arange(8)] = 1.0
     assert g._kept_fraction(q) == 0.25
@@ -654,3 +655,8 @@ def test_kept_fraction_counts_the_pairs_the_wide_scatter_computes() -> None:
     q[0, 2] = 1e-30
     assert g._kept_fraction(q) == 9 / 32
     assert g._SCATTER_DROP == 1e-24
+    # hard EM: a component no row of the sub-block goes to has no pair (its syrk is skipped)
+    q = np.zeros((4, 8))
+    q[0, :5] = 1.0
+    q[1, 5:] = 1.0
+    assert g._kept_fraction(q) == 8 / 32
