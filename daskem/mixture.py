@@ -179,11 +179,11 @@ class GaussianMixture(BaseMixture):
     dtype : {'float64', 'float32'}, default='float64'
         Compute dtype of the chunk kernel; statistics are always accumulated
         in float64. float32 is not always the faster: full and tied fits
-        with ``K >= 8`` (and ``D <= 96``) compute their log-densities in
-        float64 through the rows' outer products, about half the flops of
-        the per-component products float32 takes (1e6 x 16 rows, K=8, full:
-        0.243 s an iteration in float32 against 0.215 in float64, on two
-        workers).
+        with ``K >= 8`` and ``D <= 48`` (full: up to ``D = 96`` while
+        ``K >= D / 4``) run in float64 through the rows' outer products,
+        about half the flops of the per-component products float32 takes
+        (1e6 x 16 rows, K=8, full: 0.243 s an iteration in float32 against
+        0.215 in float64, on two workers).
     split_every : int, default=8
         Fan-in of the tree reduction of the statistics.
     chunk_bytes : int, optional
