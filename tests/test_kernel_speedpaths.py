@@ -252,7 +252,7 @@ def test_kernel_equals_reference_at_split_product_shapes(ctype: str) -> None:
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 @pytest.mark.parametrize("ctype", ["full", "tied"])
-@pytest.mark.parametrize("d", [1, 3, 5, 16, 33])
+@pytest.mark.parametrize("d", [1, 3, 5, 16, 24, 33])
 def test_outer_product_kernel_equals_reference(ctype: str, hard: bool, d: int) -> None:
     """K >= 8 full and tied fits take the outer-product kernel; it equals the textbook statistics."""
     X = _data(n=3000, d=d, k=8, offset=50.0)
@@ -304,18 +304,38 @@ def test_outer_product_sub_blocks_keep_both_products_on_the_small_matrix_path(d:
     assert g._features_rows(32 * 33 // 2 + 33, 32) == 512
 
 
-@pytest.mark.parametrize("d", [1, 2, 5, 16, 48])
+@pytest.mark.parametrize("d", [1, 2, 5, 16, 23, 24, 25, 48])
 def test_outer_product_features_hold_every_pair_once_offset_by_offset(d: int) -> None:
     """The features are the D (D+1) / 2 products ``z_i z_j`` (i <= j), each once, laid
-    out by offset ``s = j - i``: offset s is the contiguous range ``z[:D-s] * z[s:]``."""
+    out by offset: below ``_CIRCULAR_MIN_D`` offset s is the contiguous range
+    ``z[:D-s] * z[s:]``; from it offset s is ``z * roll(z, -s)`` (D pairs, for even D the
+    last offset half of them), and the kernel builds them as the layout says."""
     pi, pj = g._feature_layout(d)
     assert len(pi) == d * (d + 1) // 2
-    assert sorted(zip(pi.tolist(), pj.tolist())) == [(i, j) for i in range(d) for j in range(i, d)]
-    off = 0
-    for s in range(d):
-        np.testing.assert_array_equal(pi[off : off + d - s], np.arange(d - s))
-        np.testing.assert_array_equal(pj[off : off + d - s] - pi[off : off + d - s], s)
-        off += d - s
+    assert sorted((min(i, j), max(i, j)) for i, j in zip(pi.tolist(), pj.tolist())) == [
+        (i, j) for i in range(d) for j in range(i, d)
+    ]
+    if d < g._CIRCULAR_MIN_D:
+        off = 0
+        for s in range(d):
+            np.testing.assert_array_equal(pi[off : off + d - s], np.arange(d - s))
+            np.testing.assert_array_equal(pj[off : off + d - s] - pi[off : off + d - s], s)
+            off += d - s
+        return
+    full = (d + 1) // 2
+    for s in range(full):
+        np.testing.assert_array_equal(pi[s * d : (s + 1) * d], np.arange(d))
+        np.testing.assert_array_equal(pj[s * d : (s + 1) * d], (np.arange(d) + s) % d)
+    # the kernel's features of a block are the products of the layout's pairs
+    X = _data(n=300, d=d, k=8)
+    p = _params(X, "full", k=8)
+    plan = g._make_plan(p, np.dtype(np.float64), features=True)
+    ft = plan.features
+    f = np.empty((ft.n_pairs + d + 1, 300))
+    g._outer_features(X, plan, f, g._Workspace(np.dtype(np.float64)))
+    z = (X - plan.centre).T
+    np.testing.assert_allclose(f[: ft.n_pairs], z[pi] * z[pj], rtol=1e-14, atol=0)
+    np.testing.assert_allclose(f[ft.n_pairs : ft.n_pairs + d], z, rtol=1e-14, atol=1e-12)
 
 
 def test_outer_product_kernel_steps_aside_where_it_would_lose_digits() -> None:
