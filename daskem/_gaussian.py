@@ -688,13 +688,26 @@ _FEATURES_WIDE_MAX_D = 96
 #: D=80 and 96 until the moments' product took the general path's layout;
 #: since, one thread, ns a row, 128 -> 256 rows: D=80 K=24 18440 -> 17382,
 #: K=32 15447 -> 13983; D=96 K=32 16599 -> 14748, K=64 26653 -> 23547).
+#: With the features built in one product (:data:`_CIRCULAR_MIN_D`) a
+#: sub-block's fixed cost is smaller, and the small-matrix path pays from 96
+#: rows, the general path at 256 rows (one thread, median of 11 in turn, ns a
+#: row, the rule before -> 256 rows: D=48 K=16 4705 -> 3844 and 4526 -> 3803
+#: (512 rows before), D=32 K=32 2965 -> 2826, D=24 K=64 2888 -> 2701, D=40 K=16
+#: 3097 -> 2760 (64 rows before); where 96 rows or more fit, they stay best:
+#: D=32 K=16 1821 at 96 rows against 2000 at 256, D=48 K=8 2183 against 2682,
+#: D=40 K=8 1628 at 144 against 2022, D=24 K=16 964 at 192 against 1226).
 _FEATURES_ROWS = 512
 _FEATURES_BYTES = 5_300_000
 _FEATURES_MIN_ROWS = 64
+_FEATURES_ROWS_CIRCULAR = 256
+_FEATURES_MIN_ROWS_CIRCULAR = 96
 
 
-def _features_rows(f_len: int, k: int) -> int:
-    """Rows per sub-block of the outer-product kernel for ``f_len`` features and ``k`` components."""
+def _features_rows(f_len: int, k: int, circular: bool = False) -> int:
+    """Rows per sub-block of the outer-product kernel for ``f_len`` features and ``k`` components
+    (``circular``: the features are built in one product, :data:`_CIRCULAR_MIN_D`)."""
+    if circular:
+        return _small_path_rows(k, f_len, _FEATURES_MIN_ROWS_CIRCULAR, DEFAULT_BLOCK_ROWS) or _FEATURES_ROWS_CIRCULAR
     rows = _small_path_rows(k, f_len, _FEATURES_MIN_ROWS, DEFAULT_BLOCK_ROWS) or _FEATURES_ROWS
     while rows > 256 and rows * f_len * 8 > _FEATURES_BYTES:
         rows //= 2
@@ -801,7 +814,7 @@ def _make_features(params: GaussianParams, m: np.ndarray, const: np.ndarray, dty
     weight[:, n_pairs : n_pairs + d] = np.einsum("kij,kj->ki", prec, m)
     weight[:, n_pairs + d] = const - 0.5 * spread
     f_len = n_pairs + d + 1
-    rows = _features_rows(f_len, k)
+    rows = _features_rows(f_len, k, d >= _CIRCULAR_MIN_D)
     return _Features(pi, pj, n_pairs, weight, rows, k * f_len * rows > _GEMM_PIECE)
 
 

@@ -304,6 +304,20 @@ def test_outer_product_sub_blocks_keep_both_products_on_the_small_matrix_path(d:
     assert g._features_rows(32 * 33 // 2 + 33, 32) == 512
 
 
+@pytest.mark.parametrize(("d", "k", "rows"), [(24, 8, 384), (32, 16, 96), (40, 16, 256), (48, 16, 256), (64, 16, 256)])
+def test_features_built_in_one_product_take_the_small_path_from_96_rows_else_256(d: int, k: int, rows: int) -> None:
+    """From ``_CIRCULAR_MIN_D`` a sub-block keeps both products on the small-matrix path where
+    96 rows or more fit, else it holds 256 rows; the plan takes that rule."""
+    assert d >= g._CIRCULAR_MIN_D
+    f_len = d * (d + 1) // 2 + d + 1
+    assert g._features_rows(f_len, k, circular=True) == rows
+    fit = g._GEMM_PIECE // (k * f_len)
+    assert (rows == 256) is (fit < 96)
+    X = _data(n=500, d=d, k=k)
+    plan = g._make_plan(_params(X, "full", k=k), np.dtype(np.float64), features=True)
+    assert plan.features is not None and plan.features.rows == rows
+
+
 @pytest.mark.parametrize("d", [1, 2, 5, 16, 23, 24, 25, 48])
 def test_outer_product_features_hold_every_pair_once_offset_by_offset(d: int) -> None:
     """The features are the D (D+1) / 2 products ``z_i z_j`` (i <= j), each once, laid
