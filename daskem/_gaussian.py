@@ -601,8 +601,14 @@ _SCATTER_GATHER_MAX = 0.6
 #: (c) kept 1.00 6498 / 7627, 0.77 6906 / 6282, 0.32 6220 / 5478, 0.14 5784 /
 #: 4520; D=80 K=32 kept 0.20-0.26 23548-24512 / 13394-13785; D=96 K=32 kept
 #: 0.10-0.13 37941-40631 / 16016-17797.
+#: With the features built in one product and their sub-blocks resized
+#: (:data:`_FEATURES_ROWS_CIRCULAR`), the outer-product kernel caught up below
+#: D=64 (same grid, s = 1-2, outer-product / wide): D=40 K=8 kept 0.24 1504 /
+#: 1491, 0.13 1300 / 1329; D=40 K=16 0.23 2183 / 2182, 0.06 2379 / 1996; D=48
+#: K=16 0.12 3754 / 3179, 0.06 3724 / 2883; D=48 K=32 0.11 5876 / 5853, 0.03
+#: 5363 / 4690: the switch below D=64 is at 0.15.
 _SPARSE_WIDE_MIN_D = 40
-_SPARSE_KEPT_MAX = 0.25
+_SPARSE_KEPT_MAX = 0.15
 _SPARSE_KEPT_MAX_WIDE = 0.5
 
 
