@@ -887,7 +887,9 @@ def _outer_features(xb: np.ndarray, plan: _Plan, f: np.ndarray, work: _Workspace
     np.subtract(xb.T, plan.centre_c[:, None], out=z, casting="same_kind")
     zext[d:] = zext[: full - 1]
     step = zext.strides[0]
-    windows = np.lib.stride_tricks.as_strided(zext, shape=(full, d, n), strides=(step, step, zext.strides[1]))
+    windows = np.lib.stride_tricks.as_strided(
+        zext, shape=(full, d, n), strides=(step, step, zext.strides[1]), writeable=False
+    )
     np.multiply(z[None], windows, out=f[: full * d].reshape(full, d, n))
     if d % 2 == 0:
         h = d // 2
