@@ -625,12 +625,12 @@ def _scatter_wide(z: np.ndarray, q: np.ndarray, plan: _Plan, acc: dict, work: _W
     if not work.flag("tri"):
         tri[...] = 0.0  # syrk writes one triangle; the other stays zero
     c2 = acc["c2"]
-    qmax = q.max(axis=1)
+    least = _scatter_least(q)
     for k in range(plan.k):
-        if not qmax[k] > 0.0:
+        if least[k, 0] == np.inf:
             continue  # no row weighs on this component (hard EM, or underflow)
         qk = q[k]
-        keep = np.flatnonzero(qk >= qmax[k] * _SCATTER_DROP)
+        keep = np.flatnonzero(qk >= least[k, 0])
         m = keep.size
         if m <= _SCATTER_GATHER_MAX * n:
             zq = work.get("zg", (d, m))
@@ -712,9 +712,10 @@ _FEATURES_MIN_ROWS_CIRCULAR = 96
 def _features_rows(f_len: int, k: int, circular: bool = False) -> int:
     """Rows per sub-block of the outer-product kernel for ``f_len`` features and ``k`` components
     (``circular``: the features are built in one product, :data:`_CIRCULAR_MIN_D`)."""
-    if circular:
-        return _small_path_rows(k, f_len, _FEATURES_MIN_ROWS_CIRCULAR, DEFAULT_BLOCK_ROWS) or _FEATURES_ROWS_CIRCULAR
-    rows = _small_path_rows(k, f_len, _FEATURES_MIN_ROWS, DEFAULT_BLOCK_ROWS) or _FEATURES_ROWS
+    minimum, general = (
+        (_FEATURES_MIN_ROWS_CIRCULAR, _FEATURES_ROWS_CIRCULAR) if circular else (_FEATURES_MIN_ROWS, _FEATURES_ROWS)
+    )
+    rows = _small_path_rows(k, f_len, minimum, DEFAULT_BLOCK_ROWS) or general
     while rows > 256 and rows * f_len * 8 > _FEATURES_BYTES:
         rows //= 2
     return rows
@@ -848,15 +849,7 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
         xb = X[start : start + rows]
         n = xb.shape[0]
         f = work.get("f", (f_len, n))
-        if d >= _CIRCULAR_MIN_D:
-            _outer_features(xb, plan, f, work)
-        else:
-            z = f[ft.n_pairs : ft.n_pairs + d]
-            np.subtract(xb.T, plan.centre_c[:, None], out=z, casting="same_kind")
-            off = 0
-            for s in range(d):
-                np.multiply(z[: d - s], z[s:], out=f[off : off + d - s])
-                off += d - s
+        _outer_features(xb, plan, f, work)
         f[-1] = 1.0
         lp = np.matmul(ft.weight, f, out=work.get("lp", (k, n)))
         q, ll, lm = _responsibilities(lp, hard)
@@ -878,9 +871,19 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
 
 def _outer_features(xb: np.ndarray, plan: _Plan, f: np.ndarray, work: _Workspace) -> None:
     """The rows' products ``z_i z_j`` and ``z`` (``z = x - centre``) into ``f`` (F, n), in the
-    layout of :func:`_feature_layout`: the full offsets in one broadcast product of ``z``
-    against a view of ``z`` extended by its first rows (``zext[s + i] = z[(i + s) mod D]``)."""
+    layout of :func:`_feature_layout`: below :data:`_CIRCULAR_MIN_D` one product per offset,
+    from it the full offsets in one broadcast product of ``z`` against a view of ``z``
+    extended by its first rows (``zext[s + i] = z[(i + s) mod D]``)."""
     d, n = plan.d, xb.shape[0]
+    n_pairs = plan.features.n_pairs
+    if d < _CIRCULAR_MIN_D:
+        z = f[n_pairs : n_pairs + d]
+        np.subtract(xb.T, plan.centre_c[:, None], out=z, casting="same_kind")
+        off = 0
+        for s in range(d):
+            np.multiply(z[: d - s], z[s:], out=f[off : off + d - s])
+            off += d - s
+        return
     full = (d + 1) // 2
     zext = work.get("zext", (d + full - 1, n))
     z = zext[:d]
@@ -894,16 +897,21 @@ def _outer_features(xb: np.ndarray, plan: _Plan, f: np.ndarray, work: _Workspace
     if d % 2 == 0:
         h = d // 2
         np.multiply(z[:h], z[h:], out=f[full * d : full * d + h])
-    n_pairs = plan.features.n_pairs
     f[n_pairs : n_pairs + d] = z
+
+
+def _scatter_least(q: np.ndarray) -> np.ndarray:
+    """(K, 1): the least responsibility of ``q`` (K, n) that enters each component's scatter
+    (:data:`_SCATTER_DROP` of the component's largest); ``inf`` where no row weighs on it."""
+    least = q.max(axis=1, keepdims=True) * _SCATTER_DROP
+    least[~(least > 0.0)] = np.inf
+    return least
 
 
 def _kept_fraction(q: np.ndarray) -> float:
     """The share of (component, row) pairs of ``q`` (K, n) that the wide kernel's scatter computes
-    (:data:`_SCATTER_DROP`; none of a component no row weighs on)."""
-    least = q.max(axis=1, keepdims=True) * _SCATTER_DROP
-    least[least <= 0.0] = np.inf
-    return float(np.count_nonzero(q >= least)) / q.size
+    (:func:`_scatter_least`)."""
+    return float(np.count_nonzero(q >= _scatter_least(q))) / q.size
 
 
 def _unfold_features(acc: dict, plan: _Plan) -> None:
@@ -1197,6 +1205,14 @@ def _exp_floor(dtype: np.dtype) -> float:
     return -80.0 if dtype == np.float32 else -700.0
 
 
+def _floor_exp_arguments(logp: np.ndarray) -> None:
+    """``logp`` (each row's terms less its largest) floored at :func:`_exp_floor`, in place,
+    where some term is below it (:data:`_EXP_FLOOR`): a read, and the write only then."""
+    floor = _exp_floor(logp.dtype)
+    if logp.min() < floor:
+        np.maximum(logp, floor, out=logp)
+
+
 def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float, float]:
     """Responsibilities (in place of ``logp``, shape (K, n)), the summed log-likelihood and ``sum log max_k q``.
 
@@ -1219,9 +1235,7 @@ def _responsibilities(logp: np.ndarray, hard: bool) -> tuple[np.ndarray, float, 
         amax[~np.isfinite(amax)] = 0.0
     logp -= amax
     if finite and _EXP_FLOOR:
-        floor = _exp_floor(logp.dtype)
-        if logp.min() < floor:  # a read; the floor is a read and a write
-            np.maximum(logp, floor, out=logp)
+        _floor_exp_arguments(logp)
     np.exp(logp, out=logp)
     total = logp.sum(axis=0)
     with np.errstate(divide="ignore"):
@@ -1244,9 +1258,7 @@ def _responsibilities_stacked(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         amax[~np.isfinite(amax)] = 0.0
     logp -= amax[:, None, :]
     if finite and _EXP_FLOOR:
-        floor = _exp_floor(logp.dtype)
-        if logp.min() < floor:
-            np.maximum(logp, floor, out=logp)
+        _floor_exp_arguments(logp)
     np.exp(logp, out=logp)
     total = logp.sum(axis=1)
     with np.errstate(divide="ignore"):
