@@ -813,7 +813,7 @@ def _make_features(params: GaussianParams, m: np.ndarray, const: np.ndarray, dty
     spread = np.einsum("kj,kj->k", shift, shift)  # m' P m
     if not np.all(spread <= _FEATURES_MAX_SPREAD):
         return None
-    prec = ustack @ ustack.transpose(0, 2, 1)  # U U' (BLAS: 0.23 ms at D=64 K=16 against einsum's 2.1)
+    prec = np.einsum("kij,klj->kil", ustack, ustack)
     pi, pj = _feature_layout(d)
     n_pairs = len(pi)
     weight = np.empty((k, n_pairs + d + 1))
