@@ -408,6 +408,12 @@ class _Plan:
     dtype: np.dtype
     features: _Features | None = None
     wide: _Wide | None = None
+    #: diag / spherical: ``weight`` with :attr:`bound` taken off its constant column, so that
+    #: ``shifted @ [z*z, z, 1].T`` is every log-density less an upper bound of all of them
+    #: (:func:`_accumulate_diag_bounded`); None for the other layouts
+    shifted: np.ndarray | None = None
+    #: ``max_k const_k``: no ``log pi_k N(x | k)`` exceeds it (the quadratic form is >= 0)
+    bound: float = 0.0
 
 
 # --------------------------------------------------------------------------
@@ -971,18 +977,27 @@ def _make_plan(
         weight[:d] = -0.5 * prec.T
         weight[d : 2 * d] = (m * prec).T
         weight[2 * d] = -0.5 * (m * m * prec).sum(axis=1) + const
+    shifted, bound = None, 0.0
+    if ctype in _DIAG_FAMILY and np.isfinite(const).any():
+        bound = float(const[np.isfinite(const)].max())
+        shifted = weight.T.copy()
+        shifted[:, 2 * d] -= bound
+        shifted = np.ascontiguousarray(shifted, dtype=dtype)
+    weight = np.ascontiguousarray(weight.T, dtype=dtype)
     return _Plan(
         ctype,
         k,
         d,
         centre,
         centre.astype(dtype),
-        np.ascontiguousarray(weight.T, dtype=dtype),
+        weight,
         const,
         const.astype(dtype),
         dtype,
         feats,
         wide,
+        shifted,
+        bound,
     )
 
 
@@ -1114,7 +1129,8 @@ class Stats:
         Rows that held a non-finite value (left out of everything else).
     log_map : float
         Sum over training rows of ``log max_k q_nk`` (soft responsibilities;
-        0 for hard EM): what ICL adds to BIC.
+        0 for hard EM): what ICL adds to BIC. NaN where the pass was not asked
+        for it (EM's passes; see :func:`chunk_statistics`).
     """
 
     n: float
@@ -1269,6 +1285,65 @@ def _responsibilities_stacked(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return ll, -log_total
 
 
+#: :func:`_responsibilities_bounded` takes a block only where the floored terms
+#: weigh at most this fraction of round-off in every row's total.
+_BOUNDED_MARGIN = 1e-3
+
+
+def _responsibilities_bounded(lp: np.ndarray, bound: float) -> float | None:
+    """Soft responsibilities in place of ``lp`` (K, n): ``log pi_k N(x | k)`` less ``bound``, an
+    upper bound of every entry. Returns the summed log-likelihood, or None (``lp`` spoiled) where
+    the block needs :func:`_responsibilities`.
+
+    :func:`_responsibilities` shifts every row by its own largest term (a
+    reduction and a subtraction over the block); a bound of all the terms
+    (:attr:`_Plan.bound`: the quadratic form is never negative) needs neither,
+    and ``exp`` of terms at most 0 cannot overflow. The terms are floored at
+    :func:`_exp_floor` as there, here relative to the bound: the block is
+    taken only where every row's total is large enough that the floored terms
+    change it by at most :data:`_BOUNDED_MARGIN` of round-off. A row with a
+    NaN or infinite value (or whose every term is far below the bound) fails
+    that test, and the caller computes the block as before, screening its rows.
+    """
+    floor = _exp_floor(lp.dtype)
+    lo = lp.min()
+    if not lo >= floor:
+        if np.isnan(lo):
+            return None
+        np.maximum(lp, floor, out=lp)
+    np.exp(lp, out=lp)
+    total = lp.sum(axis=0)
+    least = lp.shape[0] * math.exp(floor) / (_BOUNDED_MARGIN * float(np.finfo(lp.dtype).eps))
+    if not total.min() >= least:
+        return None
+    ll = float(np.log(total).sum(dtype=np.float64)) + bound * lp.shape[1]
+    np.reciprocal(total, out=total)
+    lp *= total
+    return ll
+
+
+def _diag_moments(q: np.ndarray, a: np.ndarray, acc: dict, work: _Workspace) -> None:
+    """``[z*z, z, 1]`` weighted by ``q`` (K, n): second and first moments and ``N_k`` in one GEMM."""
+    d2 = a.shape[0] - 1
+    mom = _matmul(q, a.T, work.get("mom", (q.shape[0], d2 + 1)))
+    acc["c2"] += mom[:, :d2]
+    acc["nk"] += mom[:, d2]
+
+
+def _accumulate_diag_bounded(X: np.ndarray, plan: _Plan, acc: dict, work: _Workspace) -> bool:
+    """:func:`_accumulate_block` for a diag / spherical plan, soft, through
+    :func:`_responsibilities_bounded` (no ``sum log max_k q``); False (nothing added) where
+    that declines the block."""
+    a = _design(X, plan, work)
+    lp = _matmul(plan.shifted, a, work.get("lp", (plan.k, X.shape[0])))
+    ll = _responsibilities_bounded(lp, plan.bound)
+    if ll is None:
+        return False
+    acc["loglik"] += ll
+    _diag_moments(lp, a, acc, work)
+    return True
+
+
 def _accumulate_block(
     X: np.ndarray,
     params: GaussianParams,
@@ -1326,10 +1401,7 @@ def _accumulate_block(
             # sum_k q_nk = 1 for every row, so the tied scatter does not need q
             acc["c2"] += z @ z.T
     else:
-        # [z*z, z, 1] weighted by q: second and first moments and N_k in one GEMM
-        mom = _matmul(q, a.T, work.get("mom", (k, 2 * d + 1)))
-        acc["c2"] += mom[:, : 2 * d]
-        acc["nk"] += mom[:, 2 * d]
+        _diag_moments(q, a, acc, work)
 
 
 def _finish(acc: dict, params: GaussianParams, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -1434,6 +1506,7 @@ def chunk_statistics(
     train_mask: np.ndarray | None = None,
     dtype: np.dtype | str | None = None,
     block_rows: int | None = None,
+    log_map: bool = True,
 ) -> list[Stats]:
     """Sufficient statistics of one chunk for every parameter set, in one pass.
 
@@ -1455,6 +1528,10 @@ def chunk_statistics(
         Rows per block: the temporaries are ``block_rows x K*D`` at most.
         Default: :func:`diag_block_rows` when every parameter set is of the
         diagonal family, else :data:`DEFAULT_BLOCK_ROWS`.
+    log_map : bool
+        Accumulate ICL's ``sum log max_k q_nk`` (:attr:`Stats.log_map`; NaN
+        when False). EM's passes do not need it; without it a single soft
+        diag / spherical set takes :func:`_accumulate_diag_bounded`.
 
     Returns
     -------
@@ -1482,6 +1559,14 @@ def chunk_statistics(
             plans[i] = pl
     singles = [i for i in range(len(params_list)) if group is None or i not in group.members]
     work = _Workspace(dtype)
+    # a single soft diag / spherical set without ICL's term, every row training: blocks go
+    # through the bound of the log-densities, unscreened, until one is declined (a row with
+    # a non-finite value, or far below the bound); the chunk's other blocks then go as before
+    bounded = (
+        plans[0]
+        if len(plans) == 1 and not hard and not log_map and train_mask is None and plans[0].shifted is not None
+        else None
+    )
     accs = []
     for p, plan in zip(params_list, plans):
         k = p.n_components
@@ -1503,6 +1588,11 @@ def chunk_statistics(
         for start in range(0, n, block_rows):
             stop = min(start + block_rows, n)
             block = X[start:stop]
+            if bounded is not None:
+                if _accumulate_diag_bounded(block, bounded, accs[0], work):
+                    accs[0]["n"] += stop - start
+                    continue
+                bounded = None
             # a NaN or inf anywhere in a row makes its sum non-finite: one
             # cheap product screens the block; only a flagged block pays for
             # the exact per-row test
@@ -1540,7 +1630,8 @@ def chunk_statistics(
     out = []
     for p, plan, a in zip(params_list, plans, accs):
         s1, s2 = _finish(a, p, plan)
-        out.append(Stats(a["n"], a["loglik"], a["nk"], s1, s2, a["n_ho"], a["ll_ho"], float(n_bad), a["log_map"]))
+        lm = a["log_map"] if log_map else math.nan
+        out.append(Stats(a["n"], a["loglik"], a["nk"], s1, s2, a["n_ho"], a["ll_ho"], float(n_bad), lm))
     return out
 
 

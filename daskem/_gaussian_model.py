@@ -159,6 +159,9 @@ class GaussianModel:
         the same initialisation (made once, in a full or diagonal layout, and
         projected on each structure), as mclust starts every model from the
         same partition.
+    map_term : bool
+        Passes accumulate ICL's ``sum log max_k q_nk`` (:attr:`Stats.log_map`):
+        the scoring model's (:meth:`scoring_model`); EM's passes go without.
 
     Instances are small and picklable; one travels with each pass.
     """
@@ -170,6 +173,7 @@ class GaussianModel:
     missing: str = "error"
     covariance_type: str = "full"
     run_types: tuple[str, ...] = ()
+    map_term: bool = False
 
     # ---------------------------------------------------------------- workers
 
@@ -178,7 +182,13 @@ class GaussianModel:
     ) -> list[Stats]:
         kernel = _KERNELS[self.missing][0]
         return kernel(
-            x, list(params_list), hard=self.hard, train_mask=train_mask, dtype=self.dtype, block_rows=self.block_rows
+            x,
+            list(params_list),
+            hard=self.hard,
+            train_mask=train_mask,
+            dtype=self.dtype,
+            block_rows=self.block_rows,
+            log_map=self.map_term,
         )
 
     def pass_params(self, params: GaussianParams) -> GaussianParams:
@@ -418,7 +428,7 @@ class GaussianModel:
         return np.concatenate(parts)
 
     def scoring_model(self) -> GaussianModel:
-        return dataclasses.replace(self, hard=False)
+        return dataclasses.replace(self, hard=False, map_term=True)
 
     def initialize(
         self,

@@ -441,6 +441,7 @@ def chunk_statistics_missing(
     train_mask: np.ndarray | None = None,
     dtype: np.dtype | str | None = None,
     block_rows: int | None = None,
+    log_map: bool = True,
 ) -> list[Stats]:
     """Sufficient statistics of one chunk with NaN marking missing entries.
 
@@ -459,7 +460,9 @@ def chunk_statistics_missing(
     """
     X = np.asarray(X)
     if X.dtype.kind != "f" or np.isfinite(X).all():
-        return chunk_statistics(X, params_list, hard=hard, train_mask=train_mask, dtype=dtype, block_rows=block_rows)
+        return chunk_statistics(
+            X, params_list, hard=hard, train_mask=train_mask, dtype=dtype, block_rows=block_rows, log_map=log_map
+        )
     nan = check_no_inf(X)
     n, d = X.shape
     rows_with_nan = block_rows if block_rows is not None else DEFAULT_BLOCK_ROWS
@@ -475,6 +478,7 @@ def chunk_statistics_missing(
             train_mask=None if train_mask is None else train_mask[complete],
             dtype=dtype,
             block_rows=block_rows,
+            log_map=log_map,
         )
     else:
         base = [Stats.zeros(p.covariance_type, p.n_components, d) for p in params_list]
@@ -486,6 +490,7 @@ def chunk_statistics_missing(
     n_empty = float(empty.sum())
     out = []
     for b, a in zip(base, accs):
-        s = b + Stats(a["n"], a["loglik"], a["nk"], a["s1"], a["s2"], a["n_ho"], a["ll_ho"], 0.0, a["log_map"])
+        lm = a["log_map"] if log_map else math.nan
+        s = b + Stats(a["n"], a["loglik"], a["nk"], a["s1"], a["s2"], a["n_ho"], a["ll_ho"], 0.0, lm)
         out.append(dataclasses.replace(s, n_bad=n_empty))
     return out

@@ -53,8 +53,9 @@ def test_missing_policy_picks_the_kernel() -> None:
     (marg,) = GaussianModel(missing="marginalize").statistics(X, [p], None)
     assert complete.n_bad == 1 and complete.n == 399
     assert marg.n == 400
-    np.testing.assert_array_equal(marg.pack(), _missing.chunk_statistics_missing(X, [p])[0].pack())
-    np.testing.assert_array_equal(complete.pack(), chunk_statistics(X, [p])[0].pack())
+    # EM's passes go without ICL's term (the scoring model's have it)
+    np.testing.assert_array_equal(marg.pack(), _missing.chunk_statistics_missing(X, [p], log_map=False)[0].pack())
+    np.testing.assert_array_equal(complete.pack(), chunk_statistics(X, [p], log_map=False)[0].pack())
 
 
 @pytest.mark.parametrize("ct", ["full", "tied", "diag", "spherical", "VEV", "EEI"])

@@ -137,6 +137,69 @@ def test_kernel_equals_reference_float32(ctype: str, hard: bool) -> None:
     _check(st, ref, 1e-5, scale_s1, scale_s2)
 
 
+def _bounded(X: np.ndarray, p: g.GaussianParams, dtype: str = "float64") -> bool:
+    """Whether :func:`g._accumulate_diag_bounded` takes the rows ``X`` as one block."""
+    k, d = p.means.shape
+    acc = {"loglik": 0.0, "nk": np.zeros(k), "c2": np.zeros((k, 2 * d))}
+    dt = np.dtype(dtype)
+    return g._accumulate_diag_bounded(X.astype(dt), g._make_plan(p, dt), acc, g._Workspace(dt))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("ctype", ["diag", "spherical"])
+def test_soft_diagonal_passes_without_icl_term_take_the_bound(ctype: str, dtype: str) -> None:
+    """EM's passes (no ``log_map``) take the responsibilities through the bound of the log-densities:
+    the statistics of the textbook E-step, and ``log_map`` NaN."""
+    X = _data()
+    p = _params(X, ctype)
+    assert _bounded(X, p, dtype)
+    ref = _ref_stats(X, p, False, np.ones(len(X), bool))
+    rtol = 1e-10 if dtype == "float64" else 1e-5
+    for block_rows in (257, 4096):
+        (st,) = g.chunk_statistics(X.astype(dtype), [p], block_rows=block_rows, dtype=dtype, log_map=False)
+        assert np.isnan(st.log_map)
+        _check(st, ref, rtol, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+        (with_map,) = g.chunk_statistics(X.astype(dtype), [p], block_rows=block_rows, dtype=dtype)
+        assert np.isfinite(with_map.log_map)
+
+
+def test_bounded_blocks_decline_non_finite_rows_and_rows_far_from_every_component() -> None:
+    """A block with a NaN or infinite value, or with a row whose every log-density is far below the
+    bound, goes the way it went before: the same statistics, the same count of bad rows."""
+    X = _data(n=1000)
+    p = _params(X, "diag")
+    bad = X.copy()
+    bad[[3, 500], 1] = np.nan
+    bad[10, 0] = np.inf
+    far = X.copy()
+    far[700] += 1e4  # each term some 1e7 nats below the bound
+    assert _bounded(X[:128], p) and _bounded(X[640:768], p)
+    assert not _bounded(bad[:128], p) and not _bounded(far[640:768], p)
+    for data, n_bad in ((bad, 3), (far, 0)):
+        (got,) = g.chunk_statistics(data, [p], block_rows=128, log_map=False)
+        (before,) = g.chunk_statistics(data, [p], block_rows=128)
+        assert got.n_bad == before.n_bad == n_bad
+        keep = np.isfinite(data).all(axis=1)
+        ref = _ref_stats(data[keep], p, False, np.ones(keep.sum(), bool))
+        _check(got, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+        np.testing.assert_allclose(np.delete(got.pack(), 5), np.delete(before.pack(), 5), rtol=1e-12)  # 5: log_map
+
+
+def test_only_the_scoring_model_accumulates_the_icl_term() -> None:
+    """EM's passes go without ``sum log max_k q`` (NaN); the scoring model's passes have it."""
+    from daskem._gaussian_model import GaussianModel
+
+    X = _data(n=1000)
+    for ctype in TYPES:
+        p = _params(X, ctype)
+        model = GaussianModel(covariance_type=ctype)
+        (em,) = model.statistics(X, [p], None)
+        (scored,) = model.scoring_model().statistics(X, [p], None)
+        assert np.isnan(em.log_map) and np.isfinite(scored.log_map) and scored.log_map < 0
+        np.testing.assert_allclose(em.s2, scored.s2, rtol=1e-12)
+        assert em.loglik == pytest.approx(scored.loglik, rel=1e-14)
+
+
 @pytest.mark.parametrize("ctype", TYPES)
 def test_several_parameter_sets_in_one_pass(ctype: str) -> None:
     """n_init > 1: each parameter set's stats equal its own single pass."""

@@ -87,14 +87,15 @@ def gaussian_machine(
 
 
 def stats_fn(X: np.ndarray):
-    return lambda plist: chunk_statistics(X, plist)  # the model's block rows: the kernel's default
+    # as EM's passes: the model's block rows (the kernel's default), no ICL term
+    return lambda plist: chunk_statistics(X, plist, log_map=False)
 
 
 def trajectory(X: np.ndarray, m: EMAccelerator) -> list[tuple[int, float]]:
     """Drive one machine to its end; (passes, lower_bound) after every pass."""
     out = []
     while (p := m.proposal()) is not None:
-        m.receive(chunk_statistics(X, [p])[0])
+        m.receive(chunk_statistics(X, [p], log_map=False)[0])
         out.append((m.n_iter, m.lower_bound))
     return out
 
@@ -332,15 +333,15 @@ def test_surrogate_is_the_expected_complete_loglik_and_bounds_the_step(ctype):
     lay = {"VEV": "full", "EEI": "diag"}.get(ctype, ctype)
     base = random_start(X, 3, lay, 0)
     x0 = GaussianParams.from_covariances(base.weights, base.means, base.covariances, ctype) if lay != ctype else base
-    x0 = m_step(chunk_statistics(X, [x0])[0], x0, REG)[0]  # a model of the structure
-    s0 = chunk_statistics(X, [x0])[0]
+    x0 = m_step(chunk_statistics(X, [x0], log_map=False)[0], x0, REG)[0]  # a model of the structure
+    s0 = chunk_statistics(X, [x0], log_map=False)[0]
     x1 = m_step(s0, x0, REG)[0]
     lp = estimate_weighted_log_prob(X, x0)
     q = np.exp(lp - logsumexp_rows(lp)[:, None])
     for p in (x0, x1):
         direct = float((q * estimate_weighted_log_prob(X, p)).sum()) + X.size / 2 * math.log(2 * math.pi)
         assert expected_complete_loglik(s0, x0, p) == pytest.approx(direct, rel=1e-12)
-    gain = chunk_statistics(X, [x1])[0].mean_loglik - s0.mean_loglik
+    gain = chunk_statistics(X, [x1], log_map=False)[0].mean_loglik - s0.mean_loglik
     q_gain = model.surrogate_gain(s0, x0, x1)
     assert 0.0 < q_gain <= gain + 1e-13
     assert math.isnan(GaussianModel(hard=True).surrogate_gain(s0, x0, x1))
@@ -378,13 +379,13 @@ def test_surrogate_remaining_after_one_step_is_the_gain_rule_without_its_pass(ct
     trajectory(X, m)
     x0 = p
     for _ in range(60):  # plain EM into its slow regime
-        x0 = m_step(chunk_statistics(X, [x0])[0], x0, REG)[0]
-    s0 = chunk_statistics(X, [x0])[0]
+        x0 = m_step(chunk_statistics(X, [x0], log_map=False)[0], x0, REG)[0]
+    s0 = chunk_statistics(X, [x0], log_map=False)[0]
     x1 = m_step(s0, x0, REG)[0]
-    gain = chunk_statistics(X, [x1])[0].mean_loglik - s0.mean_loglik
+    gain = chunk_statistics(X, [x1], log_map=False)[0].mean_loglik - s0.mean_loglik
 
     def em_map(t):
-        return m_step(chunk_statistics(X, [t])[0], t, REG)[0]
+        return m_step(chunk_statistics(X, [t], log_map=False)[0], t, REG)[0]
 
     c = probe_rate(x0, em_map, model.to_vector, model.vector_scale, max_steps=30)
     assert 0.9 < c < 1.0
@@ -408,13 +409,13 @@ def test_a_prior_rate_with_the_surrogate_ends_the_run_at_its_first_pass():
     for prior, surrogate in ((0.0, model.surrogate_gain), (0.99, model.surrogate_gain), (0.0, None)):
         m = gaussian_machine(p, "squarem", 1e-3, 100)
         m.prior_rate, m.surrogate_gain = prior, surrogate
-        m.receive(chunk_statistics(X, [m.proposal()])[0])
+        m.receive(chunk_statistics(X, [m.proposal()], log_map=False)[0])
         ends[prior, surrogate is None] = m.done
         if m.done:
             assert m.converged and m.n_iter == 1 and len(m.history) == 1
-            x1 = m_step(chunk_statistics(X, [p])[0], p, REG)[0]
+            x1 = m_step(chunk_statistics(X, [p], log_map=False)[0], p, REG)[0]
             assert np.array_equal(m.params.means, x1.means)
-            assert m.history[0] < m.lower_bound <= chunk_statistics(X, [x1])[0].mean_loglik + 1e-13
+            assert m.history[0] < m.lower_bound <= chunk_statistics(X, [x1], log_map=False)[0].mean_loglik + 1e-13
     assert ends == {(0.0, False): True, (0.99, False): False, (0.0, True): False}
 
 
@@ -552,7 +553,7 @@ def test_state_export_restore_mid_cycle_gives_the_identical_run(ctype):
     ref_traj, stages = [], []
     while (p := ref.proposal()) is not None:
         stages.append(ref.stage)
-        ref.receive(chunk_statistics(X, [p])[0])
+        ref.receive(chunk_statistics(X, [p], log_map=False)[0])
         ref_traj.append((ref.n_iter, ref.lower_bound))
     assert ref.n_extrapolations >= 3
     # kill before the first three passes of each stage (and never after the last one)
@@ -561,7 +562,7 @@ def test_state_export_restore_mid_cycle_gives_the_identical_run(ctype):
     for kill_at in kills:
         m = gaussian_machine(start, "squarem", 1e-10, 400)
         for _ in range(kill_at):
-            m.receive(chunk_statistics(X, [m.proposal()])[0])
+            m.receive(chunk_statistics(X, [m.proposal()], log_map=False)[0])
         seen.add(m.stage)
         before = m.state(model.params_state)
         m = _roundtrip(m, model)
@@ -586,7 +587,7 @@ def test_state_of_a_plain_run_restores_too():
     trajectory(X, ref)
     m = gaussian_machine(start, None, 1e-8, 200)
     for _ in range(5):
-        m.receive(chunk_statistics(X, [m.proposal()])[0])
+        m.receive(chunk_statistics(X, [m.proposal()], log_map=False)[0])
     m = _roundtrip(m, model)
     trajectory(X, m)
     assert m.history == ref.history and m.n_iter == ref.n_iter
@@ -621,8 +622,8 @@ def _assert_valid(p: GaussianParams) -> None:
 def test_vector_roundtrip_and_every_extrapolated_point_is_a_valid_model(ctype):
     X = adversarial()
     p0 = random_start(X, 4, ctype, 0)
-    p1 = m_step(chunk_statistics(X, [p0])[0], p0, REG)[0]
-    p2 = m_step(chunk_statistics(X, [p1])[0], p1, REG)[0]
+    p1 = m_step(chunk_statistics(X, [p0], log_map=False)[0], p0, REG)[0]
+    p2 = m_step(chunk_statistics(X, [p1], log_map=False)[0], p1, REG)[0]
     for p in (p0, p1, p2):
         v = gaussian_to_vector(p)
         back = gaussian_from_vector(v, p)
@@ -637,7 +638,7 @@ def test_vector_roundtrip_and_every_extrapolated_point_is_a_valid_model(ctype):
         valid.append(q is not None)
         if q is not None:
             _assert_valid(q)
-            ll = chunk_statistics(X, [q])[0].mean_loglik
+            ll = chunk_statistics(X, [q], log_map=False)[0].mean_loglik
             assert not math.isnan(ll)
     # small steps always give a model; the largest overflow (None: the machine rejects them)
     assert valid[:3] == [True] * 3 and not valid[-1]
@@ -753,15 +754,15 @@ def test_extrapolated_points_of_a_constrained_structure_are_models_of_it(ctype):
     p0 = structured_start(X, 3, ctype, 0)
     _assert_structure(p0, ctype)
     _assert_structure(gaussian_from_vector(gaussian_to_vector(p0), p0), ctype)
-    p1 = m_step(chunk_statistics(X, [p0])[0], p0, REG)[0]
-    p2 = m_step(chunk_statistics(X, [p1])[0], p1, REG)[0]
+    p1 = m_step(chunk_statistics(X, [p0], log_map=False)[0], p0, REG)[0]
+    p2 = m_step(chunk_statistics(X, [p1], log_map=False)[0], p1, REG)[0]
     v0, v1, v2 = (gaussian_to_vector(p) for p in (p0, p1, p2))
     r, v = v1 - v0, v2 - 2 * v1 + v0
     for alpha in (1.5, 4.0, 16.0):
         q = gaussian_from_vector(v0 + 2 * alpha * r + alpha**2 * v, p0)
         assert q is not None
         _assert_structure(q, ctype)
-        assert math.isfinite(chunk_statistics(X, [q])[0].mean_loglik)
+        assert math.isfinite(chunk_statistics(X, [q], log_map=False)[0].mean_loglik)
 
 
 @pytest.mark.parametrize("ctype", CONSTRAINED)
