@@ -763,6 +763,10 @@ class _Features:
     weight: np.ndarray  # (K, n_pairs + D + 1) float64
     rows: int
     moments_kf: bool
+    #: ``weight`` with ``bound`` (``max_k const_k``, no log-density exceeds it) taken off its
+    #: constant column: :func:`_responsibilities_bounded`'s log-densities
+    shifted: np.ndarray
+    bound: float
 
     @property
     def moments_shape(self) -> tuple[int, int]:
@@ -828,10 +832,15 @@ def _make_features(params: GaussianParams, m: np.ndarray, const: np.ndarray, dty
     weight[:, n_pairs + d] = const - 0.5 * spread
     f_len = n_pairs + d + 1
     rows = _features_rows(f_len, k, d >= _CIRCULAR_MIN_D)
-    return _Features(pi, pj, n_pairs, weight, rows, k * f_len * rows > _GEMM_PIECE)
+    bound = float(const[np.isfinite(const)].max()) if np.isfinite(const).any() else 0.0
+    shifted = weight.copy()
+    shifted[:, -1] -= bound
+    return _Features(pi, pj, n_pairs, weight, rows, k * f_len * rows > _GEMM_PIECE, shifted, bound)
 
 
-def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work: _Workspace) -> int:
+def _accumulate_features(
+    X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work: _Workspace, log_map: bool = True
+) -> int:
     """:func:`_accumulate_block` through the outer-product features (full, tied; float64).
 
     Per sub-block of ``features.rows`` rows: the features ``[z_i z_j, z, 1]``
@@ -840,6 +849,11 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
     ``features.moments_kf``): every component's ``sum q z_i z_j``, ``sum q z``
     and ``N_k`` at once, accumulated in ``acc["fm"]`` and unfolded by
     :func:`_finish`.
+
+    Soft and without ICL's term (``log_map`` False: EM's passes), the
+    responsibilities go through the bound of the log-densities
+    (:func:`_responsibilities_bounded`) until a sub-block is declined; the
+    rest of the block then goes through :func:`_responsibilities`.
 
     Returns the rows taken: all of them, or, where the plan has the wide
     kernel's factors and the chunk's first sub-block finds the
@@ -851,16 +865,23 @@ def _accumulate_features(X: np.ndarray, plan: _Plan, hard: bool, acc: dict, work
     f_len = ft.n_pairs + d + 1
     rows = ft.rows
     probe = plan.wide is not None and not work.flag(f"probed-{id(plan)}")
+    bounded = not hard and not log_map
     for start in range(0, X.shape[0], rows):
         xb = X[start : start + rows]
         n = xb.shape[0]
         f = work.get("f", (f_len, n))
         _outer_features(xb, plan, f, work)
         f[-1] = 1.0
-        lp = np.matmul(ft.weight, f, out=work.get("lp", (k, n)))
-        q, ll, lm = _responsibilities(lp, hard)
+        ll = None
+        if bounded:
+            q = np.matmul(ft.shifted, f, out=work.get("lp", (k, n)))
+            ll = _responsibilities_bounded(q, ft.bound)
+            bounded = ll is not None
+        if ll is None:
+            lp = np.matmul(ft.weight, f, out=work.get("lp", (k, n)))
+            q, ll, lm = _responsibilities(lp, hard)
+            acc["log_map"] += lm
         acc["loglik"] += ll
-        acc["log_map"] += lm
         if ft.moments_kf:
             acc["fm"] += np.matmul(q, f.T, out=work.get("fmb", (k, f_len)))
         else:
@@ -1352,6 +1373,7 @@ def _accumulate_block(
     acc: dict[str, np.ndarray],
     plan: _Plan | None = None,
     work: _Workspace | None = None,
+    log_map: bool = True,
 ) -> None:
     """Add the statistics of the rows ``X`` (all finite, all training) to ``acc``.
 
@@ -1364,7 +1386,7 @@ def _accumulate_block(
     plan = plan or _make_plan(params, np.dtype(dtype))
     work = work or _Workspace(plan.dtype)
     if plan.features is not None and not work.marked(f"sparse-{id(plan)}"):
-        taken = _accumulate_features(X, plan, hard, acc, work)
+        taken = _accumulate_features(X, plan, hard, acc, work, log_map)
         if taken == X.shape[0]:
             return
         X = X[taken:]  # sparse responsibilities: the rest of the chunk in the wide kernel
@@ -1531,7 +1553,8 @@ def chunk_statistics(
     log_map : bool
         Accumulate ICL's ``sum log max_k q_nk`` (:attr:`Stats.log_map`; NaN
         when False). EM's passes do not need it; without it a single soft
-        diag / spherical set takes :func:`_accumulate_diag_bounded`.
+        diag / spherical set takes :func:`_accumulate_diag_bounded`, and the
+        outer-product kernel :func:`_responsibilities_bounded`.
 
     Returns
     -------
@@ -1620,7 +1643,7 @@ def chunk_statistics(
                     group.heldout(xh, accs, work)
             for i in singles:
                 if xb.shape[0]:
-                    _accumulate_block(xb, params_list[i], hard, dtype, accs[i], plans[i], work)
+                    _accumulate_block(xb, params_list[i], hard, dtype, accs[i], plans[i], work, log_map)
                 if xh is not None:
                     lp = _log_prob_block(_design(xh, plans[i], work), plans[i], work)
                     accs[i]["ll_ho"] += _responsibilities(lp, False)[1]

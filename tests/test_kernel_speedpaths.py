@@ -324,7 +324,27 @@ def test_outer_product_kernel_equals_reference(ctype: str, hard: bool, d: int) -
     mask = np.random.default_rng(7).random(len(X)) > 0.2
     ref = _ref_stats(X, p, hard, mask)
     for block_rows in (257, 4096):
-        (st,) = g.chunk_statistics(X, [p], hard=hard, train_mask=mask, block_rows=block_rows)
+        for log_map in (True, False):  # False: EM's passes (soft: through the bound of the log-densities)
+            (st,) = g.chunk_statistics(X, [p], hard=hard, train_mask=mask, block_rows=block_rows, log_map=log_map)
+            _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
+
+
+def test_outer_product_kernel_declines_the_bound_for_rows_far_from_every_component() -> None:
+    """A row whose every log-density is far below the bound sends its sub-block (and the rest of the
+    block) to the row-maximum responsibilities: the textbook statistics either way."""
+    X = _data(n=3000, d=5, k=8)
+    p = _params(X, "full", k=9)
+    plan = g._make_plan(p, np.dtype(np.float64), features=True)
+    far = X.copy()
+    far[100] += 1e4
+    for data, taken in ((X, True), (far, False)):
+        f = np.empty((plan.features.weight.shape[1], 256))
+        g._outer_features(data[:256], plan, f, g._Workspace(np.dtype(np.float64)))
+        f[-1] = 1.0
+        lp = plan.features.shifted @ f
+        assert (g._responsibilities_bounded(lp, plan.features.bound) is not None) == taken
+        ref = _ref_stats(data, p, False, np.ones(len(data), bool))
+        (st,) = g.chunk_statistics(data, [p], log_map=False)
         _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
 
 
