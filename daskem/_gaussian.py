@@ -1311,10 +1311,11 @@ def _responsibilities_stacked(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 _BOUNDED_MARGIN = 1e-3
 
 
-def _responsibilities_bounded(lp: np.ndarray, bound: float) -> float | None:
+def _responsibilities_bounded(lp: np.ndarray, bound: float | np.ndarray) -> float | np.ndarray | None:
     """Soft responsibilities in place of ``lp`` (K, n): ``log pi_k N(x | k)`` less ``bound``, an
     upper bound of every entry. Returns the summed log-likelihood, or None (``lp`` spoiled) where
-    the block needs :func:`_responsibilities`.
+    the block needs :func:`_responsibilities`. Several parameter sets at once: ``lp`` of shape
+    (sets, K, n), ``bound`` of shape (sets,), and the log-likelihoods of shape (sets,).
 
     :func:`_responsibilities` shifts every row by its own largest term (a
     reduction and a subtraction over the block); a bound of all the terms
@@ -1333,14 +1334,14 @@ def _responsibilities_bounded(lp: np.ndarray, bound: float) -> float | None:
             return None
         np.maximum(lp, floor, out=lp)
     np.exp(lp, out=lp)
-    total = lp.sum(axis=0)
-    least = lp.shape[0] * math.exp(floor) / (_BOUNDED_MARGIN * float(np.finfo(lp.dtype).eps))
+    total = lp.sum(axis=-2)
+    least = lp.shape[-2] * math.exp(floor) / (_BOUNDED_MARGIN * float(np.finfo(lp.dtype).eps))
     if not total.min() >= least:
         return None
-    ll = float(np.log(total).sum(dtype=np.float64)) + bound * lp.shape[1]
+    ll = np.log(total).sum(axis=-1, dtype=np.float64) + np.asarray(bound, dtype=np.float64) * lp.shape[-1]
     np.reciprocal(total, out=total)
-    lp *= total
-    return ll
+    lp *= total[..., None, :]
+    return float(ll) if lp.ndim == 2 else ll
 
 
 def _diag_moments(q: np.ndarray, a: np.ndarray, acc: dict, work: _Workspace) -> None:
@@ -1474,6 +1475,7 @@ class _DiagGroup:
     plans: tuple[_Plan, ...]
     offsets: tuple[int, ...]
     weight: np.ndarray  # (sum K, 2D + 1)
+    shifted: np.ndarray  # (sum K, 2D + 1): each set's rows less its bound (:attr:`_Plan.shifted`)
 
     @classmethod
     def build(cls, members: list[int], params_list: list[GaussianParams], dtype: np.dtype) -> _DiagGroup:
@@ -1482,7 +1484,8 @@ class _DiagGroup:
         plans = tuple(_make_plan(params_list[i], dtype, centre=c0) for i in members)
         offsets = tuple(int(o) for o in np.cumsum([0] + [pl.k for pl in plans]))
         weight = np.ascontiguousarray(np.vstack([pl.weight for pl in plans]))
-        return cls(tuple(members), plans, offsets, weight)
+        shifted = np.ascontiguousarray(np.vstack([pl.weight if pl.shifted is None else pl.shifted for pl in plans]))
+        return cls(tuple(members), plans, offsets, weight, shifted)
 
     def log_prob(self, X: np.ndarray, work: _Workspace) -> tuple[np.ndarray, np.ndarray]:
         a = _design(X, self.plans[0], work)
@@ -1490,9 +1493,51 @@ class _DiagGroup:
         _matmul(self.weight, a, lp)
         return a, lp
 
-    def accumulate(self, X: np.ndarray, hard: bool, accs: list[dict], work: _Workspace) -> None:
-        a, lp = self.log_prob(X, work)
+    def _accumulate_bounded(self, X: np.ndarray, accs: list[dict], work: _Workspace) -> bool:
+        """:meth:`accumulate`, soft, through :func:`_responsibilities_bounded` (every set at once
+        where they share K); False (nothing added) where a set's block is declined."""
+        a = _design(X, self.plans[0], work)
+        lp = _matmul(self.shifted, a, work.get("lpg", (self.shifted.shape[0], X.shape[0])))
+        ks = {pl.k for pl in self.plans}
+        if len(ks) == 1:
+            lls = _responsibilities_bounded(
+                lp.reshape(len(self.members), ks.pop(), lp.shape[1]), np.array([pl.bound for pl in self.plans])
+            )
+            if lls is None:
+                return False
+        else:
+            lls = []
+            for j in range(len(self.members)):
+                ll = _responsibilities_bounded(lp[self.offsets[j] : self.offsets[j + 1]], self.plans[j].bound)
+                if ll is None:
+                    return False
+                lls.append(ll)
+        for i, ll in zip(self.members, lls):
+            accs[i]["loglik"] += float(ll)
+        self._moments(lp, a, accs, work)
+        return True
+
+    def _moments(self, q: np.ndarray, a: np.ndarray, accs: list[dict], work: _Workspace) -> None:
+        # every set's [z*z, z, 1] moments, q-weighted, in one product; the
+        # column of ones gives N_k
         d = self.plans[0].d
+        mom = _matmul(q, a.T, work.get("mom", (q.shape[0], a.shape[0])))
+        for j, i in enumerate(self.members):
+            rows = mom[self.offsets[j] : self.offsets[j + 1]]
+            accs[i]["c2"] += rows[:, : 2 * d]
+            accs[i]["nk"] += rows[:, 2 * d]
+
+    def accumulate(
+        self, X: np.ndarray, hard: bool, accs: list[dict], work: _Workspace, log_map: bool = True
+    ) -> None:
+        """Every set's statistics of the rows ``X`` (all finite, all training); soft and without
+        ICL's term (``log_map`` False), through the bound of the log-densities until a block is
+        declined (the chunk's other blocks then go through :func:`_responsibilities`)."""
+        if not hard and not log_map and not work.marked("group-unbounded"):
+            if self._accumulate_bounded(X, accs, work):
+                return
+            work.flag("group-unbounded")
+        a, lp = self.log_prob(X, work)
         ks = {pl.k for pl in self.plans}
         if not hard and len(ks) == 1:
             # restarts of one K: every set's responsibilities in one pass of
@@ -1506,13 +1551,7 @@ class _DiagGroup:
                 _, ll, lm = _responsibilities(lp[self.offsets[j] : self.offsets[j + 1]], hard)
                 accs[i]["loglik"] += ll
                 accs[i]["log_map"] += lm
-        # every set's [z*z, z, 1] moments, q-weighted, in one product; the
-        # column of ones gives N_k
-        mom = _matmul(lp, a.T, work.get("mom", (lp.shape[0], a.shape[0])))
-        for j, i in enumerate(self.members):
-            rows = mom[self.offsets[j] : self.offsets[j + 1]]
-            accs[i]["c2"] += rows[:, : 2 * d]
-            accs[i]["nk"] += rows[:, 2 * d]
+        self._moments(lp, a, accs, work)
 
     def heldout(self, X: np.ndarray, accs: list[dict], work: _Workspace) -> None:
         _, lp = self.log_prob(X, work)
@@ -1554,7 +1593,8 @@ def chunk_statistics(
         Accumulate ICL's ``sum log max_k q_nk`` (:attr:`Stats.log_map`; NaN
         when False). EM's passes do not need it; without it a single soft
         diag / spherical set takes :func:`_accumulate_diag_bounded`, and the
-        outer-product kernel :func:`_responsibilities_bounded`.
+        outer-product kernel and several diag / spherical sets
+        :func:`_responsibilities_bounded`.
 
     Returns
     -------
@@ -1638,7 +1678,7 @@ def chunk_statistics(
                 xh = block[held]
             if group is not None:
                 if xb.shape[0]:
-                    group.accumulate(xb, hard, accs, work)
+                    group.accumulate(xb, hard, accs, work, log_map)
                 if xh is not None:
                     group.heldout(xh, accs, work)
             for i in singles:

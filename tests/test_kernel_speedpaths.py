@@ -183,6 +183,15 @@ def test_bounded_blocks_decline_non_finite_rows_and_rows_far_from_every_componen
         ref = _ref_stats(data[keep], p, False, np.ones(keep.sum(), bool))
         _check(got, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
         np.testing.assert_allclose(np.delete(got.pack(), 5), np.delete(before.pack(), 5), rtol=1e-12)  # 5: log_map
+    # several sets sharing the pass (restarts): the same for each
+    ps = [p, _params(X, "diag", seed=2)]
+    group = g._DiagGroup.build([0, 1], ps, np.dtype(np.float64))
+    accs = [{"loglik": 0.0, "nk": np.zeros(4), "c2": np.zeros((4, 10))} for _ in ps]
+    assert group._accumulate_bounded(X[640:768], accs, g._Workspace(np.dtype(np.float64)))
+    assert not group._accumulate_bounded(far[640:768], accs, g._Workspace(np.dtype(np.float64)))
+    for q, st in zip(ps, g.chunk_statistics(far, ps, block_rows=128, log_map=False)):
+        ref = _ref_stats(far, q, False, np.ones(len(far), bool))
+        _check(st, ref, 1e-10, np.abs(ref["s1"]).max() + ref["n"], np.abs(ref["s2"]).max())
 
 
 def test_only_the_scoring_model_accumulates_the_icl_term() -> None:
@@ -204,11 +213,17 @@ def test_only_the_scoring_model_accumulates_the_icl_term() -> None:
 def test_several_parameter_sets_in_one_pass(ctype: str) -> None:
     """n_init > 1: each parameter set's stats equal its own single pass."""
     X = _data(n=1500)
-    ps = [_params(X, ctype, seed=s) for s in (1, 2, 3)]
-    together = g.chunk_statistics(X, ps, block_rows=500)
-    for p, st in zip(ps, together):
-        (alone,) = g.chunk_statistics(X, [p], block_rows=500)
-        np.testing.assert_allclose(st.pack(), alone.pack(), rtol=1e-12, atol=1e-9)
+    same_k = [_params(X, ctype, seed=s) for s in (1, 2, 3)]
+    mixed_k = [_params(X, ctype, k=k, seed=s) for k, s in ((3, 1), (5, 2))]
+    for ps in (same_k, mixed_k):
+        for log_map in (True, False):  # False: EM's passes (soft diagonal sets: through their bounds)
+            together = g.chunk_statistics(X, ps, block_rows=500, log_map=log_map)
+            for p, st in zip(ps, together):
+                (alone,) = g.chunk_statistics(X, [p], block_rows=500)
+                np.testing.assert_allclose(np.delete(st.pack(), 5), np.delete(alone.pack(), 5), rtol=1e-12, atol=1e-9)
+                assert np.isnan(st.log_map) != log_map  # 5: log_map
+                if log_map:
+                    assert st.log_map == pytest.approx(alone.log_map, rel=1e-12)
 
 
 @pytest.mark.parametrize("ctype", TYPES)
