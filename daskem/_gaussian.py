@@ -1527,9 +1527,7 @@ class _DiagGroup:
             accs[i]["c2"] += rows[:, : 2 * d]
             accs[i]["nk"] += rows[:, 2 * d]
 
-    def accumulate(
-        self, X: np.ndarray, hard: bool, accs: list[dict], work: _Workspace, log_map: bool = True
-    ) -> None:
+    def accumulate(self, X: np.ndarray, hard: bool, accs: list[dict], work: _Workspace, log_map: bool = True) -> None:
         """Every set's statistics of the rows ``X`` (all finite, all training); soft and without
         ICL's term (``log_map`` False), through the bound of the log-densities until a block is
         declined (the chunk's other blocks then go through :func:`_responsibilities`)."""
